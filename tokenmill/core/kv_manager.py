@@ -1,0 +1,111 @@
+"""KV cache manager: which blocks each request holds, prefix hits, and what enters the prefix cache.
+
+Allocation is all-or-nothing: when the pool cannot cover a request's next tokens nothing changes, and
+the scheduler decides whom to preempt. Only full blocks whose tokens the model has processed are cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenmill.core.block_pool import BlockPool, KVBlock
+from tokenmill.core.prefix_cache import PrefixCache, extend_block_hashes
+from tokenmill.core.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.cache = PrefixCache()
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[bytes]] = {}
+        self._num_cached: dict[str, int] = {}  # leading blocks of the request already in the cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_used_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [block.block_id for block in self._blocks.get(request_id, [])]
+
+    def _block_hashes(self, request: Request) -> list[bytes]:
+        hashes = self._hashes.setdefault(request.request_id, [])
+        extend_block_hashes(hashes, request.all_token_ids, self.block_size)
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Cached blocks of the request's longest known prefix, and how many tokens they cover.
+
+        At most num_tokens - 1 tokens can hit: the last one must run through the model to give logits.
+        Requests that want prompt logprobs skip the cache, since cached tokens produce no logits.
+        """
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hits = self.cache.lookup(self._block_hashes(request)[:max_hit_blocks])
+        num_hit_tokens = len(hits) * self.block_size
+        self.cache.record_query(request.num_tokens, num_hit_tokens)
+        return hits, num_hit_tokens
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_blocks: Sequence[KVBlock] = (),
+        num_lookahead_tokens: int = 0,
+    ) -> bool:
+        """Make room for num_new_tokens (+ lookahead) after the computed ones; False if the pool is short.
+
+        `computed_blocks` are prefix hits of a request being admitted; they are taken before new blocks.
+        """
+        blocks = self._blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total_tokens = num_computed + num_new_tokens + num_lookahead_tokens
+        num_required = -(-total_tokens // self.block_size) - len(blocks) - len(computed_blocks)
+        # Hits that sit in the free queue stop being free once taken.
+        num_revived = sum(1 for block in computed_blocks if block.ref_count == 0)
+        if max(num_required, 0) + num_revived > self.pool.num_free_blocks:
+            return False
+        for block in computed_blocks:
+            self.pool.touch(block)
+            blocks.append(block)
+        if computed_blocks:
+            self._num_cached[request.request_id] = len(blocks)
+        for _ in range(num_required):
+            block = self.pool.pop_free()
+            self.cache.evict(block)
+            blocks.append(block)
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's newly full, computed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        start = self._num_cached.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(request)
+        blocks = self._blocks[request.request_id]
+        for i in range(start, num_full):
+            self.cache.insert(blocks[i], hashes[i])
+        self._num_cached[request.request_id] = num_full
+
+    def free(self, request: Request) -> None:
+        """Give back the request's blocks, tail first, so the tail is evicted before the shared head."""
+        for block in reversed(self._blocks.pop(request.request_id, [])):
+            self.pool.release(block)
+        self._num_cached.pop(request.request_id, None)
+
+    def forget(self, request: Request) -> None:
+        """Free the blocks and drop the request's hashes (it will not come back)."""
+        self.free(request)
+        self._hashes.pop(request.request_id, None)

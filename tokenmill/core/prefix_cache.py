@@ -1,0 +1,68 @@
+"""Automatic prefix caching: chained hashes of full blocks and a hash -> block map.
+
+A block's hash covers its tokens and, through the parent hash, every token before it, so equal hashes
+mean equal prefixes. blake2b keeps the hash stable across processes (a later disk tier relies on that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+from tokenmill.core.block_pool import KVBlock
+
+
+def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(parent_hash or b"root")
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int) -> None:
+    """Append the hashes of newly full blocks of token_ids to `hashes` (which covers a prefix of them)."""
+    num_full = len(token_ids) // block_size
+    for i in range(len(hashes), num_full):
+        parent = hashes[-1] if hashes else None
+        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
+
+
+class PrefixCache:
+    def __init__(self) -> None:
+        self._blocks: dict[bytes, KVBlock] = {}
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def lookup(self, block_hashes: Sequence[bytes]) -> list[KVBlock]:
+        """Blocks of the longest cached prefix of these hashes."""
+        hits: list[KVBlock] = []
+        for block_hash in block_hashes:
+            block = self._blocks.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def insert(self, block: KVBlock, block_hash: bytes) -> bool:
+        """Register a block under its hash; False when another block already holds that prefix."""
+        if block.block_hash is not None or block_hash in self._blocks:
+            return False
+        block.block_hash = block_hash
+        self._blocks[block_hash] = block
+        return True
+
+    def evict(self, block: KVBlock) -> None:
+        """Forget a block's cached content before it is reused for other tokens."""
+        if block.block_hash is None:
+            return
+        if self._blocks.get(block.block_hash) is block:
+            del self._blocks[block.block_hash]
+        block.block_hash = None
+
+    def record_query(self, num_queried: int, num_hit: int) -> None:
+        self.num_queried_tokens += num_queried
+        self.num_hit_tokens += num_hit

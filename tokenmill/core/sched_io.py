@@ -1,0 +1,71 @@
+"""The core <-> worker contract: plain dataclasses of ints and lists, nothing else crosses.
+
+Each step the scheduler says, per request, "compute these tokens starting at this position, using these
+KV blocks, and sample (or not) at the end". Prefill, chunked prefill, prefix-cache hits and decode are all
+that one rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """Sent the first time the worker sees a request: what it needs to sample for it."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class ScheduledChunk:
+    """One request's share of the step.
+
+    token_ids are the tokens at positions [start_pos, start_pos + len(token_ids)); block_table covers at
+    least start_pos + len(token_ids) tokens. When `sample` is set the worker samples one token from the
+    logits of the last position. `output_token_ids` are the request's generated tokens so far (for
+    penalties); `prompt_logprobs_from` is set when the worker must return prompt logprobs for this chunk.
+    """
+
+    req_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    output_token_ids: list[int] = field(default_factory=list)
+    want_prompt_logprobs: bool = False
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+# (token_id, logprob, rank) of the chosen token, then the top-N as (token_id, logprob) best first.
+TokenLogprobs = tuple[int, float, int, list[tuple[int, float]]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled request (in chunk order): the sampled tokens (empty when it did not sample)."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # For chunks with want_prompt_logprobs: one entry per position whose *next* token is in the chunk
+    # or later prompt, i.e. logprobs of prompt tokens start_pos+1 .. start_pos+len (capped by prompt).
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

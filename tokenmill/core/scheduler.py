@@ -1,0 +1,195 @@
+"""Token-budget scheduler: running requests first, then waiting ones; chunked prefill; preemption.
+
+Each step hands out at most `max_num_batched_tokens` tokens. A running request asks for all its uncomputed
+tokens (1 when decoding); a long prompt takes what the budget leaves and continues next step, in the same
+batch as other requests' decodes. When the pool runs short the most recently admitted running request is
+preempted: its blocks are freed and it is recomputed later (its cached full blocks usually survive).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tokenmill.core.kv_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
+from tokenmill.core.stop_checker import check_stop
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass
+class StepUpdate:
+    """What one step did to one request, for output processing."""
+
+    request: Request
+    new_token_ids: list[int]
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, kv_manager: KVCacheManager) -> None:
+        self.limits = limits
+        self.kv = kv_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._announced: set[str] = set()
+        self._finished_since_last_step: list[str] = []
+
+    # ---- queue management -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (abort or stop) requests wherever they are; their blocks are freed at once."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            finished.append(request)
+        return finished
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.forget(request)
+        del self.requests[request.request_id]
+        if request.request_id in self._announced:
+            self._announced.discard(request.request_id)
+            self._finished_since_last_step.append(request.request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- scheduling ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.limits.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        new_requests: list[NewRequestData] = []
+        preempted = False
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                chunks.append(self._chunk(request, num_new))
+                budget -= num_new
+                index += 1
+                continue
+            break  # the request itself was preempted; nothing after it remains in `running`
+
+        # Admitting new work right after a preemption would only thrash the pool.
+        if not preempted:
+            budget = self._admit_waiting(budget, chunks)
+
+        for chunk in chunks:
+            if chunk.req_id not in self._announced:
+                self._announced.add(chunk.req_id)
+                request = self.requests[chunk.req_id]
+                new_requests.append(
+                    NewRequestData(request.request_id, list(request.prompt_token_ids), request.sampling_params)
+                )
+        finished, self._finished_since_last_step = self._finished_since_last_step, []
+        return SchedulerOutput(chunks=chunks, new_requests=new_requests, finished_req_ids=finished)
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        held_back: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            request = self.waiting[0]
+            if request.wait_for is not None and not self._sibling_prompt_done(request.wait_for):
+                held_back.append(self.waiting.popleft())
+                continue
+            computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(held_back))
+        return budget
+
+    def _sibling_prompt_done(self, sibling_id: str) -> bool:
+        sibling = self.requests.get(sibling_id)
+        return sibling is None or sibling.num_computed_tokens >= sibling.num_prompt_tokens
+
+    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(
+            req_id=request.request_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            start_pos=start,
+            block_table=self.kv.block_ids(request.request_id),
+            sample=start + num_new == request.num_tokens,
+            want_prompt_logprobs=request.sampling_params.prompt_logprobs is not None
+            and start < request.num_prompt_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- results ------------------------------------------------------------------------------
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[StepUpdate]:
+        """Advance computed counts, append sampled tokens, cache full blocks, finish stopped requests."""
+        updates: list[StepUpdate] = []
+        for chunk, sampled in zip(scheduler_output.chunks, runner_output.sampled_token_ids):
+            request = self.requests.get(chunk.req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished or preempted while the step ran
+            request.num_computed_tokens += len(chunk.token_ids)
+            self.kv.cache_full_blocks(request)
+            new_tokens: list[int] = []
+            for token_id in sampled:
+                request.append_output_token(token_id)
+                new_tokens.append(token_id)
+                status = check_stop(request, self.limits.max_model_len)
+                if status is not None:
+                    self.running.remove(request)
+                    self._finish(request, status)
+                    break
+            updates.append(StepUpdate(request, new_tokens))
+        return updates

@@ -1,0 +1,99 @@
+"""SamplingParams: how one request is sampled and when it stops, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.errors import InvalidRequestError
+
+# Bounds shared with the server so both report the same limits.
+MAX_LOGPROBS = 20
+MAX_N = 128
+MAX_STOP_STRINGS = 32
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling and stopping parameters (the names follow vLLM / OpenAI).
+
+    temperature 0 means greedy. top_k <= 0 and top_p = 1 and min_p = 0 disable those filters.
+    `logprobs` = N returns the chosen token's logprob plus the top N; `prompt_logprobs` likewise for
+    every prompt token after the first.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Filled by the engine: the checkpoint's EOS ids (config + generation_config).
+    eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first field that is out of range."""
+        _check_int("n", self.n, 1, MAX_N)
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0.0:
+            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise InvalidRequestError("top_k", f"must be an integer, got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0.0:
+            raise InvalidRequestError(
+                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(name, f"must be in [-2, 2], got {value}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, -(2**63), 2**63 - 1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, None)
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, 0, None)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+
+
+def _check_int(name: str, value: object, low: int | None, high: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise InvalidRequestError(name, f"must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise InvalidRequestError(name, f"must be <= {high}, got {value}")
