@@ -1,0 +1,403 @@
+"""Tokenizer loading (tokenizer.json + tokenizer_config.json), special tokens and chat templates.
+
+Wraps `tokenizers.Tokenizer` directly so the engine does not need `transformers`; the behaviour follows
+transformers 5 (`TokenizersBackend` + `apply_chat_template`), which the tests use as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _HFTokenizer
+
+from tokenmill.errors import InvalidRequestError, ModelLoadError
+
+# Named special tokens, in the order transformers lists them in `all_special_tokens`.
+_NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Names a message's reasoning may arrive under; templates read `reasoning_content` (or `thinking`).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token in tokenizer_config may be a string or an AddedToken dict with "content"."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _added_token(value: Any, special: bool = True) -> AddedToken:
+    content = _token_content(value)
+    assert content is not None
+    if isinstance(value, Mapping):
+        return AddedToken(
+            content,
+            single_word=bool(value.get("single_word", False)),
+            lstrip=bool(value.get("lstrip", False)),
+            rstrip=bool(value.get("rstrip", False)),
+            normalized=bool(value.get("normalized", not special)),
+            special=bool(value.get("special", special)),
+        )
+    return AddedToken(content, special=special, normalized=False)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read JSON ({e})") from e
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant spans in some templates; we render the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    # Like transformers: refuse underscore attributes so templates cannot reach CPython internals.
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} may not start with '_'")
+
+
+class _TemplateRaised(Exception):
+    """Raised by the template's raise_exception(); carries the template author's message."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # transformers' override: no HTML escaping (jinja's builtin escapes <, >, &), and exposes indent etc.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _make_env() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["namespace"] = _TemplateNamespace
+    env.globals["dict"] = dict
+    return env
+
+
+def _is_content(node: jinja2.nodes.Node, aliases: set[str]) -> bool:
+    if isinstance(node, jinja2.nodes.Filter) and node.node is not None:  # `message['content'] | select...`
+        return _is_content(node.node, aliases)
+    if isinstance(node, jinja2.nodes.Getitem):
+        return isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "content"
+    if isinstance(node, jinja2.nodes.Getattr):
+        return node.attr == "content"
+    return isinstance(node, jinja2.nodes.Name) and node.name in aliases
+
+
+def _iterates_content(env: ImmutableSandboxedEnvironment, source: str) -> bool:
+    """True when the template loops over a message's content, i.e. it understands lists of content parts."""
+    ast = env.parse(source)
+    aliases: set[str] = set()  # `{% set content = message['content'] %}{% for part in content %}`
+    for assign in ast.find_all(jinja2.nodes.Assign):
+        if isinstance(assign.target, jinja2.nodes.Name) and _is_content(assign.node, aliases):
+            aliases.add(assign.target.name)
+    return any(_is_content(loop.iter, aliases) for loop in ast.find_all(jinja2.nodes.For))
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON types so the sandbox never sees rich objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, str):  # subclasses (str enums, ...) are stripped back to the base type
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if callable(getattr(value, "model_dump", None)):  # pydantic models from the server
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: encode/decode, special tokens and its chat template."""
+
+    def __init__(self, backend: _HFTokenizer, config: Mapping[str, Any] | None = None,
+                 chat_template: str | dict[str, str] | None = None, name: str = "") -> None:
+        self._tok = backend
+        self.name = name
+        config = dict(config or {})
+        self._special: dict[str, str] = {}  # named special tokens (template variables), e.g. bos_token -> "<s>"
+        for key in _NAMED_SPECIAL:
+            if (content := _token_content(config.get(key))) is not None:
+                self._special[key] = content
+        extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
+        extra_values: list[Any] = []
+        if isinstance(extra, Mapping):  # model-specific named tokens, e.g. {"image_token": "<image>"}
+            for key, value in extra.items():
+                if (content := _token_content(value)) is not None:
+                    self._special[key] = content
+        elif isinstance(extra, list):
+            extra_values = [v for v in extra if _token_content(v) is not None]
+
+        # Like transformers: tokens from added_tokens_decoder and the special tokens are added when missing.
+        added = self._tok.get_added_tokens_decoder().values()
+        existing = {t.content for t in added}
+        special_now = {t.content for t in added if t.special}
+        decoder_cfg = config.get("added_tokens_decoder") or {}
+        for _, value in sorted(decoder_cfg.items(), key=lambda kv: int(kv[0])):
+            content = _token_content(value)
+            if content is not None and content not in existing:
+                special = bool(value.get("special", False)) if isinstance(value, Mapping) else False
+                self._tok.add_tokens([_added_token(value, special=special)])
+                existing.add(content)
+        named_values = [config.get(k) for k in _NAMED_SPECIAL] + (
+            list(extra.values()) if isinstance(extra, Mapping) else [])
+        for value in named_values + extra_values:
+            content = _token_content(value)
+            if content is not None and content not in special_now:  # (re)marked special, as transformers does
+                self._tok.add_special_tokens([_added_token(value, special=True)])
+                special_now.add(content)
+
+        self._special_order = [self._special[k] for k in self._special] + [
+            c for v in extra_values if (c := _token_content(v)) is not None]
+        self._chat_template = chat_template
+        self._env = _make_env()
+        self._compiled: dict[str, tuple[jinja2.Template, bool]] = {}
+        self._decoder_special_ids = frozenset(
+            i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        self.byte_fallback_ids = self._find_byte_tokens()
+
+    # ---- loading ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        """Load tokenizer.json, tokenizer_config.json and chat_template.jinja from a checkpoint folder."""
+        root = Path(path)
+        tok_file = root / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ModelLoadError(f"{tok_file}: tokenizer.json not found (tokenmill needs a fast tokenizer file)")
+        try:
+            backend = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust loader raises a plain Exception on bad JSON
+            raise ModelLoadError(f"{tok_file}: cannot load tokenizer ({e})") from e
+        cfg_file = root / "tokenizer_config.json"
+        config = _load_json(cfg_file) if cfg_file.is_file() else {}
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{cfg_file}: expected a JSON object")
+
+        # A separate chat_template.jinja takes priority over the config entry, as in transformers.
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            if not all(isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                       for t in template):
+                raise ModelLoadError(f"{cfg_file}: chat_template list entries need string 'name' and 'template'")
+            template = {t["name"]: t["template"] for t in template}
+        elif template is not None and not isinstance(template, str):
+            raise ModelLoadError(f"{cfg_file}: chat_template must be a string or a list of named templates")
+        jinja_file = root / "chat_template.jinja"
+        if jinja_file.is_file():
+            try:
+                template = jinja_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelLoadError(f"{jinja_file}: cannot read ({e})") from e
+        try:
+            return cls(backend, config, template, name=str(root))
+        except (KeyError, TypeError, ValueError) as e:  # malformed special-token entries
+            raise ModelLoadError(f"{cfg_file}: invalid special token entry ({e})") from e
+
+    def _find_byte_tokens(self) -> frozenset[int]:
+        """Ids of `<0xNN>` tokens when the model uses byte fallback (sentencepiece-style)."""
+        decoder = self._tok.decoder
+        uses_bytes = bool(getattr(self._tok.model, "byte_fallback", False)) or (
+            decoder is not None and b"ByteFallback" in decoder.__getstate__())
+        if not uses_bytes:
+            return frozenset()
+        ids = set()
+        for b in range(256):
+            i = self._tok.token_to_id(f"<0x{b:02X}>")
+            if i is not None:
+                ids.add(i)
+        return frozenset(ids)
+
+    # ---- encode / decode -------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # The post-processor in tokenizer.json decides BOS/EOS. transformers 5 ignores add_bos_token /
+        # add_eos_token from tokenizer_config whenever tokenizer.json exists, so we do too.
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
+        return [self._tok.id_to_token(i) for i in ids]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def is_skipped_special(self, token_id: int) -> bool:
+        """True when decode(skip_special_tokens=True) drops this id."""
+        return token_id in self._decoder_special_ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (transformers' len(tokenizer))."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return dict(self._special)
+
+    def _special_id(self, key: str) -> int | None:
+        token = self._special.get(key)
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special.get("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of the named and extra special tokens, in transformers' order, without duplicates."""
+        out: list[int] = []
+        for token in self._special_order:
+            i = self._tok.token_to_id(token)
+            if i is not None and i not in out:
+                out.append(i)
+        return out
+
+    # ---- chat templates --------------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        return self._chat_template
+
+    def _pick_template(self, chat_template: str | None, tools: Any) -> str:
+        templates = self._chat_template
+        if isinstance(templates, dict):
+            if chat_template is not None:
+                return templates.get(chat_template, chat_template)
+            if tools is not None and "tool_use" in templates:
+                return templates["tool_use"]
+            if "default" in templates:
+                return templates["default"]
+            raise InvalidRequestError(
+                "chat_template", f"the checkpoint has several chat templates {sorted(templates)} and no 'default'")
+        if chat_template is not None:
+            return chat_template
+        if templates is None:
+            raise InvalidRequestError(
+                "messages", f"the checkpoint {self.name or '(in memory)'} has no chat template (no chat_template in "
+                "tokenizer_config.json and no chat_template.jinja); use a completion prompt instead")
+        return templates
+
+    def _compile(self, source: str) -> tuple[jinja2.Template, bool]:
+        if source not in self._compiled:
+            try:
+                self._compiled[source] = (self._env.from_string(source), _iterates_content(self._env, source))
+            except jinja2.TemplateSyntaxError as e:
+                raise InvalidRequestError("chat_template", f"the chat template has a syntax error: {e}") from e
+        return self._compiled[source]
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
+                            **template_kwargs: Any) -> str:
+        """Render messages to the prompt text, as `AutoTokenizer.apply_chat_template(..., tokenize=False)`."""
+        template, handles_parts = self._compile(self._pick_template(chat_template, tools))
+        chat = _normalize_messages(messages, keep_parts=handles_parts)
+        variables = {**self._special, **_plain(template_kwargs)}
+        try:
+            return template.render(messages=chat, tools=_plain(tools), documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except _TemplateRaised as e:
+            raise InvalidRequestError("messages", f"rejected by the chat template: {e}") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise InvalidRequestError("messages", f"chat template blocked an unsafe operation: {e}") from None
+        except Exception as e:  # a template bug or an input shape the template cannot handle
+            raise InvalidRequestError("messages", f"chat template failed to render: {type(e).__name__}: {e}") from None
+
+
+def _normalize_messages(messages: Sequence[Mapping[str, Any]], keep_parts: bool) -> list[dict[str, Any]]:
+    """Validate messages; drop None values; flatten text content parts unless the template iterates them."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
+    out: list[dict[str, Any]] = []
+    for i, raw in enumerate(messages):
+        msg = _plain(raw)
+        if not isinstance(msg, dict):
+            raise InvalidRequestError(f"messages[{i}]", "must be an object with 'role' and 'content'")
+        if not isinstance(msg.get("role"), str):
+            raise InvalidRequestError(f"messages[{i}].role", "must be a string")
+        # OpenAI clients send content=None / tool_calls=None; templates handle missing keys better.
+        msg = {k: v for k, v in msg.items() if v is not None}
+        content = msg.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequestError(f"messages[{i}].content[{j}]",
+                                              "only {\"type\": \"text\", \"text\": ...} content parts are supported")
+            if not keep_parts:
+                msg["content"] = "\n".join(part["text"] for part in content)
+        elif content is not None and not isinstance(content, str):
+            raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of content parts")
+        reasoning = next((msg[k] for k in _REASONING_FIELDS if k in msg), None)
+        if reasoning is not None:
+            msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+        out.append(msg)
+    return out
