@@ -39,6 +39,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Hard reasoning budget: after this many tokens inside a thinking section the engine forces
+    # `thinking_end_token_ids` (e.g. a short wrap-up message and "</think>"), so the answer always comes.
+    thinking_token_budget: int | None = None
+    thinking_start_token_id: int | None = None
+    thinking_end_token_ids: list[int] = field(default_factory=list)
+    starts_in_thinking: bool = False  # the prompt (chat template) already opened the section
     # Filled by the engine: the checkpoint's EOS ids (config + generation_config).
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -88,6 +94,12 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        if self.thinking_token_budget is not None:
+            _check_int("thinking_token_budget", self.thinking_token_budget, 0, None)
+            if not self.thinking_end_token_ids:
+                raise InvalidRequestError(
+                    "thinking_token_budget", "needs thinking_end_token_ids: the tokens that close the thinking section"
+                )
 
 
 def _check_int(name: str, value: object, low: int | None, high: int | None) -> None:
