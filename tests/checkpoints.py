@@ -1,0 +1,84 @@
+"""Tiny random-weight checkpoints per family, built with transformers (the reference) for tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.tools.tiny_tokenizer import BOS, EOS, build_tiny_tokenizer
+
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    # Large enough that random logits have clear argmax margins for greedy comparisons.
+    initializer_range=0.15,
+)
+
+
+def _config(family: str, num_layers: int, overrides: dict[str, Any]):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    kw = dict(_COMMON, num_hidden_layers=num_layers)
+    if family == "llama":
+        cls, kw = LlamaConfig, dict(kw, head_dim=24, tie_word_embeddings=False)  # head_dim != hidden / heads
+    elif family == "llama3":
+        cls = LlamaConfig
+        kw = dict(
+            kw,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        )
+    elif family == "mistral":
+        cls, kw = MistralConfig, dict(kw, sliding_window=None, tie_word_embeddings=False)
+    elif family == "qwen2":
+        cls, kw = Qwen2Config, dict(kw, tie_word_embeddings=False)
+    elif family == "qwen3":
+        cls, kw = Qwen3Config, dict(kw, head_dim=16, tie_word_embeddings=True)
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make_checkpoint(
+    family: str, out_dir: str | Path, *, seed: int = 0, num_layers: int = 2, shards: int = 1, **config_overrides: Any
+) -> Path:
+    """Write config, random float32 weights (safetensors, optionally sharded), tokenizer, generation config."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = build_tiny_tokenizer(out)
+    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    config = _config(family, num_layers, dict(bos_token_id=bos, eos_token_id=eos, **config_overrides))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "qwen2":
+        # transformers initialises biases to zero; make them matter.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, 0.1)
+    if shards > 1:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(out, max_shard_size=max(total // shards, 1), safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": [eos]}))
+    return out

@@ -1,0 +1,210 @@
+"""LLMEngine: add_request, abort, step() = schedule -> execute -> update -> outputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.kv_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.scheduler import Scheduler, SchedulerLimits
+from tokenmill.engine.output_builder import RequestGroup
+from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.models.loader import load_model
+from tokenmill.outputs import RequestOutput
+from tokenmill.platform import resolve_device
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.kv_cache_alloc import check_pool_holds_context, num_blocks_for_budget
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | list[int] | dict[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, show_progress: bool = False) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model, self.arch = load_model(
+            config.model, dtype=config.dtype, device=self.device, load_format=config.load_format, progress=show_progress
+        )
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = _load_tokenizer(config.model, required=config.load_format != "random")
+        self.eos_token_ids = _eos_token_ids(config.model, self.arch.eos_token_ids, self.tokenizer)
+
+        self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
+        if self.max_model_len > self.arch.max_position_embeddings:
+            raise InvalidRequestError(
+                "max_model_len",
+                f"{self.max_model_len} exceeds the model's max_position_embeddings "
+                f"({self.arch.max_position_embeddings})",
+            )
+        block_size = config.cache.block_size
+        layers = self.model.attention_layers()
+        num_blocks = config.cache.num_kv_blocks or num_blocks_for_budget(
+            layers, block_size, self.dtype, config.cache.kv_cache_memory_bytes
+        )
+        check_pool_holds_context(num_blocks, block_size, self.max_model_len)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device, seed=config.seed)
+        self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        limits = SchedulerLimits(
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )
+        self.scheduler = Scheduler(limits, self.kv_manager)
+        self._groups: dict[str, RequestGroup] = {}
+        self._child_to_group: dict[str, str] = {}
+        self._arrivals = itertools.count()
+        self.num_steps = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids), validated against the vocabulary and context."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                text, token_ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                return self.tokenize_prompt(prompt["prompt"])
+            else:
+                raise InvalidRequestError("prompt", "a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "this checkpoint has no tokenizer; pass prompt_token_ids")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, prompt
+        if not isinstance(token_ids, (list, tuple)) or not token_ids:
+            raise InvalidRequestError("prompt", "must contain at least one token")
+        vocab = self.arch.vocab_size
+        for token in token_ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise InvalidRequestError("prompt_token_ids", f"token ids must be integers in [0, {vocab}), got {token!r}")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt",
+                f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len}: "
+                f"the prompt plus at least one generated token must fit",
+            )
+        return text, list(token_ids)
+
+    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None) -> None:
+        """Validate and queue a request; bad input raises InvalidRequestError and changes nothing."""
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self._groups:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer; this checkpoint has none")
+        params = replace(params, eos_token_ids=self.eos_token_ids)
+        group = RequestGroup(request_id, text, token_ids, params, self.tokenizer)
+        first_child: str | None = None
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = replace(params, seed=params.seed + index)
+            child = Request(child_id, token_ids, child_params, next(self._arrivals), wait_for=first_child)
+            first_child = first_child or child_id
+            group.add_child(index, child)
+            self._child_to_group[child_id] = request_id
+            self.scheduler.add_request(child)
+        self._groups[request_id] = group
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            group = self._groups.pop(request_id, None)
+            if group is None:
+                continue
+            children = group.child_ids()
+            self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+            for child_id in children:
+                self._child_to_group.pop(child_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return an output for every request group that changed."""
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        if scheduler_output.is_empty:
+            return []
+        self.num_steps += 1
+        for chunk in scheduler_output.chunks:
+            entries = runner_output.prompt_logprobs.get(chunk.req_id)
+            if entries:
+                self._group_of(chunk.req_id).set_prompt_logprobs(chunk.start_pos, entries)
+        changed: dict[str, RequestGroup] = {}
+        stopped_by_text: list[str] = []
+        for update in self.scheduler.update(scheduler_output, runner_output):
+            child = update.request
+            group = self._group_of(child.request_id)
+            logprobs = runner_output.logprobs.get(child.request_id, [])
+            if group.append_tokens(child, update.new_token_ids, logprobs):
+                stopped_by_text.append(child.request_id)
+            changed[group.request_id] = group
+        if stopped_by_text:
+            self.scheduler.finish_requests(stopped_by_text, RequestStatus.FINISHED_STOPPED)
+        outputs = []
+        for group in changed.values():
+            outputs.append(group.to_output())
+            if group.finished:
+                del self._groups[group.request_id]
+                for child_id in group.child_ids():
+                    self._child_to_group.pop(child_id, None)
+        return outputs
+
+    def _group_of(self, child_id: str) -> RequestGroup:
+        return self._groups[self._child_to_group[child_id]]
+
+    def stats(self) -> dict[str, int]:
+        cache = self.kv_manager.cache
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_blocks_total": self.kv_manager.pool.num_blocks,
+            "kv_blocks_used": self.kv_manager.num_used_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queried_tokens": cache.num_queried_tokens,
+            "prefix_cache_hit_tokens": cache.num_hit_tokens,
+            "num_steps": self.num_steps,
+        }
+
+
+def _load_tokenizer(model_path: str, required: bool) -> Tokenizer | None:
+    if not required and not (Path(model_path) / "tokenizer.json").is_file():
+        return None
+    return Tokenizer.from_pretrained(model_path)
+
+
+def _eos_token_ids(model_path: str, config_eos: tuple[int, ...], tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, without duplicates."""
+    ids: list[int] = list(config_eos)
+    generation_config = Path(model_path) / "generation_config.json"
+    if generation_config.is_file():
+        try:
+            value = json.loads(generation_config.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, OSError) as exc:
+            raise TokenmillError(f"{generation_config}: not valid JSON ({exc})") from exc
+        ids.extend([value] if isinstance(value, int) else list(value or []))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
+

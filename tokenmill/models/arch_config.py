@@ -1,0 +1,128 @@
+"""ArchConfig: what the model code needs from a checkpoint's config.json, read without transformers.
+
+Reads both spellings of RoPE settings: transformers 5 writes `rope_parameters` (with rope_theta inside),
+older checkpoints write top-level `rope_theta` and `rope_scaling`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    sliding_layers: tuple[bool, ...]  # per layer: does the sliding window apply
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    torch_dtype: str | None
+
+
+def read_config_json(model_path: str | Path) -> dict[str, Any]:
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a folder (expected a checkpoint folder)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{config_file}: missing (a checkpoint folder needs config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object")
+    return config
+
+
+def parse_arch_config(config: dict[str, Any], source: str = "config.json") -> ArchConfig:
+    def need(key: str) -> Any:
+        if key not in config or config[key] is None:
+            raise ModelLoadError(f"{source}: missing required field {key!r}")
+        return config[key]
+
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise ModelLoadError(f"{source}: missing 'architectures' (which model class this checkpoint is)")
+    architecture = architectures[0]
+    model_type = config.get("model_type", "")
+    hidden = int(need("hidden_size"))
+    num_heads = int(need("num_attention_heads"))
+    num_layers = int(need("num_hidden_layers"))
+    rope = config.get("rope_parameters") or {}
+    rope_theta = float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ModelLoadError(f"{source}: rope scaling type {kind!r} is not supported (supported: default, llama3)")
+        scaling = None if kind == "default" else dict(scaling, rope_type=kind)
+
+    is_qwen2 = model_type == "qwen2" or architecture == "Qwen2ForCausalLM"
+    sliding_window = config.get("sliding_window")
+    sliding_layers = tuple(False for _ in range(num_layers))
+    if model_type == "mistral" and sliding_window:
+        sliding_layers = tuple(True for _ in range(num_layers))
+    elif config.get("use_sliding_window") and sliding_window:
+        layer_types = config.get("layer_types") or []
+        if layer_types:
+            sliding_layers = tuple(t == "sliding_attention" for t in layer_types)
+        else:
+            max_window_layers = int(config.get("max_window_layers") or 0)
+            sliding_layers = tuple(i >= max_window_layers for i in range(num_layers))
+    if not any(sliding_layers):
+        sliding_window = None
+
+    eos = config.get("eos_token_id")
+    eos_ids = tuple([eos] if isinstance(eos, int) else (eos or []))
+    return ArchConfig(
+        architecture=architecture,
+        model_type=model_type,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+        head_dim=int(config.get("head_dim") or hidden // num_heads),
+        intermediate_size=int(need("intermediate_size")),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=True if is_qwen2 else bool(config.get("attention_bias", False)),
+        o_bias=False if is_qwen2 else bool(config.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3" or architecture == "Qwen3ForCausalLM",
+        sliding_window=int(sliding_window) if sliding_window else None,
+        sliding_layers=sliding_layers,
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=tuple(int(e) for e in eos_ids),
+        torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+    )
+
+
+def read_arch_config(model_path: str | Path) -> ArchConfig:
+    return parse_arch_config(read_config_json(model_path), source=str(Path(model_path) / "config.json"))

@@ -1,0 +1,129 @@
+"""Load a checkpoint folder: safetensors streamed one tensor at a time, or random weights for benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.models.arch_config import ArchConfig, read_arch_config
+from tokenmill.models.registry import model_class_for
+from tokenmill.utils.progress import ProgressBar
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Buffers some checkpoints carry that the model recomputes itself.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype: torch.dtype | str, arch: ArchConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return _DTYPES.get(str(arch.torch_dtype).replace("torch.", ""), torch.float32)
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported (use auto, float32, bfloat16 or float16)")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    model_path: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | str = "cpu",
+    load_format: str = "auto",
+    progress: bool = False,
+) -> tuple[nn.Module, ArchConfig]:
+    """Build the model for the checkpoint's architecture and fill its weights."""
+    arch = read_arch_config(model_path)
+    model_cls = model_class_for(arch.architecture, source=str(Path(model_path) / "config.json"))
+    torch_dtype = resolve_dtype(dtype, arch)
+    device = torch.device(device)
+    model = model_cls(arch, torch_dtype, device)
+    if load_format == "random":
+        init_random_weights(model)
+    elif load_format == "auto":
+        load_safetensors_weights(model, Path(model_path), progress)
+    else:
+        raise ModelLoadError(f"load_format {load_format!r} is not supported (use auto or random)")
+    return model.eval(), arch
+
+
+def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Normal(0, std) matrices, unit norms, zero biases, generated on the model's device."""
+    generator_device = next(model.parameters()).device
+    generator = torch.Generator(device=generator_device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=generator)
+
+
+def _tensor_index(model_path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the shard index or by opening the files."""
+    index_file = model_path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index_file}: not a valid shard index ({exc})") from exc
+        missing = {f for f in weight_map.values() if not (model_path / f).is_file()}
+        if missing:
+            raise ModelLoadError(f"{index_file}: lists shard files that are missing: {', '.join(sorted(missing))}")
+        return {name: model_path / f for name, f in weight_map.items()}
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_path}: no *.safetensors weight files found")
+    index: dict[str, Path] = {}
+    for file in files:
+        for name in _open(file).keys():
+            index[name] = file
+    return index
+
+
+def _open(file: Path):  # -> safetensors handle
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt headers
+        raise ModelLoadError(f"{file}: cannot read safetensors file ({exc})") from exc
+
+
+def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool = False) -> None:
+    index = _tensor_index(model_path)
+    params = dict(model.named_parameters())
+    tied = getattr(model, "lm_head", "absent") is None
+    needed = set(params)
+    by_file: dict[Path, list[str]] = {}
+    for name, file in index.items():
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        by_file.setdefault(file, []).append(name)
+    bar = ProgressBar(total=sum(len(v) for v in by_file.values()), label="loading weights", enabled=progress)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            handle = _open(file)
+            for name in names:
+                param = params.get(name)
+                if param is None:
+                    raise ModelLoadError(f"{file.name}: tensor {name!r} is not part of {type(model).__name__}")
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as exc:
+                    raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({exc})") from exc
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ModelLoadError(
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    )
+                param.copy_(tensor)  # converts dtype and moves to the model's device
+                needed.discard(name)
+                bar.update()
+    bar.close()
+    if needed:
+        missing = ", ".join(sorted(needed)[:5]) + (" ..." if len(needed) > 5 else "")
+        raise ModelLoadError(f"{model_path}: checkpoint lacks {len(needed)} tensor(s) the model needs: {missing}")

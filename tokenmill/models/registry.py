@@ -1,0 +1,23 @@
+"""Hugging Face `architectures` name -> tokenmill model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class_for(architecture: str, source: str = "config.json") -> type[nn.Module]:
+    cls = MODEL_CLASSES.get(architecture)
+    if cls is None:
+        supported = ", ".join(sorted(MODEL_CLASSES))
+        raise ModelLoadError(f"{source}: architecture {architecture!r} is not supported (supported: {supported})")
+    return cls
