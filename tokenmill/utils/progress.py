@@ -15,6 +15,7 @@ class ProgressBar:
         self.count = 0
         self.start = time.perf_counter()
         self._last_draw = 0.0
+        self._drawn_count = -1
 
     def update(self, n: int = 1) -> None:
         self.count += n
@@ -24,6 +25,7 @@ class ProgressBar:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        self._drawn_count = self.count
         filled = int(self.width * self.count / self.total)
         bar = "#" * filled + "-" * (self.width - filled)
         sys.stderr.write(f"\r{self.label} [{bar}] {self.count}/{self.total} {now - self.start:.1f}s")
@@ -31,6 +33,7 @@ class ProgressBar:
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(time.perf_counter())
+            if self._drawn_count != self.count:
+                self._draw(time.perf_counter())
             sys.stderr.write("\n")
             sys.stderr.flush()

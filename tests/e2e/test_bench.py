@@ -1,0 +1,47 @@
+"""The bench recipes run end to end and report consistent counts (correctness, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenmill.bench.recipes import run_latency, run_throughput
+from tokenmill.cli import main
+from tokenmill.config import CacheConfig, EngineConfig
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.tools.tiny_checkpoint import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory) -> str:
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), max_position_embeddings=512))
+
+
+def test_latency_recipe_reports_sol_fraction(tiny_path):
+    engine = LLMEngine(EngineConfig(model=tiny_path, dtype="float32"))
+    result = run_latency(engine, input_len=16, output_len=8, runs=2)
+    assert len(result.runs_tok_per_s) == 2 and result.tok_per_s > 0
+    assert result.pct_of_sol == pytest.approx(100 * result.tok_per_s / result.sol_tok_per_s)
+    assert not engine.has_unfinished_requests()
+
+
+def test_throughput_recipe_counts_tokens_and_preemptions(tiny_path):
+    # 40 blocks x 16 = 640 slots, less than 12 requests need at once: preemption is counted.
+    engine = LLMEngine(EngineConfig(model=tiny_path, dtype="float32", max_model_len=512, cache=CacheConfig(num_kv_blocks=40)))
+    result = run_throughput(engine, num_requests=12, min_len=20, max_len=80, seed=1)
+    assert result.num_requests == 12
+    assert result.total_tokens > result.output_tokens >= 12 * 20
+    assert result.peak_kv_blocks_used <= 40
+    assert result.num_preemptions > 0
+    assert engine.kv_manager.num_used_blocks == 0
+
+
+def test_bench_command_with_random_weights_from_a_config(tiny_path, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = main(["bench", "latency", "--model-config", f"{tiny_path}/config.json", "--dtype", "float32",
+                 "--input-len", "8", "--output-len", "4", "--runs", "1", "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["recipe"] == "latency" and report["result"]["output_len"] == 4
+    assert "pct_of_sol" in capsys.readouterr().out

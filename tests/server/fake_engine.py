@@ -1,0 +1,80 @@
+"""A model-free stand-in for LLMEngine: deterministic tokens, real block accounting, optional failures.
+
+It lets the AsyncLLMEngine's threading, cancellation, queue limit and error paths be tested exactly and
+fast, without depending on model code.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+
+class FakeEngine:
+    def __init__(self, step_delay_s: float = 0.0, fail_on_step: int | None = None) -> None:
+        self.tokenizer = None
+        self.max_model_len = 64
+        self.step_delay_s = step_delay_s
+        self.fail_on_step = fail_on_step
+        self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
+        self.waiting: list[str] = []
+        self.num_steps = 0
+        self.aborted: list[str] = []
+        self._owner: int | None = None  # the one thread allowed to call us
+        self._gate = threading.Event()
+        self._gate.set()
+
+    def _check_thread(self) -> None:
+        me = threading.get_ident()
+        if self._owner is None:
+            self._owner = me
+        assert self._owner == me, "the engine was touched from two threads"
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self._check_thread()
+        if not prompt:
+            raise InvalidRequestError("prompt", "must contain at least one token")
+        self.requests[request_id] = (list(prompt), params, [])
+        self.waiting.append(request_id)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        self._check_thread()
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            if self.requests.pop(request_id, None) is not None:
+                self.aborted.append(request_id)
+            if request_id in self.waiting:
+                self.waiting.remove(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        self._check_thread()
+        self._gate.wait()
+        if not self.requests:
+            return []
+        self.num_steps += 1
+        if self.fail_on_step is not None and self.num_steps == self.fail_on_step:
+            raise RuntimeError("simulated device failure")
+        if self.step_delay_s:
+            threading.Event().wait(self.step_delay_s)
+        self.waiting.clear()
+        outputs = []
+        for request_id, (prompt, params, generated) in list(self.requests.items()):
+            generated.append(len(generated) + 1)
+            finished = len(generated) >= (params.max_tokens or 1)
+            completion = CompletionOutput(0, " ".join(map(str, generated)), list(generated),
+                                          finish_reason="length" if finished else None)
+            outputs.append(RequestOutput(request_id, None, prompt, [completion], finished=finished))
+            if finished:
+                del self.requests[request_id]
+        return outputs
+
+    def stats(self) -> dict[str, int]:
+        running = len(self.requests) - len(self.waiting)
+        return {"num_running": running, "num_waiting": len(self.waiting), "kv_blocks_total": 100,
+                "kv_blocks_used": len(self.requests), "num_preemptions": 0, "prefix_cache_queried_tokens": 0,
+                "prefix_cache_hit_tokens": 0, "num_steps": self.num_steps}

@@ -1,0 +1,135 @@
+"""`tokenmill bench latency | throughput`: the BENCHMARKS.md recipes, a printed table and --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="latency / throughput benchmarks (see BENCHMARKS.md)")
+    bench.add_argument("recipe", choices=["latency", "throughput"])
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder")
+    source.add_argument("--model-config", help="a config.json: model shape only, with --load-format random")
+    bench.add_argument("--load-format", default="auto", choices=["auto", "random"])
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--max-model-len", type=int, default=None)
+    bench.add_argument("--max-num-seqs", type=int, default=256)
+    bench.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    bench.add_argument("--num-kv-blocks", type=int, default=None)
+    bench.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    bench.add_argument("--input-len", type=int, default=128)
+    bench.add_argument("--output-len", type=int, default=256)
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--num-prompts", type=int, default=256)
+    bench.add_argument("--min-len", type=int, default=100)
+    bench.add_argument("--max-len", type=int, default=1024)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--peer", choices=["none", "transformers"], default="none",
+                       help="also time transformers generate on the same model (latency)")
+    bench.add_argument("--json", dest="json_path", default=None, help="write the full result here")
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from tokenmill.bench.recipes import as_rows, run_latency, run_throughput
+    from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tokenmill.engine.engine import LLMEngine
+
+    workdir = None
+    model_path = args.model
+    load_format = args.load_format
+    if args.model_config:
+        workdir = tempfile.mkdtemp(prefix="tokenmill-bench-")
+        shutil.copy(args.model_config, Path(workdir) / "config.json")
+        model_path, load_format = workdir, "random"
+    try:
+        start = time.perf_counter()
+        engine = LLMEngine(
+            EngineConfig(
+                model=model_path,
+                dtype=args.dtype,
+                device=args.device,
+                load_format=load_format,
+                max_model_len=args.max_model_len,
+                seed=args.seed,
+                cache=CacheConfig(
+                    num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30))
+                ),
+                scheduler=SchedulerConfig(
+                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+                ),
+            ),
+            show_progress=True,
+        )
+        startup_s = time.perf_counter() - start
+        if args.recipe == "latency":
+            result = run_latency(engine, args.input_len, args.output_len, args.batch_size, args.runs, args.seed)
+        else:
+            result = run_throughput(engine, args.num_prompts, args.min_len, args.max_len, args.seed)
+        report = {"recipe": args.recipe, "device": _device_name(engine.device), "dtype": str(engine.dtype),
+                  "startup_s": startup_s, "result": asdict(result)}
+        rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}")]
+        rows += as_rows(result)
+        if args.peer == "transformers" and args.recipe == "latency":
+            peer = time_transformers_generate(model_path, load_format, engine.dtype, engine.device,
+                                              args.input_len, args.output_len, args.seed)
+            report["peer_transformers_tok_per_s"] = peer
+            rows.append(("transformers tok/s", f"{peer:,.1f}"))
+            rows.append(("tokenmill / transformers", f"{result.tok_per_s / peer:.2f}x"))
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{args.recipe}")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+
+
+def time_transformers_generate(
+    model_path: str, load_format: str, dtype: torch.dtype, device: torch.device, input_len: int, output_len: int, seed: int
+) -> float:
+    """Decode tok/s of transformers greedy generate at batch 1 on the same weights (or shape, if random)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if load_format == "random":
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model = model.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, input_len), generator=generator).to(device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=output_len, max_new_tokens=output_len)
+    with torch.no_grad():
+        model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
+        first = _timed(lambda: model.generate(ids, **{**kwargs, "min_new_tokens": 1, "max_new_tokens": 1}), device)
+        total = _timed(lambda: model.generate(ids, **kwargs), device)
+    return (output_len - 1) / max(total - first, 1e-9)
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -1,0 +1,135 @@
+"""The latency and throughput recipes of BENCHMARKS.md, run on one engine."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from tokenmill.bench.roofline import kv_bytes_per_token, measure_copy_bandwidth, weight_bytes_per_token
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.sampling_params import SamplingParams
+
+
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(vocab_size) for _ in range(length)]
+
+
+@dataclass
+class LatencyResult:
+    batch_size: int
+    input_len: int
+    output_len: int
+    tok_per_s: float  # decode tokens per second per sequence x batch (median run)
+    ttft_s: float
+    e2e_s: float
+    achieved_gb_per_s: float
+    sol_tok_per_s: float
+    pct_of_sol: float
+    copy_bandwidth_gb_per_s: float
+    runs_tok_per_s: list[float]
+
+
+def run_latency(
+    engine: LLMEngine, input_len: int = 128, output_len: int = 256, batch_size: int = 1, runs: int = 3, seed: int = 0
+) -> LatencyResult:
+    """Batch-`batch_size` greedy decode of random prompts; one warm-up, then the median of `runs`."""
+    rng = random.Random(seed)
+    vocab = engine.arch.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    samples: list[tuple[float, float, float]] = []
+    for run in range(runs + 1):
+        # Fresh random prompts every run, so no run is helped by the prefix cache.
+        for i in range(batch_size):
+            engine.add_request(f"lat{run}-{i}", {"prompt_token_ids": random_prompt(rng, input_len, vocab)}, params)
+        start = time.perf_counter()
+        first_token_at = None
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            if first_token_at is None and any(o.outputs[0].token_ids for o in outputs):
+                first_token_at = time.perf_counter()
+        end = time.perf_counter()
+        if run > 0:
+            ttft = (first_token_at or end) - start
+            decode_time = max(end - (first_token_at or start), 1e-9)
+            samples.append((batch_size * (output_len - 1) / decode_time, ttft, end - start))
+    tok_per_s = statistics.median(s[0] for s in samples)
+    bytes_per_step = weight_bytes_per_token(engine.model) + batch_size * kv_bytes_per_token(
+        engine.model, input_len + output_len // 2, engine.dtype
+    )
+    bandwidth = measure_copy_bandwidth(engine.device)
+    sol = batch_size * bandwidth / bytes_per_step
+    return LatencyResult(
+        batch_size=batch_size,
+        input_len=input_len,
+        output_len=output_len,
+        tok_per_s=tok_per_s,
+        ttft_s=statistics.median(s[1] for s in samples),
+        e2e_s=statistics.median(s[2] for s in samples),
+        achieved_gb_per_s=bytes_per_step * tok_per_s / batch_size / 1e9,
+        sol_tok_per_s=sol,
+        pct_of_sol=100.0 * tok_per_s / sol,
+        copy_bandwidth_gb_per_s=bandwidth / 1e9,
+        runs_tok_per_s=[s[0] for s in samples],
+    )
+
+
+@dataclass
+class ThroughputResult:
+    num_requests: int
+    wall_s: float
+    output_tokens: int
+    total_tokens: int
+    output_tok_per_s: float
+    total_tok_per_s: float
+    peak_kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+
+
+def run_throughput(
+    engine: LLMEngine, num_requests: int = 256, min_len: int = 100, max_len: int = 1024, seed: int = 0
+) -> ThroughputResult:
+    """All requests at once; prompt and output lengths each uniform in [min_len, max_len]."""
+    rng = random.Random(seed)
+    vocab = engine.arch.vocab_size
+    limit = engine.max_model_len
+    total_prompt = total_output = 0
+    for i in range(num_requests):
+        prompt_len = min(rng.randint(min_len, max_len), limit - 1)
+        output_len = max(1, min(rng.randint(min_len, max_len), limit - prompt_len))
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        engine.add_request(f"tp{i}", {"prompt_token_ids": random_prompt(rng, prompt_len, vocab)}, params)
+        total_prompt += prompt_len
+        total_output += output_len
+    preemptions_before = engine.scheduler.num_preemptions
+    peak = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, engine.kv_manager.num_used_blocks)
+    wall = time.perf_counter() - start
+    return ThroughputResult(
+        num_requests=num_requests,
+        wall_s=wall,
+        output_tokens=total_output,
+        total_tokens=total_prompt + total_output,
+        output_tok_per_s=total_output / wall,
+        total_tok_per_s=(total_prompt + total_output) / wall,
+        peak_kv_blocks_used=peak,
+        kv_blocks_total=engine.kv_manager.pool.num_blocks,
+        num_preemptions=engine.scheduler.num_preemptions - preemptions_before,
+    )
+
+
+def as_rows(result: LatencyResult | ThroughputResult) -> list[tuple[str, str]]:
+    rows = []
+    for key, value in asdict(result).items():
+        if isinstance(value, float):
+            rows.append((key, f"{value:,.3f}" if value < 100 else f"{value:,.1f}"))
+        elif isinstance(value, list):
+            rows.append((key, ", ".join(f"{v:,.1f}" for v in value)))
+        else:
+            rows.append((key, f"{value:,}" if isinstance(value, int) else str(value)))
+    return rows

@@ -1,0 +1,219 @@
+"""`tokenmill generate | chat | make-tiny | bench | train | distill` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tokenmill.errors import TokenmillError
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--sample-seed", type=int, default=None, help="per-request seed")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def _make_llm(args: argparse.Namespace):  # -> LLM; imported late so `--help` is instant
+    from tokenmill.llm import LLM
+
+    return LLM(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+        show_progress=True,
+    )
+
+
+def _sampling_params(args: argparse.Namespace):
+    from tokenmill.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.sample_seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _stream(llm, prompt, params) -> tuple[str, int, float]:
+    """Print the text as it is generated; return (text, tokens generated, seconds)."""
+    start = time.perf_counter()
+    text = ""
+    num_tokens = 0
+    for output in llm.stream(prompt, params):
+        completion = output.outputs[0]
+        sys.stdout.write(completion.text[len(text) :])
+        sys.stdout.flush()
+        text = completion.text
+        num_tokens = len(completion.token_ids)
+    return text, num_tokens, time.perf_counter() - start
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    sys.stdout.write(args.prompt)
+    _, num_tokens, seconds = _stream(llm, args.prompt, params)
+    print()
+    print(f"[{num_tokens} tokens in {seconds:.2f} s, {num_tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    tokenizer = llm.get_tokenizer()
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        reply, num_tokens, seconds = _stream(llm, prompt, params)
+        print()
+        print(f"[{num_tokens} tokens, {num_tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+        # The reply joins the history, so the next turn reuses the conversation's cached prefix.
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> None:
+    from tokenmill.tools.tiny_checkpoint import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.out, num_layers=args.layers, hidden_size=args.hidden_size, seed=args.seed)
+    print(f"wrote a random-weight tiny Llama checkpoint to {path}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """OpenAI-compatible HTTP server; SIGINT/SIGTERM drain in-flight requests for --drain-timeout, then abort."""
+    import uvicorn
+
+    from tokenmill.engine.async_engine import AsyncLLMEngine
+    from tokenmill.engine.reasoning import ReasoningConfig
+    from tokenmill.server.app import build_app
+
+    llm = _make_llm(args)
+    engine = AsyncLLMEngine(llm.engine, max_queue=args.max_queue)
+    app = build_app(
+        engine,
+        served_model_name=args.served_model_name or args.model,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        default_thinking_budget=args.thinking_token_budget,
+        reasoning_parser=args.reasoning_parser,
+        reasoning=ReasoningConfig(start=args.reasoning_start, end=args.reasoning_end, wrap_up=args.thinking_wrap_up),
+        drain_timeout_s=args.drain_timeout,
+    )
+    # uvicorn handles the signals: it stops accepting, waits up to the graceful timeout for open
+    # requests, then cancels them (which aborts them in the engine) and runs the app's shutdown hook.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=max(args.drain_timeout, 0.0))
+    uvicorn.Server(config).run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: fast LLM inference you can read")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate from a prompt, streaming to the terminal")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with the checkpoint's chat template")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    serve.add_argument("--max-queue", type=int, default=None, help="waiting requests beyond this get HTTP 503")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get HTTP 413")
+    serve.add_argument("--thinking-token-budget", type=int, default=None,
+                       help="default hard budget of thinking tokens per request (a request's own value wins)")
+    serve.add_argument("--reasoning-parser", default="auto", choices=["auto", "think", "none"],
+                       help="split <think>...</think> into reasoning_content; auto: when the tokenizer has both tags")
+    serve.add_argument("--reasoning-start", default="<think>")
+    serve.add_argument("--reasoning-end", default="</think>")
+    serve.add_argument("--thinking-wrap-up", default="",
+                       help="text forced before the end tag when the budget runs out "
+                       "(pass real newlines, e.g. $'\\nTime is up.\\n')")
+    serve.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (nothing is downloaded)")
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    from tokenmill.bench.cli import add_bench_parser
+    from tokenmill.training import add_distill_parser, add_train_parser
+
+    add_bench_parser(sub)
+    add_train_parser(sub)
+    add_distill_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TokenmillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""AsyncLLMEngine: one LLMEngine driven by a background thread, consumed from asyncio.
+
+Only the loop thread ever touches the LLMEngine. Callers talk to it through a command queue (add, abort),
+applied between steps, and receive outputs on a per-request asyncio queue fed with
+`loop.call_soon_threadsafe`. Outputs are cumulative, so a slow consumer may skip to the newest one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from tokenmill.errors import TokenmillError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the loop only needs the engine's methods; keeps this module light to import
+    from tokenmill.engine.engine import LLMEngine, PromptInput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(TokenmillError):
+    """The waiting queue is full (`max_queue`) or the engine is shutting down: retry later (HTTP 503)."""
+
+
+class RequestFailedError(TokenmillError):
+    """The engine raised while computing this request; the request was aborted."""
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    last: RequestOutput | None = None  # newest output sent (loop thread only), to finish it on abort
+    added_at: float = field(default_factory=time.monotonic)
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
+
+
+class RequestStream:
+    """Async iterator over one request's cumulative outputs; leaving it early aborts the request."""
+
+    def __init__(self, engine: "AsyncLLMEngine", stream: _Stream) -> None:
+        self._engine = engine
+        self._stream = stream
+        self.request_id = stream.request_id
+        self.finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._stream.queue.get()
+            # Coalesce: outputs are cumulative, so only the newest queued one matters.
+            while not self._stream.queue.empty() and not isinstance(item, BaseException):
+                item = self._stream.queue.get_nowait()
+        except BaseException:
+            self.abort()  # cancelled (client went away): free the request's KV blocks
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None) -> None:
+        if max_queue is not None and max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._commands: collections.deque[tuple[str, Any]] = collections.deque()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # loop thread only
+        self._accepting = True
+        self._stop = False
+        self._stats: dict[str, int] = dict(engine.stats())
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.num_step_errors = 0
+
+    # ---- caller side (any thread / event loop) -----------------------------------------------------
+
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+                self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict[str, int]:
+        """Engine stats as of the last step (a snapshot: reading it never touches the engine)."""
+        return dict(self._stats)
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._stats.get("num_in_flight", 0)
+
+    async def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> RequestStream:
+        """Queue a request; raises InvalidRequestError / EngineOverloadedError before any output exists."""
+        if not self._accepting:
+            raise EngineOverloadedError("the server is shutting down and accepts no new requests")
+        self.start()
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[None] = loop.create_future()
+        stream = _Stream(request_id, loop)
+        self._send("add", (stream, prompt, params, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the caller left before the engine answered
+            raise
+        return RequestStream(self, stream)
+
+    async def generate(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative outputs; stopping early (or cancellation) aborts it."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    async def shutdown(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to drain_timeout_s, abort the rest, stop."""
+        self._accepting = False
+        deadline = time.monotonic() + max(drain_timeout_s, 0.0)
+        while self.is_running and self._stats.get("num_in_flight", 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._send("stop", None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._commands.append((kind, payload))
+        self._wakeup.set()
+
+    # ---- loop thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._apply_commands()
+            if self._stop:
+                break
+            if not engine.has_unfinished_requests():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # a bug or device error: fail these requests, keep serving new ones
+                self.num_step_errors += 1
+                logger.exception("engine step failed; failing %d in-flight request(s)", len(self._streams))
+                self._fail_all(RequestFailedError(f"the engine failed while generating: {type(exc).__name__}: {exc}"))
+                continue
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue
+                stream.last = output
+                stream.put(output)
+                if output.finished:
+                    del self._streams[output.request_id]
+            self._refresh_stats()
+        # Stopping: whatever is still in flight ends as aborted.
+        for request_id in list(self._streams):
+            self._abort_one(request_id, notify=True)
+        self._flush_engine()
+        self._refresh_stats()
+
+    def _apply_commands(self) -> None:
+        changed = False
+        while self._commands:
+            kind, payload = self._commands.popleft()
+            changed = True
+            if kind == "add":
+                self._add(*payload)
+            elif kind == "abort":
+                self._abort_one(payload, notify=False)
+            elif kind == "stop":
+                self._stop = True
+        if changed:
+            if not self.engine.has_unfinished_requests():
+                self._flush_engine()
+            self._refresh_stats()
+
+    def _add(self, stream: _Stream, prompt: PromptInput, params: SamplingParams,
+             accepted: asyncio.Future[None]) -> None:
+        def answer(exc: BaseException | None) -> None:
+            if accepted.done():  # the caller was cancelled meanwhile
+                return
+            if exc is None:
+                accepted.set_result(None)
+            else:
+                accepted.set_exception(exc)
+
+        try:
+            if self._stop:
+                raise EngineOverloadedError("the server is shutting down and accepts no new requests")
+            waiting = self.engine.stats()["num_waiting"]
+            if self.max_queue is not None and waiting >= self.max_queue:
+                raise EngineOverloadedError(
+                    f"too many requests waiting ({waiting}, --max-queue is {self.max_queue}); retry later")
+            self.engine.add_request(stream.request_id, prompt, params)
+        except Exception as exc:  # bad input: InvalidRequestError names the field
+            stream.loop.call_soon_threadsafe(answer, exc)
+            return
+        self._streams[stream.request_id] = stream
+        stream.loop.call_soon_threadsafe(answer, None)
+
+    def _abort_one(self, request_id: str, notify: bool) -> None:
+        stream = self._streams.pop(request_id, None)
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:
+            logger.exception("aborting request %s failed", request_id)
+        if stream is not None and notify:
+            stream.put(_aborted(stream))
+
+    def _fail_all(self, error: RequestFailedError) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self._abort_one(request_id, notify=False)
+            stream.put(error)
+        self._refresh_stats()
+
+    def _flush_engine(self) -> None:
+        """Run one empty step so the runner drops per-request state of requests that were aborted."""
+        try:
+            self.engine.step()
+        except Exception:
+            logger.exception("engine cleanup step failed")
+
+    def _refresh_stats(self) -> None:
+        stats = dict(self.engine.stats())
+        stats["num_in_flight"] = len(self._streams)
+        self._stats = stats  # one assignment: readers on other threads see the old or the new dict
+
+
+def _aborted(stream: _Stream) -> RequestOutput | BaseException:
+    """A final output for a request ended by shutdown: what it had so far, finish_reason 'abort'."""
+    if stream.last is None:
+        return EngineOverloadedError("the server shut down before this request started")
+    outputs = [o if o.finished else replace(o, finish_reason="abort") for o in stream.last.outputs]
+    return replace(stream.last, outputs=outputs, finished=True)

@@ -1,0 +1,189 @@
+"""Split a model's `<think>…</think>` section from its answer, for final texts and for streamed deltas.
+
+Pure Python (no torch): the server uses it to fill `reasoning_content`, and the same module builds the
+token ids the engine forces when a request's thinking budget is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+DEFAULT_START = "<think>"
+DEFAULT_END = "</think>"
+
+
+@dataclass(frozen=True)
+class ReasoningConfig:
+    """How a model marks its reasoning. `wrap_up` is text forced before the end tag when the budget runs out."""
+
+    start: str = DEFAULT_START
+    end: str = DEFAULT_END
+    wrap_up: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.start or not self.end:
+            raise ValueError("reasoning start and end tags must be non-empty strings")
+
+
+class StreamingReasoningParser:
+    """Fed text deltas, returns (reasoning_delta, content_delta); the tags themselves are never emitted.
+
+    A tag may arrive split across deltas: any suffix that could be the start of a tag is held back until
+    the next delta (or `finish`) decides it. `drop` lists extra strings removed from the output (used
+    when special tokens had to stay in the text so that special-token tags are visible).
+    """
+
+    def __init__(self, config: ReasoningConfig, starts_in_reasoning: bool = False, drop: Sequence[str] = ()) -> None:
+        self.config = config
+        self.in_reasoning = starts_in_reasoning
+        # The section opens at most once; after it closes everything is content.
+        self.closed = False
+        self.opened = starts_in_reasoning
+        self._drop = [d for d in drop if d and d not in (config.start, config.end)]
+        # Special tokens were kept only so the tags are visible: stray tags are dropped like the others.
+        self._drop_stray_tags = bool(self._drop)
+        self._buffer = ""
+        self._saw_content = False  # non-whitespace answer text has been emitted
+
+    def _markers(self) -> list[str]:
+        markers = list(self._drop)
+        if self._drop_stray_tags:
+            return markers + [self.config.start, self.config.end]
+        if self.in_reasoning:
+            markers.append(self.config.end)
+        elif not self.opened and not self._saw_content:
+            # Only a tag that comes before any answer text opens reasoning ("Hi <think>" is content).
+            markers.append(self.config.start)
+        return markers
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        self._buffer += delta
+        reasoning: list[str] = []
+        content: list[str] = []
+        while True:
+            markers = self._markers()
+            hit = _earliest(self._buffer, markers)
+            if hit is None:
+                break
+            index, marker = hit
+            self._emit(self._buffer[:index], reasoning, content)
+            self._buffer = self._buffer[index + len(marker) :]
+            stray_start = marker == self.config.start and (self.in_reasoning or self.opened or self._saw_content)
+            stray_end = marker == self.config.end and not self.in_reasoning
+            if stray_start or stray_end:
+                if not self._drop_stray_tags:
+                    self._emit(marker, reasoning, content)  # e.g. answer text came first: the tag is just text
+            elif marker == self.config.end and self.in_reasoning:
+                self.in_reasoning, self.closed = False, True
+            elif marker == self.config.start and not self.in_reasoning and not self.opened:
+                self.in_reasoning = self.opened = True
+        keep = _longest_partial(self._buffer, self._markers())
+        self._emit(self._buffer[: len(self._buffer) - keep], reasoning, content)
+        self._buffer = self._buffer[len(self._buffer) - keep :]
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        """The text ended: a held-back partial tag was just text after all."""
+        reasoning: list[str] = []
+        content: list[str] = []
+        self._emit(self._buffer, reasoning, content)
+        self._buffer = ""
+        return "".join(reasoning), "".join(content)
+
+    def _emit(self, text: str, reasoning: list[str], content: list[str]) -> None:
+        if not text:
+            return
+        if self.in_reasoning:
+            reasoning.append(text)
+        else:
+            content.append(text)
+            self._saw_content = self._saw_content or bool(text.strip())
+
+
+def parse_reasoning(
+    text: str, config: ReasoningConfig, starts_in_reasoning: bool = False, drop: Sequence[str] = ()
+) -> tuple[str, str]:
+    """(reasoning_content, content) of a complete output text."""
+    parser = StreamingReasoningParser(config, starts_in_reasoning, drop)
+    r1, c1 = parser.feed(text)
+    r2, c2 = parser.finish()
+    return r1 + r2, c1 + c2
+
+
+def prompt_opens_reasoning(prompt_text: str | None, config: ReasoningConfig) -> bool:
+    """True when the rendered prompt ends inside an open thinking section (e.g. '...assistant\\n<think>\\n')."""
+    if not prompt_text:
+        return False
+    start = prompt_text.rfind(config.start)
+    if start < 0 or prompt_text.rfind(config.end) > start:
+        return False
+    # Only whitespace may follow the opening tag: a tag quoted earlier in a message does not count.
+    return not prompt_text[start + len(config.start) :].strip()
+
+
+class _TokenizerLike(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class ThinkingTokens:
+    """What SamplingParams needs to enforce a thinking budget for one tokenizer."""
+
+    start_token_id: int | None
+    end_token_ids: list[int] = field(default_factory=list)
+    end_tag_ids: list[int] = field(default_factory=list)
+
+
+def thinking_tokens(tokenizer: _TokenizerLike, config: ReasoningConfig) -> ThinkingTokens:
+    """Token ids of the start tag (when it is one token) and of the wrap-up message + end tag."""
+    start_id = tokenizer.token_to_id(config.start)
+    if start_id is None:
+        start_ids = tokenizer.encode(config.start, add_special_tokens=False)
+        start_id = start_ids[0] if len(start_ids) == 1 else None
+    end_tag_ids = tokenizer.encode(config.end, add_special_tokens=False)
+    wrap_ids = tokenizer.encode(config.wrap_up, add_special_tokens=False) if config.wrap_up else []
+    return ThinkingTokens(start_id, wrap_ids + end_tag_ids, end_tag_ids)
+
+
+def tokenizer_has_think_tokens(tokenizer: _TokenizerLike, config: ReasoningConfig) -> bool:
+    """Both tags are single tokens of the vocabulary: the model was trained to think with them."""
+    return tokenizer.token_to_id(config.start) is not None and tokenizer.token_to_id(config.end) is not None
+
+
+def count_reasoning_tokens(token_ids: Sequence[int], end_tag_ids: Sequence[int], starts_in_reasoning: bool,
+                           start_token_id: int | None) -> int:
+    """Tokens inside the thinking section (tags excluded), counted on ids so no re-tokenization is needed."""
+    ids = list(token_ids)
+    begin = 0
+    if not starts_in_reasoning:
+        if start_token_id is None or start_token_id not in ids:
+            return 0
+        begin = ids.index(start_token_id) + 1
+    n = len(end_tag_ids)
+    for i in range(begin, len(ids) - n + 1):
+        if n and ids[i : i + n] == list(end_tag_ids):
+            return i - begin
+    return len(ids) - begin
+
+
+def _earliest(text: str, markers: Sequence[str]) -> tuple[int, str] | None:
+    best: tuple[int, str] | None = None
+    for marker in markers:
+        index = text.find(marker)
+        if index >= 0 and (best is None or index < best[0] or (index == best[0] and len(marker) > len(best[1]))):
+            best = (index, marker)
+    return best
+
+
+def _longest_partial(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some marker."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,158 @@
+"""FastAPI app factory for the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.engine.reasoning import ReasoningConfig, tokenizer_has_think_tokens
+from tokenmill.server.errors import APIError, error_body, install_error_handlers
+from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.serving_chat import create_chat_completion
+from tokenmill.server.serving_common import ServerState, init_reasoning_tokens
+from tokenmill.server.serving_completions import create_completion
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+REASONING_PARSERS = ("auto", "think", "none")
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over max_bytes with 413 before any parsing (Content-Length or counted while reading)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send)
+            return
+        # Buffer the body (it is bounded by max_bytes) so a chunked upload is limited as well.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks = []
+                break  # disconnected while sending the body
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later reads wait for the disconnect, as streaming responses expect
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Send) -> None:
+        payload = json.dumps(error_body(f"request body is larger than the limit of {self.max_bytes} bytes",
+                                        "invalid_request_error", code="request_too_large")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def build_app(
+    async_engine: AsyncLLMEngine,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    default_thinking_budget: int | None = None,
+    reasoning_parser: str = "auto",
+    reasoning: ReasoningConfig | None = None,
+    drain_timeout_s: float = 10.0,
+) -> FastAPI:
+    """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
+    'none' never does, 'auto' does when the tokenizer has both tags as tokens."""
+    if reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {reasoning_parser!r}")
+    if default_thinking_budget is not None and default_thinking_budget < 0:
+        raise ValueError(f"thinking token budget must be >= 0, got {default_thinking_budget}")
+    config = reasoning or ReasoningConfig()
+    tokenizer = async_engine.tokenizer
+    enabled = reasoning_parser == "think" or (
+        reasoning_parser == "auto" and tokenizer is not None and tokenizer_has_think_tokens(tokenizer, config))
+    state = ServerState(
+        engine=async_engine,
+        model_name=served_model_name,
+        metrics=ServerMetrics(async_engine.stats, served_model_name),
+        reasoning=config,
+        reasoning_enabled=enabled,
+        default_thinking_budget=default_thinking_budget,
+    )
+    init_reasoning_tokens(state)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        # uvicorn has already waited (up to its graceful timeout) for open connections; abort what is left.
+        await async_engine.shutdown(drain_timeout_s)
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.tokenmill = state
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           param=None, code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await create_completion(state, body, request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await create_chat_completion(state, body, request)
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": served_model_name, "object": "model", "created": state.created, "owned_by": "tokenmill",
+            "max_model_len": async_engine.max_model_len,
+        }]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_running:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,114 @@
+"""Prometheus metrics, one CollectorRegistry per app (so tests can run several apps in one process).
+
+Engine gauges and cumulative counters are read from the AsyncLLMEngine's stats snapshot at scrape time;
+token counters and latency histograms are observed by the serving code as outputs arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tokenmill.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
+                    40.0, 80.0)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, int]], model: str) -> None:
+        self._stats = stats
+        self._model = model
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric([self._model], float(stats.get(key, 0)))
+            return family
+
+        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric([self._model], float(stats.get(key, 0)))
+            return family
+
+        yield gauge("tokenmill_num_requests_running", "Sequences being computed this step.", "num_running")
+        yield gauge("tokenmill_num_requests_waiting", "Sequences waiting to be scheduled.", "num_waiting")
+        yield gauge("tokenmill_kv_blocks_used", "KV blocks held by requests.", "kv_blocks_used")
+        yield gauge("tokenmill_kv_blocks_total", "KV blocks in the pool.", "kv_blocks_total")
+        yield counter("tokenmill_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
+                      "prefix_cache_queried_tokens")
+        yield counter("tokenmill_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
+                      "prefix_cache_hit_tokens")
+        yield counter("tokenmill_num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions")
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict[str, int]], model: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model = model
+        self.registry.register(_EngineCollector(stats, model))
+        labels = ["model_name"]
+        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens processed.", labels,
+                                     registry=self.registry).labels(model)
+        self.generation_tokens = Counter("tokenmill_generation_tokens", "Tokens generated.", labels,
+                                         registry=self.registry).labels(model)
+        self.requests = Counter("tokenmill_request_success", "Finished requests by finish reason.",
+                                ["model_name", "finish_reason"], registry=self.registry)
+        self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Time to the first generated token.",
+                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model)
+        self.itl = Histogram("tokenmill_inter_token_latency_seconds", "Time between outputs of a request.",
+                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model)
+        self.e2e = Histogram("tokenmill_e2e_request_latency_seconds", "Arrival to last token.",
+                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self) -> "RequestTracker":
+        return RequestTracker(self)
+
+
+class RequestTracker:
+    """Latency and token accounting for one engine request, fed its cumulative outputs."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.arrival = time.perf_counter()
+        self.last: float | None = None
+        self.num_tokens = 0
+        self.done = False
+
+    def observe(self, output: RequestOutput) -> None:
+        if self.done:
+            return
+        now = time.perf_counter()
+        total = sum(len(c.token_ids) for c in output.outputs)
+        if total > self.num_tokens:
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.arrival)
+                self.metrics.prompt_tokens.inc(len(output.prompt_token_ids))
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.metrics.generation_tokens.inc(total - self.num_tokens)
+            self.num_tokens, self.last = total, now
+        if output.finished:
+            self.done = True
+            self.metrics.e2e.observe(now - self.arrival)
+            for completion in output.outputs:
+                self.metrics.requests.labels(self.metrics.model, completion.finish_reason or "abort").inc()
+
+    def abandon(self) -> None:
+        """The client left (or the server stopped) before the request finished: count it as aborted."""
+        if not self.done:
+            self.done = True
+            self.metrics.requests.labels(self.metrics.model, "abort").inc()

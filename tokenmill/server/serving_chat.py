@@ -1,0 +1,174 @@
+"""POST /v1/chat/completions: render the chat template, generate, split reasoning from the answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.reasoning import StreamingReasoningParser, count_reasoning_tokens, prompt_opens_reasoning
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.server.errors import stream_error_event
+from tokenmill.server.metrics import RequestTracker
+from tokenmill.server.protocol import ChatCompletionRequest, sampling_params
+from tokenmill.server.serving_common import (
+    SSE_DONE,
+    ServerState,
+    add_all,
+    chat_logprobs,
+    check_prompt_length,
+    merge_streams,
+    new_id,
+    run_until_done,
+    sse,
+    usage,
+)
+
+
+class _ChatPlan:
+    """Per-request decisions shared by the streaming and non-streaming paths."""
+
+    def __init__(self, state: ServerState, body: ChatCompletionRequest, prompt_text: str) -> None:
+        self.state = state
+        self.use_parser = state.reasoning_enabled
+        self.starts_in_reasoning = prompt_opens_reasoning(prompt_text, state.reasoning)
+        # Special-token tags vanish from decoded text; keep special tokens and let the parser drop the others.
+        self.keep_specials = self.use_parser and state.tags_are_skipped_specials and body.skip_special_tokens
+        self.num_logprobs = body.num_logprobs()
+
+    def parser(self) -> StreamingReasoningParser:
+        drop = self.state.other_specials if self.keep_specials else []
+        return StreamingReasoningParser(self.state.reasoning, self.starts_in_reasoning, drop)
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        if not self.use_parser:
+            return None, text
+        parser = self.parser()
+        r1, c1 = parser.feed(text)
+        r2, c2 = parser.finish()
+        return r1 + r2, c1 + c2
+
+    def reasoning_tokens(self, completion: CompletionOutput) -> int:
+        thinking = self.state.thinking
+        if thinking is None:
+            return 0
+        return count_reasoning_tokens(completion.token_ids, thinking.end_tag_ids, self.starts_in_reasoning,
+                                      thinking.start_token_id)
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
+    state.check_model(body.model)
+    body.check_unsupported()
+    tokenizer = state.tokenizer
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {})
+    )
+    # The template already carries BOS and friends; encoding must not add them twice.
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    check_prompt_length(len(ids), state.engine.max_model_len, "messages")
+    plan = _ChatPlan(state, body, text)
+    params = sampling_params(
+        body, max_tokens=body.requested_max_tokens(), prompt_len=len(ids), max_model_len=state.engine.max_model_len,
+        logprobs=plan.num_logprobs, skip_special_tokens=False if plan.keep_specials else None,
+        thinking=state.thinking_params(body.thinking_token_budget, text),
+    )
+    request_id = new_id("chatcmpl")
+    streams = await add_all(state, request_id, [{"prompt": text, "prompt_token_ids": ids}], [params])
+    trackers = [state.metrics.tracker()]
+    if body.stream:
+        return StreamingResponse(_stream(state, body, plan, request_id, streams, trackers),
+                                 media_type="text/event-stream")
+    finals = await run_until_done(request, streams, trackers)
+    return JSONResponse(_response(state, plan, request_id, finals[0]))
+
+
+def _response(state: ServerState, plan: _ChatPlan, request_id: str, output: RequestOutput) -> dict[str, Any]:
+    choices = []
+    completion_tokens = reasoning_tokens = 0
+    for completion in output.outputs:
+        completion_tokens += len(completion.token_ids)
+        reasoning, content = plan.split(completion.text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if plan.use_parser:
+            message["reasoning_content"] = reasoning or None
+            reasoning_tokens += plan.reasoning_tokens(completion)
+        logprobs = None
+        if plan.num_logprobs is not None:
+            logprobs = {"content": chat_logprobs(completion.token_ids, completion.logprobs or [], plan.num_logprobs)}
+        choices.append({"index": completion.index, "message": message, "logprobs": logprobs,
+                        "finish_reason": completion.finish_reason})
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": state.created,
+        "model": state.model_name,
+        "choices": choices,
+        "usage": usage(len(output.prompt_token_ids), completion_tokens, output.num_cached_tokens,
+                       reasoning_tokens if plan.use_parser else None),
+    }
+
+
+async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPlan, request_id: str,
+                  streams: list[RequestStream], trackers: list[RequestTracker]) -> AsyncIterator[str]:
+    parsers = [plan.parser() for _ in range(body.n)]
+    sent_text = [0] * body.n
+    sent_tokens = [0] * body.n
+    done = [False] * body.n
+    final: RequestOutput | None = None
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+        return sse({"id": request_id, "object": "chat.completion.chunk", "created": state.created,
+                    "model": state.model_name,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+    try:
+        for index in range(body.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for _, output in merge_streams(streams):
+            trackers[0].observe(output)
+            final = output
+            for completion in output.outputs:
+                index = completion.index
+                if done[index]:
+                    continue
+                delta_text = completion.text[sent_text[index]:]
+                new_ids = completion.token_ids[sent_tokens[index]:]
+                entries = list(completion.logprobs or [])[sent_tokens[index]:]
+                sent_text[index], sent_tokens[index] = len(completion.text), len(completion.token_ids)
+                if plan.use_parser:
+                    reasoning, content = parsers[index].feed(delta_text)
+                    if completion.finished:
+                        r_rest, c_rest = parsers[index].finish()
+                        reasoning, content = reasoning + r_rest, content + c_rest
+                else:
+                    reasoning, content = "", delta_text
+                delta: dict[str, Any] = {}
+                if reasoning:
+                    delta["reasoning_content"] = reasoning
+                if content:
+                    delta["content"] = content
+                logprobs = None
+                if plan.num_logprobs is not None and new_ids:
+                    logprobs = {"content": chat_logprobs(new_ids, entries, plan.num_logprobs)}
+                done[index] = completion.finished
+                if delta or logprobs or completion.finished:
+                    yield chunk(index, delta, logprobs, completion.finish_reason)
+        if body.include_usage and final is not None:
+            completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+            reasoning_tokens = sum(plan.reasoning_tokens(c) for c in final.outputs) if plan.use_parser else None
+            yield sse({"id": request_id, "object": "chat.completion.chunk", "created": state.created,
+                       "model": state.model_name, "choices": [],
+                       "usage": usage(len(final.prompt_token_ids), completion_tokens, final.num_cached_tokens,
+                                      reasoning_tokens)})
+    except Exception as exc:  # after the 200 went out, errors travel as an SSE event
+        yield stream_error_event(exc)
+    finally:
+        for stream in streams:
+            stream.abort()
+        for tracker in trackers:
+            tracker.abandon()
+    yield SSE_DONE

@@ -1,0 +1,248 @@
+"""What completions and chat share: server state, thinking-budget params, request lifecycle, SSE, logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
+from tokenmill.engine.reasoning import (
+    ReasoningConfig,
+    ThinkingTokens,
+    prompt_opens_reasoning,
+    thinking_tokens,
+)
+from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import LogprobsDict, RequestOutput
+from tokenmill.server.errors import APIError
+from tokenmill.server.metrics import RequestTracker, ServerMetrics
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLMEngine
+    model_name: str
+    metrics: ServerMetrics
+    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
+    reasoning_enabled: bool = False  # split <think> into reasoning_content in chat responses
+    default_thinking_budget: int | None = None
+    # Derived from the tokenizer once, at startup.
+    thinking: ThinkingTokens | None = None
+    tags_are_skipped_specials: bool = False  # the tags vanish from text unless special tokens are kept
+    other_specials: list[str] = field(default_factory=list)  # then removed by the parser instead
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise APIError(400, "this checkpoint has no tokenizer; send prompts as token ids", param="prompt")
+        return tokenizer
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           type_="not_found_error", param="model", code="model_not_found")
+
+    def thinking_params(self, budget: int | None, prompt_text: str | None) -> dict[str, Any]:
+        """SamplingParams fields for a hard thinking budget (empty when the request has none)."""
+        budget = self.default_thinking_budget if budget is None else budget
+        if budget is None:
+            return {}
+        if self.thinking is None or not self.thinking.end_token_ids:
+            raise InvalidRequestError("thinking_token_budget", "this model's tokenizer cannot encode the end tag "
+                                      f"{self.reasoning.end!r}")
+        return {
+            "thinking_token_budget": budget,
+            "thinking_start_token_id": self.thinking.start_token_id,
+            "thinking_end_token_ids": list(self.thinking.end_token_ids),
+            "starts_in_thinking": prompt_opens_reasoning(prompt_text, self.reasoning),
+        }
+
+
+def init_reasoning_tokens(state: ServerState) -> None:
+    """Precompute tag token ids and which special-token strings the parser must drop."""
+    tokenizer = state.engine.tokenizer
+    if tokenizer is None:
+        return
+    state.thinking = thinking_tokens(tokenizer, state.reasoning)
+    tag_ids = [tokenizer.token_to_id(state.reasoning.start), tokenizer.token_to_id(state.reasoning.end)]
+    state.tags_are_skipped_specials = any(i is not None and tokenizer.is_skipped_special(i) for i in tag_ids)
+    if state.tags_are_skipped_specials:
+        specials = [i for i in range(tokenizer.vocab_size) if tokenizer.is_skipped_special(i) and i not in tag_ids]
+        state.other_specials = [tokenizer.decode([i], skip_special_tokens=False) for i in specials]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they arrive, as (prompt index, output)."""
+    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+async def run_until_done(request: Request, streams: list[RequestStream],
+                         trackers: list[RequestTracker]) -> list[RequestOutput]:
+    """Collect every stream's final output; a client that disconnects meanwhile aborts them all."""
+
+    async def collect() -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        async for index, output in merge_streams(streams):
+            trackers[index].observe(output)
+            if output.finished:
+                finals[index] = output
+        return [f for f in finals if f is not None]
+
+    task = asyncio.create_task(collect())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+        for tracker in trackers:
+            tracker.abandon()
+
+
+async def add_all(state: ServerState, base_id: str, prompts: list[dict[str, Any]],
+                  params: list[Any]) -> list[RequestStream]:
+    """Add one engine request per prompt; if any is refused, abort the ones already added."""
+    streams: list[RequestStream] = []
+    try:
+        for index, (prompt, sampling) in enumerate(zip(prompts, params)):
+            streams.append(await state.engine.add_request(f"{base_id}-{index}", prompt, sampling))
+    except BaseException:
+        for stream in streams:
+            stream.abort()
+        raise
+    return streams
+
+
+def check_prompt_length(num_tokens: int, max_model_len: int, field_name: str) -> None:
+    if num_tokens >= max_model_len:
+        raise InvalidRequestError(
+            field_name,
+            f"the prompt has {num_tokens} tokens, but this model's context (max_model_len) is {max_model_len} "
+            "tokens: the prompt plus at least one generated token must fit",
+        )
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+    if reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return body
+
+
+# ---- logprobs ------------------------------------------------------------------------------------------
+
+def _token_text(entry: LogprobsDict, token_id: int) -> str:
+    lp = entry.get(token_id)
+    return (lp.decoded_token if lp is not None and lp.decoded_token is not None else "") or ""
+
+
+def _top(entry: LogprobsDict, num: int) -> list[tuple[int, Any]]:
+    ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
+    return [(tid, lp) for tid, lp in ranked if lp.rank <= num][:num]
+
+
+def chat_logprobs(token_ids: list[int], entries: list[LogprobsDict], num: int) -> list[dict[str, Any]]:
+    """OpenAI chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id)
+        text = _token_text(entry, token_id)
+        content.append({
+            "token": text,
+            "logprob": max(chosen.logprob, -9999.0) if chosen is not None else -9999.0,
+            "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [
+                {"token": lp.decoded_token or "", "logprob": max(lp.logprob, -9999.0),
+                 "bytes": list((lp.decoded_token or "").encode("utf-8"))}
+                for _, lp in _top(entry, num)
+            ],
+        })
+    return content
+
+
+def completion_logprobs(token_ids: list[int], entries: list[LogprobsDict | None], num: int,
+                        text_offset: int = 0, decode: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """OpenAI completions shape: {tokens, token_logprobs, top_logprobs, text_offset}; a None entry (the first
+    prompt token of an echo has no logprob) keeps a None logprob and its text comes from `decode`."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    top: dict[str, float] | None
+    offsets: list[int] = []
+    offset = text_offset
+    for token_id, entry in zip(token_ids, entries):
+        if entry is None:
+            text, value, top = (decode(token_id) if decode else ""), None, None
+        else:
+            chosen = entry.get(token_id)
+            text = _token_text(entry, token_id)
+            value = max(chosen.logprob, -9999.0) if chosen is not None else None
+            top = {}
+            for _, lp in _top(entry, num):  # tokens that decode alike (e.g. partial UTF-8): keep the likeliest
+                top.setdefault(lp.decoded_token or "", max(lp.logprob, -9999.0))
+        tokens.append(text)
+        token_logprobs.append(value)
+        top_logprobs.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}

@@ -1,0 +1,158 @@
+"""POST /v1/completions: one engine request per prompt, choices indexed prompt_index * n + sample_index."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.errors import stream_error_event
+from tokenmill.server.metrics import RequestTracker
+from tokenmill.server.protocol import CompletionRequest, sampling_params
+from tokenmill.server.serving_common import (
+    SSE_DONE,
+    ServerState,
+    add_all,
+    check_prompt_length,
+    completion_logprobs,
+    merge_streams,
+    new_id,
+    run_until_done,
+    sse,
+    usage,
+)
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Any:
+    state.check_model(body.model)
+    body.check_unsupported()
+    engine = state.engine
+    prompts: list[dict[str, Any]] = []
+    params: list[SamplingParams] = []
+    for raw in body.prompts():
+        if isinstance(raw, str):
+            text: str | None = raw
+            ids = state.tokenizer.encode(raw)
+        else:
+            text, ids = None, list(raw)
+        if not ids:
+            raise InvalidRequestError("prompt", "must contain at least one token")
+        check_prompt_length(len(ids), engine.max_model_len, "prompt")
+        echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        params.append(sampling_params(
+            body, max_tokens=body.max_tokens, prompt_len=len(ids), max_model_len=engine.max_model_len,
+            logprobs=body.logprobs, prompt_logprobs=echo_logprobs,
+            thinking=state.thinking_params(body.thinking_token_budget, text),
+        ))
+        prompts.append({"prompt": text, "prompt_token_ids": ids})
+    request_id = new_id("cmpl")
+    streams = await add_all(state, request_id, prompts, params)
+    trackers = [state.metrics.tracker() for _ in streams]
+    if body.stream:
+        return StreamingResponse(_stream(state, body, request_id, streams, trackers), media_type="text/event-stream")
+    finals = await run_until_done(request, streams, trackers)
+    return JSONResponse(_response(state, body, request_id, finals))
+
+
+def _echo_text(state: ServerState, output: RequestOutput) -> str:
+    if output.prompt is not None:
+        return output.prompt
+    return state.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False) if state.engine.tokenizer else ""
+
+
+def _decode_one(state: ServerState) -> Any:
+    tokenizer = state.engine.tokenizer
+    return (lambda i: tokenizer.decode([i], skip_special_tokens=False)) if tokenizer is not None else None
+
+
+def _response(state: ServerState, body: CompletionRequest, request_id: str,
+              finals: list[RequestOutput]) -> dict[str, Any]:
+    choices = []
+    prompt_tokens = completion_tokens = cached = 0
+    for prompt_index, output in enumerate(finals):
+        prompt_tokens += len(output.prompt_token_ids)
+        cached += output.num_cached_tokens
+        echo = _echo_text(state, output) if body.echo else ""
+        for completion in output.outputs:
+            completion_tokens += len(completion.token_ids)
+            logprobs = None
+            if body.logprobs is not None:
+                ids, entries = list(completion.token_ids), list(completion.logprobs or [])
+                if body.echo:
+                    prompt_entries = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids))
+                    ids, entries = list(output.prompt_token_ids) + ids, prompt_entries + entries
+                logprobs = completion_logprobs(ids, entries, body.logprobs, decode=_decode_one(state))
+            choices.append({
+                "index": prompt_index * body.n + completion.index,
+                "text": echo + completion.text,
+                "logprobs": logprobs,
+                "finish_reason": completion.finish_reason,
+            })
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": state.created,
+        "model": state.model_name,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens, cached),
+    }
+
+
+async def _stream(state: ServerState, body: CompletionRequest, request_id: str, streams: list[RequestStream],
+                  trackers: list[RequestTracker]) -> AsyncIterator[str]:
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    done: set[int] = set()
+    prompt_tokens: dict[int, int] = {}
+    completion_tokens: dict[int, int] = {}
+    cached: dict[int, int] = {}
+
+    def chunk(choices: list[dict[str, Any]]) -> str:
+        return sse({"id": request_id, "object": "text_completion", "created": state.created,
+                    "model": state.model_name, "choices": choices})
+
+    try:
+        async for prompt_index, output in merge_streams(streams):
+            trackers[prompt_index].observe(output)
+            prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+            cached[prompt_index] = output.num_cached_tokens
+            for completion in output.outputs:
+                index = prompt_index * body.n + completion.index
+                if index in done:
+                    continue
+                text = completion.text[sent_text.get(index, 0):]
+                new_ids = completion.token_ids[sent_tokens.get(index, 0):]
+                if index not in sent_text and body.echo:
+                    text = _echo_text(state, output) + text
+                if not text and not new_ids and not completion.finished:
+                    continue
+                logprobs = None
+                if body.logprobs is not None:
+                    start = sent_tokens.get(index, 0)
+                    entries = list(completion.logprobs or [])[start:]
+                    logprobs = completion_logprobs(new_ids, entries, body.logprobs, decode=_decode_one(state))
+                sent_text[index] = len(completion.text)
+                sent_tokens[index] = len(completion.token_ids)
+                completion_tokens[index] = len(completion.token_ids)
+                if completion.finished:
+                    done.add(index)
+                yield chunk([{"index": index, "text": text, "logprobs": logprobs,
+                              "finish_reason": completion.finish_reason}])
+        if body.include_usage:
+            total = usage(sum(prompt_tokens.values()), sum(completion_tokens.values()), sum(cached.values()))
+            yield sse({"id": request_id, "object": "text_completion", "created": state.created,
+                       "model": state.model_name, "choices": [], "usage": total})
+    except Exception as exc:  # after the 200 went out, errors travel as an SSE event
+        yield stream_error_event(exc)
+    finally:
+        for stream in streams:
+            stream.abort()
+        for tracker in trackers:
+            tracker.abandon()
+    yield SSE_DONE
