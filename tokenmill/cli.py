@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -16,7 +17,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV pool size when --num-kv-blocks is unset")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="cap on requests running at once")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
 
 
@@ -44,7 +48,10 @@ def _make_llm(args: argparse.Namespace):  # -> LLM; imported late so `--help` is
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
         enable_prefix_caching=not args.no_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
         show_progress=True,
     )
@@ -147,6 +154,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # requests, then cancels them (which aborts them in the engine) and runs the app's shutdown hook.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(args.drain_timeout, 0.0))
+    # After its graceful shutdown uvicorn re-raises the signal it caught; for SIGTERM that re-raise
+    # lands here and ends the process with status 0 instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.Server(config).run()
 
 
