@@ -82,3 +82,23 @@ def make_checkpoint(
         model.save_pretrained(out, safe_serialization=True)
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": [eos]}))
     return out
+
+
+def make_perturbed_copy(src: str | Path, out_dir: str | Path, *, relative_noise: float, seed: int = 0) -> Path:
+    """A copy of a checkpoint with every weight jittered: a draft that agrees with the target only often."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(src / "model.safetensors")
+    for name, tensor in tensors.items():
+        noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+        tensors[name] = tensor + relative_noise * tensor.std().clamp_min(1e-3) * noise
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -8,6 +8,7 @@ import sys
 import time
 
 from tokenmill.errors import TokenmillError
+from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="cap on requests running at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+    add_spec_args(parser)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +43,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def _make_llm(args: argparse.Namespace):  # -> LLM; imported late so `--help` is instant
     from tokenmill.llm import LLM
 
+    spec = spec_config_from_args(args)
     return LLM(
         model=args.model,
         dtype=args.dtype,
@@ -54,6 +57,11 @@ def _make_llm(args: argparse.Namespace):  # -> LLM; imported late so `--help` is
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
         show_progress=True,
+        speculative_method=spec.method,
+        num_speculative_tokens=spec.num_speculative_tokens,
+        draft_model=spec.draft_model,
+        speculative_adaptive=spec.adaptive,
+        draft_confidence_threshold=spec.draft_confidence_threshold,
     )
 
 

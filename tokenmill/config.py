@@ -23,6 +23,44 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
 
 
+SPEC_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding: off unless `method` is set."""
+
+    method: str | None = None  # "ngram" (prompt lookup) or "draft" (a separate small model)
+    num_speculative_tokens: int = 4  # the most drafts per request per step
+    draft_model: str | None = None  # checkpoint folder of the draft model (method "draft")
+    ngram_min: int = 1
+    ngram_max: int = 4
+    # Adaptive length: per request from recent acceptance, per batch from step times measured at start.
+    adaptive: bool = True
+    # A draft-model token whose top probability is below this ends the request's drafting for the step.
+    draft_confidence_threshold: float = 0.1
+
+    def validate(self) -> None:
+        if self.method is None:
+            return
+        if self.method not in SPEC_METHODS:
+            raise InvalidRequestError(
+                "speculative_method", f"must be one of {', '.join(SPEC_METHODS)} (or None), got {self.method!r}"
+            )
+        _positive("num_speculative_tokens", self.num_speculative_tokens)
+        if self.num_speculative_tokens > 16:
+            raise InvalidRequestError("num_speculative_tokens", f"must be at most 16, got {self.num_speculative_tokens}")
+        if self.method == "draft" and not self.draft_model:
+            raise InvalidRequestError("draft_model", "speculative_method 'draft' needs a draft_model checkpoint")
+        _positive("ngram_min", self.ngram_min)
+        if self.ngram_max < self.ngram_min:
+            raise InvalidRequestError("ngram_max", f"must be >= ngram_min ({self.ngram_min}), got {self.ngram_max}")
+        if not 0.0 <= self.draft_confidence_threshold < 1.0:
+            raise InvalidRequestError(
+                "draft_confidence_threshold", f"must be in [0, 1), got {self.draft_confidence_threshold}"
+            )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
@@ -33,8 +71,10 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    spec: SpecConfig = SpecConfig()
 
     def __post_init__(self) -> None:
+        self.spec.validate()
         if self.dtype not in DTYPES:
             raise InvalidRequestError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("auto", "random"):

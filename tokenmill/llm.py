@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 from tokenmill.engine.engine import LLMEngine, PromptInput
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
@@ -32,6 +32,11 @@ class LLM:
         load_format: str = "auto",
         kv_cache_memory_gb: float = 2.0,
         show_progress: bool = False,
+        speculative_method: str | None = None,
+        num_speculative_tokens: int = 4,
+        draft_model: str | None = None,
+        speculative_adaptive: bool = True,
+        draft_confidence_threshold: float = 0.1,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -47,6 +52,13 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            spec=SpecConfig(
+                method=speculative_method,
+                num_speculative_tokens=num_speculative_tokens,
+                draft_model=draft_model,
+                adaptive=speculative_adaptive,
+                draft_confidence_threshold=draft_confidence_threshold,
+            ),
         )
         self.engine = LLMEngine(config, show_progress=show_progress)
         self._ids = itertools.count()

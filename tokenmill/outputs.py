@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Per generated token: {token_id: Logprob}, holding the chosen token and the top-N.
 LogprobsDict = dict[int, "Logprob"]
@@ -24,6 +25,9 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[LogprobsDict] | None = None
     cumulative_logprob: float | None = None
+    # Speculative decoding of this sample: acceptance_rate, mean_accepted_length, per_position_acceptance,
+    # and the counts behind them (None when speculation is off).
+    spec_decoding: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:

@@ -29,6 +29,11 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
     return pages[0, :seq_len], pages[1, :seq_len]
 
 
+# Sequences with at most this many new queries (decodes, draft verification) are attended in one padded
+# batch; longer ones (prefill chunks) one at a time, where padding would waste more than the loop costs.
+BATCHED_MAX_QUERY_LEN = 16
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -37,26 +42,76 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries [num_tokens, num_heads, head_dim] over its cache."""
-    num_heads = query.shape[1]
-    num_kv_heads = kv_cache.shape[-2]
     out = torch.empty_like(query)
     starts = metadata.query_start_loc_host
+    short: list[int] = []
     for i, seq_len in enumerate(metadata.seq_lens_host):
-        q_begin, q_end = starts[i], starts[i + 1]
-        query_len = q_end - q_begin
+        query_len = starts[i + 1] - starts[i]
         if query_len == 0:
             continue
+        if query_len <= BATCHED_MAX_QUERY_LEN:
+            short.append(i)
+            continue
         key, value = gather_kv(kv_cache, metadata.block_tables[i], seq_len)
-        q = query[q_begin:q_end].transpose(0, 1)  # [H, q, d]
-        k = key.transpose(0, 1).to(q.dtype)
-        v = value.transpose(0, 1).to(q.dtype)
-        if num_heads != num_kv_heads:
-            k = k.repeat_interleave(num_heads // num_kv_heads, dim=0)
-            v = v.repeat_interleave(num_heads // num_kv_heads, dim=0)
-        q_pos = torch.arange(seq_len - query_len, seq_len, device=query.device)[:, None]
-        k_pos = torch.arange(seq_len, device=query.device)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
-        out[q_begin:q_end] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+        q = query[starts[i] : starts[i + 1]].transpose(0, 1)  # [H, q, d]
+        mask = _causal_mask(torch.tensor([seq_len]), query_len, seq_len, sliding_window, query.device)[0]
+        attended = _attend(q, key.transpose(0, 1), value.transpose(0, 1), mask, scale)
+        out[starts[i] : starts[i + 1]] = attended.transpose(0, 1)
+    if short:
+        _attend_short_batched(query, kv_cache, metadata, scale, sliding_window, short, out)
     return out
+
+
+def _attend_short_batched(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    seqs: list[int],
+    out: torch.Tensor,
+) -> None:
+    """Attention of many short-query sequences at once, each padded to the longest context among them."""
+    device, starts = query.device, metadata.query_start_loc_host
+    seq_lens = [metadata.seq_lens_host[i] for i in seqs]
+    query_lens = [starts[i + 1] - starts[i] for i in seqs]
+    max_len, max_q = max(seq_lens), max(query_lens)
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-max_len // block_size)
+    tables = metadata.block_tables[seqs, :num_blocks].long()  # [S, n]
+    pages = kv_cache[:, tables]  # [2, S, n, block_size, kvh, d]
+    pages = pages.reshape(2, len(seqs), num_blocks * block_size, kv_cache.shape[-2], kv_cache.shape[-1])
+    key = pages[0, :, :max_len].transpose(1, 2)  # [S, kvh, L, d]
+    value = pages[1, :, :max_len].transpose(1, 2)
+    # Queries right-aligned per sequence: padded row r of sequence s is its query max_q - q_len(s) + r.
+    rows = torch.tensor(
+        [[starts[i + 1] - max_q + r for r in range(max_q)] for i in seqs], device=device
+    ).clamp_min(0)
+    q = query[rows].transpose(1, 2)  # [S, H, max_q, d]
+    mask = _causal_mask(torch.tensor(seq_lens), max_q, max_len, sliding_window, device)  # [S, max_q, L]
+    attended = _attend(q, key, value, mask[:, None], scale).transpose(1, 2)  # [S, max_q, H, d]
+    for j, i in enumerate(seqs):
+        out[starts[i] : starts[i + 1]] = attended[j, max_q - query_lens[j] :]
+
+
+def _causal_mask(
+    seq_lens: torch.Tensor, num_queries: int, max_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[S, num_queries, max_len]: the last num_queries positions of each sequence see their past."""
+    seq_lens = seq_lens.to(device)[:, None, None]
+    q_pos = seq_lens - num_queries + torch.arange(num_queries, device=device)[None, :, None]
+    k_pos = torch.arange(max_len, device=device)[None, None, :]
+    mask = (k_pos <= q_pos) & (k_pos < seq_lens)
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads ([..., H, q, d] queries, [..., kvh, L, d] keys)."""
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    groups = q.shape[-3] // k.shape[-3]
+    if groups != 1:
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args, spec_rows
+
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="latency / throughput benchmarks (see BENCHMARKS.md)")
@@ -37,6 +39,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--peer", choices=["none", "transformers"], default="none",
                        help="also time transformers generate on the same model (latency)")
+    add_spec_args(bench)
     bench.add_argument("--json", dest="json_path", default=None, help="write the full result here")
     bench.set_defaults(func=cmd_bench)
 
@@ -69,6 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 scheduler=SchedulerConfig(
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
                 ),
+                spec=spec_config_from_args(args),
             ),
             show_progress=True,
         )
@@ -81,6 +85,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
                   "startup_s": startup_s, "result": asdict(result)}
         rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}")]
         rows += as_rows(result)
+        stats = engine.stats()
+        rows += spec_rows(stats)
+        report["spec_decoding"] = {k: v for k, v in stats.items() if k.startswith("spec_")}
         if args.peer == "transformers" and args.recipe == "latency":
             peer = time_transformers_generate(model_path, load_format, engine.dtype, engine.device,
                                               args.input_len, args.output_len, args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -51,6 +52,9 @@ class Request:
         # Sibling of a parallel-sampling group whose prompt must be computed first, so this one can
         # reuse its blocks through the prefix cache instead of recomputing them.
         self.wait_for = wait_for
+        # Draft tokens proposed for the next step; the target verifies them as ordinary tokens of it.
+        self.spec_token_ids: list[int] = []
+        self.spec_stats = SpecDecodeStats()
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +71,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_decoding(self) -> bool:
+        """All known tokens but the last are computed: the next step decodes (and may verify drafts)."""
+        return self.num_tokens - self.num_computed_tokens == 1
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

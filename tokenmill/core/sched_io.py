@@ -36,8 +36,10 @@ class ScheduledChunk:
     start_pos: int
     block_table: list[int]
     sample: bool
-    output_token_ids: list[int] = field(default_factory=list)
     want_prompt_logprobs: bool = False
+    # The last num_spec_tokens of token_ids are draft tokens to verify; the worker then returns the
+    # accepted drafts plus one token from the target.
+    num_spec_tokens: int = 0
 
 
 @dataclass
@@ -45,6 +47,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     new_requests: list[NewRequestData] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)
+    # Requests recomputed after a preemption (their blocks changed): per-request worker caches reset.
+    resumed_req_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -69,3 +73,5 @@ class ModelRunnerOutput:
     # For chunks with want_prompt_logprobs: one entry per position whose *next* token is in the chunk
     # or later prompt, i.e. logprobs of prompt tokens start_pos+1 .. start_pos+len (capped by prompt).
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # Draft tokens proposed for each request's next step (the scheduler trims them to what may follow).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
+from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.core.stop_checker import check_stop
 
 
@@ -23,6 +24,8 @@ class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    # KV slots reserved past a decoding request's tokens, for a draft model writing its drafts' KV.
+    num_lookahead_tokens: int = 0
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Scheduler:
         self.num_preemptions = 0
         self._announced: set[str] = set()
         self._finished_since_last_step: list[str] = []
+        self._resumed: list[str] = []
+        self.spec_stats = SpecDecodeStats()
 
     # ---- queue management -------------------------------------------------------------------
 
@@ -97,15 +102,18 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            num_known = request.num_tokens - request.num_computed_tokens
+            # Drafts ride along with a decode, inside the budget; a short budget trims them.
+            num_new = min(num_known + len(request.spec_token_ids), budget)
+            lookahead = self.limits.num_lookahead_tokens if num_new >= num_known else 0
+            while not self.kv.allocate_slots(request, num_new, num_lookahead_tokens=lookahead):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
             else:
-                chunks.append(self._chunk(request, num_new))
+                chunks.append(self._chunk(request, num_new, num_spec=max(num_new - num_known, 0)))
                 budget -= num_new
                 index += 1
                 continue
@@ -123,7 +131,10 @@ class Scheduler:
                     NewRequestData(request.request_id, list(request.prompt_token_ids), request.sampling_params)
                 )
         finished, self._finished_since_last_step = self._finished_since_last_step, []
-        return SchedulerOutput(chunks=chunks, new_requests=new_requests, finished_req_ids=finished)
+        resumed, self._resumed = self._resumed, []
+        return SchedulerOutput(
+            chunks=chunks, new_requests=new_requests, finished_req_ids=finished, resumed_req_ids=resumed
+        )
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         held_back: list[Request] = []
@@ -134,9 +145,13 @@ class Scheduler:
                 continue
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
-            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+            completes = num_new == request.num_tokens - num_hit  # it samples, and may draft, this step
+            lookahead = self.limits.num_lookahead_tokens if completes else 0
+            if not self.kv.allocate_slots(request, num_new, computed_blocks, num_lookahead_tokens=lookahead):
                 break
             self.waiting.popleft()
+            if request.status == RequestStatus.PREEMPTED:
+                self._resumed.append(request.request_id)
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
@@ -151,20 +166,23 @@ class Scheduler:
         sibling = self.requests.get(sibling_id)
         return sibling is None or sibling.num_computed_tokens >= sibling.num_prompt_tokens
 
-    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+    def _chunk(self, request: Request, num_new: int, num_spec: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens
+        num_known = num_new - num_spec
         return ScheduledChunk(
             req_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.all_token_ids[start : start + num_known] + request.spec_token_ids[:num_spec],
             start_pos=start,
             block_table=self.kv.block_ids(request.request_id),
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_known == request.num_tokens,
+            num_spec_tokens=num_spec,
             want_prompt_logprobs=request.sampling_params.prompt_logprobs is not None
             and start < request.num_prompt_tokens,
         )
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -180,16 +198,44 @@ class Scheduler:
             request = self.requests.get(chunk.req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished or preempted while the step ran
-            request.num_computed_tokens += len(chunk.token_ids)
-            self.kv.cache_full_blocks(request)
+            # Rejected drafts roll back: only the accepted ones count as computed, so their KV slots
+            # are overwritten later and never enter the prefix cache.
+            num_spec = chunk.num_spec_tokens
+            num_accepted = min(max(len(sampled) - 1, 0), num_spec)
+            request.num_computed_tokens += len(chunk.token_ids) - num_spec + num_accepted
+            request.spec_token_ids = []
+            if num_spec:
+                request.spec_stats.record(num_spec, num_accepted)
+                self.spec_stats.record(num_spec, num_accepted)
             new_tokens: list[int] = []
+            status = None
             for token_id in sampled:
                 request.append_output_token(token_id)
                 new_tokens.append(token_id)
                 status = check_stop(request, self.limits.max_model_len)
                 if status is not None:
-                    self.running.remove(request)
-                    self._finish(request, status)
                     break
+            # A stop inside the accepted drafts drops the drafts after it.
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
+            # After appending: accepted drafts are computed tokens that only now have ids to hash.
+            self.kv.cache_full_blocks(request)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            else:
+                request.spec_token_ids = self._trim_drafts(request, runner_output.spec_token_ids.get(request.request_id))
             updates.append(StepUpdate(request, new_tokens))
         return updates
+
+    def spec_stats_dict(self) -> dict[str, float | int | list[float]]:
+        return {f"spec_{k}": v for k, v in self.spec_stats.as_dict().items()}
+
+    def _trim_drafts(self, request: Request, drafts: list[int] | None) -> list[int]:
+        """Drafts beyond what the request may still emit are wasted work: the target always adds one."""
+        if not drafts:
+            return []
+        room = self.limits.max_model_len - request.num_tokens - 1
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens - 1)
+        return list(drafts[: max(room, 0)])

@@ -20,6 +20,7 @@ from tokenmill.models.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.platform import resolve_device
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.factory import build_proposer, build_speculator, load_draft_model
 from tokenmill.worker.kv_cache_alloc import check_pool_holds_context, num_blocks_for_budget
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -47,17 +48,36 @@ class LLMEngine:
                 f"({self.arch.max_position_embeddings})",
             )
         block_size = config.cache.block_size
-        layers = self.model.attention_layers()
+        draft_model = None
+        if config.spec.method == "draft":
+            draft_model = load_draft_model(config, self.device, self.arch.vocab_size)
+        # A draft model keeps its KV in the same block ids, so each block costs both models' bytes.
+        layers = self.model.attention_layers() + (draft_model.attention_layers() if draft_model else [])
         num_blocks = config.cache.num_kv_blocks or num_blocks_for_budget(
             layers, block_size, self.dtype, config.cache.kv_cache_memory_bytes
         )
         check_pool_holds_context(num_blocks, block_size, self.max_model_len)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device, seed=config.seed)
+        self.runner = ModelRunner(
+            self.model, num_blocks, block_size, self.dtype, self.device, seed=config.seed,
+            max_model_len=self.max_model_len,
+        )
+        num_lookahead = 0
+        if config.spec.method is not None:
+            proposer = build_proposer(
+                config, draft_model, num_blocks, self.dtype, self.device, self.arch.vocab_size,
+                self.runner.sampler.generator,
+            )
+            self.runner.speculator = build_speculator(proposer, config)
+            self.runner.speculator.profile(
+                self.runner.time_target_step, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens
+            )
+            num_lookahead = proposer.num_lookahead_tokens
         self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         limits = SchedulerLimits(
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len,
+            num_lookahead_tokens=num_lookahead,
         )
         self.scheduler = Scheduler(limits, self.kv_manager)
         self._groups: dict[str, RequestGroup] = {}
@@ -174,7 +194,7 @@ class LLMEngine:
     def _group_of(self, child_id: str) -> RequestGroup:
         return self._groups[self._child_to_group[child_id]]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         cache = self.kv_manager.cache
         return {
             "num_running": self.scheduler.num_running,
@@ -185,6 +205,7 @@ class LLMEngine:
             "prefix_cache_queried_tokens": cache.num_queried_tokens,
             "prefix_cache_hit_tokens": cache.num_hit_tokens,
             "num_steps": self.num_steps,
+            **self.scheduler.spec_stats_dict(),
         }
 
 

@@ -122,6 +122,7 @@ class RequestGroup:
                 stop_reason=s.stop_reason,
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 cumulative_logprob=s.cumulative_logprob,
+                spec_decoding=s.request.spec_stats.as_dict() if s.request.spec_stats.num_verify_steps else None,
             )
             for s in sorted(self.samples.values(), key=lambda s: s.index)
         ]

@@ -50,6 +50,22 @@ class _EngineCollector(Collector):
         yield counter("tokenmill_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
                       "prefix_cache_hit_tokens")
         yield counter("tokenmill_num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions")
+        yield counter("tokenmill_spec_decode_num_verify_steps", "Request-steps that verified draft tokens.",
+                      "spec_num_verify_steps")
+        yield counter("tokenmill_spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                      "spec_num_draft_tokens")
+        yield counter("tokenmill_spec_decode_num_accepted_tokens", "Draft tokens accepted by the target.",
+                      "spec_num_accepted_tokens")
+        yield gauge("tokenmill_spec_decode_acceptance_rate", "Accepted / drafted tokens since start.",
+                    "spec_acceptance_rate")
+        yield gauge("tokenmill_spec_decode_mean_accepted_length", "Tokens emitted per verify step since start.",
+                    "spec_mean_accepted_length")
+        per_position = GaugeMetricFamily("tokenmill_spec_decode_per_position_acceptance",
+                                         "Acceptance rate of draft position i since start.",
+                                         labels=["model_name", "position"])
+        for position, rate in enumerate(stats.get("spec_per_position_acceptance", [])):
+            per_position.add_metric([self._model, str(position)], float(rate))
+        yield per_position
 
 
 class ServerMetrics:

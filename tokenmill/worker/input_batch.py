@@ -15,10 +15,12 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     attention: AttentionMetadata
-    # Chunks that sample this step (indices into scheduler_output.chunks) and the flat index of their
-    # last token, whose hidden state gives the next-token logits.
+    # Chunks that sample this step (indices into scheduler_output.chunks) and the flat indices whose
+    # hidden states give logits: the last token, or the last 1 + num_spec_tokens when verifying drafts.
+    # Chunk sampling_chunks[i] owns logits rows [logits_row_starts[i], + 1 + its num_spec_tokens).
     sampling_chunks: list[int]
     logits_indices: torch.Tensor
+    logits_row_starts: list[int]
 
 
 def build_step_inputs(scheduler_output: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
@@ -26,12 +28,15 @@ def build_step_inputs(scheduler_output: SchedulerOutput, block_size: int, device
     positions: list[int] = []
     sampling_chunks: list[int] = []
     logits_indices: list[int] = []
+    logits_row_starts: list[int] = []
     for i, chunk in enumerate(scheduler_output.chunks):
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids)))
         if chunk.sample:
             sampling_chunks.append(i)
-            logits_indices.append(len(token_ids) - 1)
+            logits_row_starts.append(len(logits_indices))
+            end = len(token_ids)
+            logits_indices.extend(range(end - 1 - chunk.num_spec_tokens, end))
     attention = build_attention_metadata(
         start_positions=[c.start_pos for c in scheduler_output.chunks],
         query_lens=[len(c.token_ids) for c in scheduler_output.chunks],
@@ -45,4 +50,5 @@ def build_step_inputs(scheduler_output: SchedulerOutput, block_size: int, device
         attention=attention,
         sampling_chunks=sampling_chunks,
         logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        logits_row_starts=logits_row_starts,
     )

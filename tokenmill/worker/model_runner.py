@@ -10,11 +10,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenmill.core.sched_io import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from tokenmill.core.sched_io import ModelRunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprobs
+from tokenmill.spec_decode.proposer import DraftRequest
+from tokenmill.spec_decode.rejection_sampler import VerifyRequest, verify_batch
+from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.worker.forward_context import forward_context
 from tokenmill.worker.input_batch import StepInputs, build_step_inputs
 from tokenmill.worker.kv_cache_alloc import allocate_kv_caches
-from tokenmill.worker.sampler import Sampler, SamplingState, compute_logprobs, make_generator
+from tokenmill.worker.sampler import (
+    Sampler,
+    SamplingState,
+    compute_logprobs,
+    make_generator,
+    min_tokens_banned_ids,
+)
+from tokenmill.worker.step_timer import time_forward
 from tokenmill.worker.thinking_budget import ThinkingBudgetTracker
 
 
@@ -27,6 +37,7 @@ class ModelRunner:
         kv_dtype: torch.dtype,
         device: torch.device,
         seed: int = 0,
+        max_model_len: int | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -36,6 +47,8 @@ class ModelRunner:
         self.sampler = Sampler(global_seed=seed, device=device)
         self.states: dict[str, SamplingState] = {}
         self.thinking: dict[str, ThinkingBudgetTracker] = {}
+        self.max_model_len = max_model_len
+        self.speculator: Speculator | None = None
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -52,6 +65,11 @@ class ModelRunner:
         for req_id in scheduler_output.finished_req_ids:
             self.states.pop(req_id, None)
             self.thinking.pop(req_id, None)
+            if self.speculator is not None:
+                self.speculator.finished(req_id)
+        if self.speculator is not None:
+            for req_id in scheduler_output.resumed_req_ids:
+                self.speculator.resumed(req_id)
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
@@ -64,31 +82,123 @@ class ModelRunner:
         if inputs.sampling_chunks:
             self._sample(scheduler_output, inputs, hidden, output)
         self._prompt_logprobs(scheduler_output, inputs, hidden, output)
+        if self.speculator is not None and inputs.sampling_chunks:
+            self._propose_drafts(scheduler_output, inputs, output)
         return output
+
+    def time_target_step(self, num_tokens: int) -> float:
+        """Seconds of one target forward over num_tokens tokens laid out as decodes (for the cost model)."""
+        num_seqs = min(num_tokens, 256)
+        return time_forward(self.model, num_seqs, -(-num_tokens // num_seqs), self.block_size, self.device)
+
+    def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput) -> None:
+        """Drafts for every request that goes on decoding, returned to the scheduler for the next step."""
+        assert self.speculator is not None
+        candidates = []
+        sampling = set(inputs.sampling_chunks)
+        num_other_tokens = 0
+        for index, chunk in enumerate(scheduler_output.chunks):
+            if index not in sampling:
+                num_other_tokens += len(chunk.token_ids)
+                continue
+            state = self.states[chunk.req_id]
+            room = self._draft_room(state)
+            # Forced thinking-budget tokens cannot be verified like sampled ones: no drafts there.
+            if room > 0 and chunk.req_id not in self.thinking:
+                token_ids = state.prompt_token_ids + state.output_token_ids
+                candidates.append(DraftRequest(chunk.req_id, token_ids, state, chunk.block_table, room))
+        output.spec_token_ids = self.speculator.propose(candidates, num_other_tokens)
+
+    def _draft_room(self, state: SamplingState) -> int:
+        """How many drafts could still be useful: the target adds one token after them, within limits."""
+        params, generated = state.params, state.output_token_ids
+        if not generated:
+            return 0
+        last = generated[-1]
+        if len(generated) >= params.min_tokens and (
+            last in params.stop_token_ids or (not params.ignore_eos and last in params.eos_token_ids)
+        ):
+            return 0  # the request is finishing
+        room = self.speculator.num_speculative_tokens if self.speculator else 0
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - len(generated) - 1)
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - len(state.prompt_token_ids) - len(generated) - 1)
+        return room
 
     def _sample(
         self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, output: ModelRunnerOutput
     ) -> None:
+        chunks = scheduler_output.chunks
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        states = [self.states[scheduler_output.chunks[i].req_id] for i in inputs.sampling_chunks]
-        result = self.sampler(_ban_stop_tokens_before_min_tokens(logits, states), states, raw_logits=logits)
-        for row, chunk_index in enumerate(inputs.sampling_chunks):
-            req_id = scheduler_output.chunks[chunk_index].req_id
-            token_id = result.token_ids[row]
-            entry = result.logprobs[row]
-            tracker = self.thinking.get(req_id)
-            if tracker is not None:
-                forced = tracker.forced_token()
-                if forced is not None:
-                    token_id = forced
-                    if entry is not None:  # report the logprob of the token actually emitted
-                        target = torch.tensor([forced], device=logits.device)
-                        entry = compute_logprobs(logits[row : row + 1], target, states[row].params.logprobs or 0)[0]
-                tracker.observe(token_id, forced=forced is not None)
-            states[row].output_token_ids.append(token_id)
-            output.sampled_token_ids[chunk_index].append(token_id)
-            if entry is not None:
-                output.logprobs.setdefault(req_id, []).append(entry)
+        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
+        if plain:
+            rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
+            states = [self.states[chunks[c].req_id] for c, _ in plain]
+            result = self.sampler(_ban_stop_tokens_before_min_tokens(rows, states), states, raw_logits=rows)
+            for i, (chunk_index, _) in enumerate(plain):
+                self._emit(chunks[chunk_index].req_id, chunk_index, rows[i], result.token_ids[i], result.logprobs[i], output)
+        verifying = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if chunks[c].num_spec_tokens]
+        if verifying:
+            self._verify([chunks[c] for c, _ in verifying], [c for c, _ in verifying], [r for _, r in verifying],
+                         logits, output)
+
+    def _emit(
+        self,
+        req_id: str,
+        chunk_index: int,
+        logits_row: torch.Tensor,
+        token_id: int,
+        entry: TokenLogprobs | None,
+        output: ModelRunnerOutput,
+    ) -> None:
+        """Record one sampled token, unless the thinking budget forces another one."""
+        state = self.states[req_id]
+        tracker = self.thinking.get(req_id)
+        if tracker is not None:
+            forced = tracker.forced_token()
+            if forced is not None:
+                token_id = forced
+                if entry is not None:  # report the logprob of the token actually emitted
+                    target = torch.tensor([forced], device=logits_row.device)
+                    entry = compute_logprobs(logits_row[None], target, state.params.logprobs or 0)[0]
+            tracker.observe(token_id, forced=forced is not None)
+        state.output_token_ids.append(token_id)
+        output.sampled_token_ids[chunk_index].append(token_id)
+        if entry is not None:
+            output.logprobs.setdefault(req_id, []).append(entry)
+
+    def _verify(
+        self,
+        chunks: list[ScheduledChunk],
+        chunk_indices: list[int],
+        row_starts: list[int],
+        logits: torch.Tensor,
+        output: ModelRunnerOutput,
+    ) -> None:
+        """Check the chunks' draft tokens against the target: each emits accepted drafts plus one token."""
+        assert self.speculator is not None
+        requests, rows = [], []
+        for chunk, row in zip(chunks, row_starts):
+            state = self.states[chunk.req_id]
+            drafts = chunk.token_ids[len(chunk.token_ids) - chunk.num_spec_tokens :]
+            generator = state.generator if state.generator is not None else self.sampler.generator
+            probs = self.speculator.take_draft_probs(chunk.req_id, len(drafts))
+            requests.append(VerifyRequest(state, drafts, generator, probs))
+            rows.extend(range(row, row + 1 + len(drafts)))
+        verify_logits = logits[rows]
+        results = verify_batch(verify_logits, requests)
+        offset = 0
+        for chunk, chunk_index, request, emitted in zip(chunks, chunk_indices, requests, results):
+            self.speculator.observe(chunk.req_id, len(request.draft_token_ids), len(emitted) - 1)
+            request.state.output_token_ids.extend(emitted)
+            output.sampled_token_ids[chunk_index].extend(emitted)
+            if request.state.params.logprobs is not None:
+                own = verify_logits[offset : offset + len(emitted)]
+                targets = torch.tensor(emitted, device=logits.device)
+                entries = compute_logprobs(own, targets, request.state.params.logprobs)
+                output.logprobs.setdefault(chunk.req_id, []).extend(entries)
+            offset += len(request.draft_token_ids) + 1
 
     def _prompt_logprobs(
         self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, output: ModelRunnerOutput
@@ -111,17 +221,12 @@ class ModelRunner:
 
 
 def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Until min_tokens are generated, EOS and stop ids cannot be sampled (as in vLLM).
-
-    Works on a copy: logprobs are reported from the raw distribution.
-    """
+    """Apply the min-tokens ban on a copy: logprobs are reported from the raw distribution."""
     banned_logits = logits
     for row, state in enumerate(states):
-        params = state.params
-        if len(state.output_token_ids) < params.min_tokens:
-            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(params.eos_token_ids))
-            if banned:
-                if banned_logits is logits:
-                    banned_logits = logits.clone()
-                banned_logits[row, banned] = float("-inf")
+        banned = min_tokens_banned_ids(state.params, len(state.output_token_ids))
+        if banned:
+            if banned_logits is logits:
+                banned_logits = logits.clone()
+            banned_logits[row, banned] = float("-inf")
     return banned_logits

@@ -112,7 +112,7 @@ class Sampler:
     ) -> SamplerOutput:
         """Sample one token per row; logprobs come from `raw_logits` (the model's output) when given."""
         raw = logits if raw_logits is None else raw_logits
-        if any(_has_penalties(s.params) for s in states):
+        if any(has_penalties(s.params) for s in states):
             logits = apply_penalties(logits, states)
         greedy = [s.params.temperature == 0.0 for s in states]
         token_ids = logits.argmax(dim=-1)
@@ -147,5 +147,12 @@ class Sampler:
         return noise.clamp_min_(1e-20)
 
 
-def _has_penalties(params: SamplingParams) -> bool:
+def min_tokens_banned_ids(params: SamplingParams, num_generated: int) -> list[int]:
+    """Until min_tokens are generated, EOS and stop ids cannot be sampled (as in vLLM)."""
+    if num_generated >= params.min_tokens:
+        return []
+    return list(params.stop_token_ids) + ([] if params.ignore_eos else list(params.eos_token_ids))
+
+
+def has_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0

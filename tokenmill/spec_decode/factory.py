@@ -1,0 +1,73 @@
+"""Build the speculator an engine config asks for (None when speculation is off)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import InvalidRequestError
+from tokenmill.models.loader import load_model
+from tokenmill.spec_decode.draft_model import DraftModelProposer
+from tokenmill.spec_decode.ngram import NgramProposer
+from tokenmill.spec_decode.proposer import Proposer
+from tokenmill.spec_decode.speculator import Speculator
+
+
+def load_draft_model(config: EngineConfig, device: torch.device, target_vocab_size: int) -> torch.nn.Module:
+    """Load the draft checkpoint and check that it speaks the target's vocabulary."""
+    draft_path = str(config.spec.draft_model)
+    _check_same_vocab(config.model, draft_path)
+    model, arch = load_model(draft_path, dtype=config.dtype, device=device, load_format=config.load_format)
+    if arch.vocab_size < target_vocab_size // 2 or arch.vocab_size > target_vocab_size * 2:
+        raise InvalidRequestError(
+            "draft_model",
+            f"its vocabulary ({arch.vocab_size}) does not match the target's ({target_vocab_size}); "
+            f"a draft model must share the target's tokenizer",
+        )
+    return model
+
+
+def build_proposer(
+    config: EngineConfig,
+    draft_model: torch.nn.Module | None,
+    num_blocks: int,
+    kv_dtype: torch.dtype,
+    device: torch.device,
+    target_vocab_size: int,
+    default_generator: torch.Generator,
+) -> Proposer:
+    spec = config.spec
+    if spec.method == "ngram":
+        return NgramProposer(spec.ngram_min, spec.ngram_max)
+    assert draft_model is not None
+    return DraftModelProposer(
+        draft_model,
+        num_blocks,
+        config.cache.block_size,
+        kv_dtype,
+        device,
+        target_vocab_size,
+        default_generator,
+        spec.num_speculative_tokens,
+        spec.draft_confidence_threshold,
+    )
+
+
+def build_speculator(proposer: Proposer, config: EngineConfig) -> Speculator:
+    return Speculator(proposer, config.spec.num_speculative_tokens, adaptive=config.spec.adaptive)
+
+
+def _check_same_vocab(target_path: str, draft_path: str) -> None:
+    target, draft = Path(target_path) / "tokenizer.json", Path(draft_path) / "tokenizer.json"
+    if not (target.is_file() and draft.is_file()):
+        return  # random-weight benchmarks may have no tokenizer; vocab sizes are still checked
+    try:
+        target_vocab = json.loads(target.read_text())["model"]["vocab"]
+        draft_vocab = json.loads(draft.read_text())["model"]["vocab"]
+    except (json.JSONDecodeError, KeyError, TypeError, OSError):
+        return
+    if target_vocab != draft_vocab:
+        raise InvalidRequestError("draft_model", f"{draft} differs from {target}: the draft must share the tokenizer")

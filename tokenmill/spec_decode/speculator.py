@@ -1,0 +1,109 @@
+"""Decides how many drafts each decoding request gets, asks the proposer, and keeps what verify needs.
+
+Lives in the worker next to the model runner: it sees every verification result (for per-request
+acceptance), holds the draft distributions until the target verifies them, and applies the cost model
+measured at start-up so that drafting shortens or stops as the batch grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tokenmill.spec_decode.cost_model import (
+    AcceptanceTracker,
+    StepTimes,
+    choose_batch_cap,
+    per_request_lengths,
+)
+from tokenmill.spec_decode.proposer import DraftRequest, Proposer
+
+
+class Speculator:
+    def __init__(
+        self,
+        proposer: Proposer,
+        num_speculative_tokens: int,
+        adaptive: bool = True,
+        min_gain: float = 0.1,
+    ) -> None:
+        self.proposer = proposer
+        self.num_speculative_tokens = num_speculative_tokens
+        self.adaptive = adaptive
+        self.min_gain = min_gain  # draft the j-th token only while acceptance**j reaches this
+        self.target_times = StepTimes()
+        self.draft_step_times: StepTimes | None = None
+        self._acceptance: dict[str, AcceptanceTracker] = {}
+        self._draft_probs: dict[str, torch.Tensor] = {}
+        self.last_batch_cap = num_speculative_tokens
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        return self.proposer.num_lookahead_tokens
+
+    def profile(self, time_target: Callable[[int], float], max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        """Measure step times for the cost model: the target by tokens per step, drafting by batch size."""
+        if not self.adaptive:
+            return
+        max_tokens = min(max_num_batched_tokens, max_num_seqs * (self.num_speculative_tokens + 1))
+        self.target_times = StepTimes([(n, time_target(n)) for n in _powers_of_two_upto(max_tokens)])
+        draft_points = []
+        for num_seqs in _powers_of_two_upto(max_num_seqs):
+            seconds = self.proposer.profile_draft_step(num_seqs)
+            if seconds is None:
+                break
+            draft_points.append((num_seqs, seconds))
+        self.draft_step_times = StepTimes(draft_points) if draft_points else None
+
+    def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
+        self._acceptance.setdefault(req_id, AcceptanceTracker()).observe(num_drafts, num_accepted)
+
+    def take_draft_probs(self, req_id: str, num_drafts: int) -> torch.Tensor | None:
+        probs = self._draft_probs.pop(req_id, None)
+        return None if probs is None else probs[:num_drafts]
+
+    def resumed(self, req_id: str) -> None:
+        self._draft_probs.pop(req_id, None)
+        self.proposer.resumed(req_id)
+
+    def finished(self, req_id: str) -> None:
+        self._acceptance.pop(req_id, None)
+        self._draft_probs.pop(req_id, None)
+        self.proposer.finished(req_id)
+
+    def propose(self, requests: list[DraftRequest], num_other_tokens: int) -> dict[str, list[int]]:
+        """Drafts for the next step, per request id (requests given no drafts are absent)."""
+        for request in requests:
+            self._draft_probs.pop(request.req_id, None)
+        if not requests:
+            return {}
+        caps = [min(r.max_drafts, self.num_speculative_tokens) for r in requests]
+        if self.adaptive:
+            rates = [self._acceptance.setdefault(r.req_id, AcceptanceTracker()).rate for r in requests]
+            caps = per_request_lengths(rates, caps, self.min_gain)
+            batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times)
+            self.last_batch_cap = batch_cap
+            caps = [min(c, batch_cap) for c in caps]
+        chosen = [(r, c) for r, c in zip(requests, caps) if c > 0]
+        if not chosen:
+            return {}
+        for request, cap in chosen:
+            request.max_drafts = cap
+        drafts = self.proposer.propose([r for r, _ in chosen])
+        proposals: dict[str, list[int]] = {}
+        for (request, _), draft in zip(chosen, drafts):
+            if draft.token_ids:
+                proposals[request.req_id] = draft.token_ids
+                if draft.probs is not None:
+                    self._draft_probs[request.req_id] = draft.probs
+        return proposals
+
+
+def _powers_of_two_upto(limit: int) -> list[int]:
+    values, n = [], 1
+    while n < limit:
+        values.append(n)
+        n *= 2
+    values.append(max(limit, 1))
+    return values
