@@ -155,6 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         default_thinking_budget=args.thinking_token_budget,
         reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
         reasoning=ReasoningConfig(start=args.reasoning_start, end=args.reasoning_end, wrap_up=args.thinking_wrap_up),
         drain_timeout_s=args.drain_timeout,
     )
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default hard budget of thinking tokens per request (a request's own value wins)")
     serve.add_argument("--reasoning-parser", default="auto", choices=["auto", "think", "none"],
                        help="split <think>...</think> into reasoning_content; auto: when the tokenizer has both tags")
+    serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                       help="format of the model's tool calls (default: guessed from the chat template)")
     serve.add_argument("--reasoning-start", default="<think>")
     serve.add_argument("--reasoning-end", default="</think>")
     serve.add_argument("--thinking-wrap-up", default="",

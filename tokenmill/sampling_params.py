@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.structured.params import StructuredOutputParams
 
 # Bounds shared with the server so both report the same limits.
 MAX_LOGPROBS = 20
@@ -45,6 +46,9 @@ class SamplingParams:
     thinking_start_token_id: int | None = None
     thinking_end_token_ids: list[int] = field(default_factory=list)
     starts_in_thinking: bool = False  # the prompt (chat template) already opened the section
+    # Structured output: a JSON schema / JSON object / regex / choice / grammar the output must match,
+    # enforced by a token mask at every step.
+    structured_outputs: StructuredOutputParams | None = None
     # Filled by the engine: the checkpoint's EOS ids (config + generation_config).
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -94,6 +98,10 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputParams):
+                raise InvalidRequestError("structured_outputs", "must be a StructuredOutputParams")
+            self.structured_outputs.validate()
         if self.thinking_token_budget is not None:
             _check_int("thinking_token_budget", self.thinking_token_budget, 0, None)
             if not self.thinking_end_token_ids:

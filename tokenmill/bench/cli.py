@@ -39,6 +39,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--peer", choices=["none", "transformers"], default="none",
                        help="also time transformers generate on the same model (latency)")
+    bench.add_argument("--structured", choices=["none", "json"], default="none",
+                       help="constrain every request's output to a JSON schema (measures the grammar's cost)")
     add_spec_args(bench)
     bench.add_argument("--json", dest="json_path", default=None, help="write the full result here")
     bench.set_defaults(func=cmd_bench)
@@ -78,10 +80,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
         startup_s = time.perf_counter() - start
         if args.recipe == "latency":
-            result = run_latency(engine, args.input_len, args.output_len, args.batch_size, args.runs, args.seed)
+            result = run_latency(engine, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
+                                 args.structured)
         else:
-            result = run_throughput(engine, args.num_prompts, args.min_len, args.max_len, args.seed)
-        report = {"recipe": args.recipe, "device": _device_name(engine.device), "dtype": str(engine.dtype),
+            result = run_throughput(engine, args.num_prompts, args.min_len, args.max_len, args.seed, args.structured)
+        report = {"recipe": args.recipe, "structured": args.structured, "device": _device_name(engine.device), "dtype": str(engine.dtype),
                   "startup_s": startup_s, "result": asdict(result)}
         rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}")]
         rows += as_rows(result)

@@ -31,13 +31,47 @@ class LatencyResult:
     runs_tok_per_s: list[float]
 
 
+# The JSON that `--structured json` asks for: open-ended (an array of records), so the grammar stays
+# active for the whole run instead of finishing after a few tokens.
+BENCH_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "records": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 16},
+                               "score": {"type": "number"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+                "required": ["id", "name", "score", "tags"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["records"],
+    "additionalProperties": False,
+}
+
+
+def bench_params(max_tokens: int, structured: str = "none", temperature: float = 0.0) -> SamplingParams:
+    """The benchmark's sampling parameters; `structured="json"` constrains output to BENCH_JSON_SCHEMA."""
+    constraint = None
+    if structured == "json":
+        from tokenmill.structured.params import StructuredOutputParams
+
+        constraint = StructuredOutputParams(json=BENCH_JSON_SCHEMA)
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                          structured_outputs=constraint)
+
+
 def run_latency(
-    engine: LLMEngine, input_len: int = 128, output_len: int = 256, batch_size: int = 1, runs: int = 3, seed: int = 0
+    engine: LLMEngine, input_len: int = 128, output_len: int = 256, batch_size: int = 1, runs: int = 3, seed: int = 0,
+    structured: str = "none",
 ) -> LatencyResult:
     """Batch-`batch_size` greedy decode of random prompts; one warm-up, then the median of `runs`."""
     rng = random.Random(seed)
     vocab = engine.arch.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    # Sampled at temperature 1 when constrained: greedy noise from a random model can close the JSON early.
+    params = bench_params(output_len, structured, temperature=1.0 if structured != "none" else 0.0)
     samples: list[tuple[float, float, float]] = []
     for run in range(runs + 1):
         # Fresh random prompts every run, so no run is helped by the prefix cache.
@@ -89,7 +123,8 @@ class ThroughputResult:
 
 
 def run_throughput(
-    engine: LLMEngine, num_requests: int = 256, min_len: int = 100, max_len: int = 1024, seed: int = 0
+    engine: LLMEngine, num_requests: int = 256, min_len: int = 100, max_len: int = 1024, seed: int = 0,
+    structured: str = "none",
 ) -> ThroughputResult:
     """All requests at once; prompt and output lengths each uniform in [min_len, max_len]."""
     rng = random.Random(seed)
@@ -99,7 +134,7 @@ def run_throughput(
     for i in range(num_requests):
         prompt_len = min(rng.randint(min_len, max_len), limit - 1)
         output_len = max(1, min(rng.randint(min_len, max_len), limit - prompt_len))
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        params = bench_params(output_len, structured)
         engine.add_request(f"tp{i}", {"prompt_token_ids": random_prompt(rng, prompt_len, vocab)}, params)
         total_prompt += prompt_len
         total_output += output_len

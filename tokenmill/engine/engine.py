@@ -126,6 +126,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this checkpoint has none")
         params = replace(params, eos_token_ids=self.eos_token_ids)
+        if params.structured_outputs is not None:
+            # Compile now (cached per schema) so a bad schema is the caller's error, not the step loop's.
+            self._grammar_compiler().compile(params.structured_outputs)
         group = RequestGroup(request_id, text, token_ids, params, self.tokenizer)
         first_child: str | None = None
         for index in range(params.n):
@@ -139,6 +142,16 @@ class LLMEngine:
             self._child_to_group[child_id] = request_id
             self.scheduler.add_request(child)
         self._groups[request_id] = group
+
+    def _grammar_compiler(self) -> Any:
+        if self.runner.grammar_compiler is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("structured_outputs", "needs a tokenizer; this checkpoint has none")
+            from tokenmill.structured.backend import GrammarCompiler
+
+            compiler = GrammarCompiler(self.tokenizer, vocab_size=self.arch.vocab_size, eos_token_ids=self.eos_token_ids)
+            self.runner.enable_structured_output(compiler, self.arch.vocab_size)
+        return self.runner.grammar_compiler
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

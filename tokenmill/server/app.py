@@ -82,6 +82,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     default_thinking_budget: int | None = None,
     reasoning_parser: str = "auto",
+    tool_call_parser: str | None = None,
     reasoning: ReasoningConfig | None = None,
     drain_timeout_s: float = 10.0,
 ) -> FastAPI:
@@ -102,6 +103,7 @@ def build_app(
         reasoning=config,
         reasoning_enabled=enabled,
         default_thinking_budget=default_thinking_budget,
+        tool_call_parser=tool_call_parser,
     )
     init_reasoning_tokens(state)
 

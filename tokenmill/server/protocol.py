@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
+from tokenmill.structured.params import StructuredOutputParams
 
 
 class StreamOptions(BaseModel):
@@ -119,12 +120,7 @@ class ChatCompletionRequest(_Common):
             return None
         return self.top_logprobs or 0
 
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.tools or (self.tool_choice not in (None, "none", "auto")):
-            raise InvalidRequestError("tools", "tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidRequestError("response_format", "only {\"type\": \"text\"} is supported")
+    parallel_tool_calls: bool = True
 
 
 def sampling_params(
@@ -137,6 +133,7 @@ def sampling_params(
     prompt_logprobs: int | None = None,
     skip_special_tokens: bool | None = None,
     thinking: dict[str, Any] | None = None,
+    structured: StructuredOutputParams | None = None,
 ) -> SamplingParams:
     """SamplingParams for one prompt: max_tokens is capped so that prompt + output fit the context."""
     room = max_model_len - prompt_len
@@ -162,6 +159,7 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=request.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        structured_outputs=structured,
         **(thinking or {}),
     )
 

@@ -13,7 +13,10 @@ from tokenmill.engine.reasoning import StreamingReasoningParser, count_reasoning
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
+from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, sampling_params
+from tokenmill.server.serving_tools import ToolPlan, template_messages
+from tokenmill.server.structured_request import structured_outputs
 from tokenmill.server.serving_common import (
     SSE_DONE,
     ServerState,
@@ -31,12 +34,14 @@ from tokenmill.server.serving_common import (
 class _ChatPlan:
     """Per-request decisions shared by the streaming and non-streaming paths."""
 
-    def __init__(self, state: ServerState, body: ChatCompletionRequest, prompt_text: str) -> None:
+    def __init__(self, state: ServerState, body: ChatCompletionRequest, prompt_text: str, tools: ToolPlan) -> None:
         self.state = state
+        self.tools = tools
         self.use_parser = state.reasoning_enabled
         self.starts_in_reasoning = prompt_opens_reasoning(prompt_text, state.reasoning)
         # Special-token tags vanish from decoded text; keep special tokens and let the parser drop the others.
         self.keep_specials = self.use_parser and state.tags_are_skipped_specials and body.skip_special_tokens
+        self.keep_specials = self.keep_specials or (tools.keeps_special_tokens and body.skip_special_tokens)
         self.num_logprobs = body.num_logprobs()
 
     def parser(self) -> StreamingReasoningParser:
@@ -63,18 +68,29 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.check_model(body.model)
     body.check_unsupported()
     tokenizer = state.tokenizer
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    tools = ToolPlan(body.tools, body.tool_choice, body.parallel_tool_calls, tokenizer.chat_template,
+                     state.tool_call_parser)
+    structured = structured_outputs(body)
+    forced = tools.structured_outputs()
+    if forced is not None:
+        if structured is not None:
+            raise InvalidRequestError("tool_choice", "a forced tool call cannot be combined with response_format "
+                                      "or guided_* constraints")
+        structured = forced
+    messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
     text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {})
+        messages, add_generation_prompt=body.add_generation_prompt, tools=tools.template_tools,
+        **(body.chat_template_kwargs or {})
     )
     # The template already carries BOS and friends; encoding must not add them twice.
     ids = tokenizer.encode(text, add_special_tokens=False)
     check_prompt_length(len(ids), state.engine.max_model_len, "messages")
-    plan = _ChatPlan(state, body, text)
+    plan = _ChatPlan(state, body, text, tools)
     params = sampling_params(
         body, max_tokens=body.requested_max_tokens(), prompt_len=len(ids), max_model_len=state.engine.max_model_len,
         logprobs=plan.num_logprobs, skip_special_tokens=False if plan.keep_specials else None,
         thinking=state.thinking_params(body.thinking_token_budget, text),
+        structured=structured,
     )
     request_id = new_id("chatcmpl")
     streams = await add_all(state, request_id, [{"prompt": text, "prompt_token_ids": ids}], [params])
@@ -92,7 +108,8 @@ def _response(state: ServerState, plan: _ChatPlan, request_id: str, output: Requ
     for completion in output.outputs:
         completion_tokens += len(completion.token_ids)
         reasoning, content = plan.split(completion.text)
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+        fields, finish_reason = plan.tools.finish_message(content, completion.finish_reason)
+        message: dict[str, Any] = {"role": "assistant", **fields}
         if plan.use_parser:
             message["reasoning_content"] = reasoning or None
             reasoning_tokens += plan.reasoning_tokens(completion)
@@ -100,7 +117,7 @@ def _response(state: ServerState, plan: _ChatPlan, request_id: str, output: Requ
         if plan.num_logprobs is not None:
             logprobs = {"content": chat_logprobs(completion.token_ids, completion.logprobs or [], plan.num_logprobs)}
         choices.append({"index": completion.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": completion.finish_reason})
+                        "finish_reason": finish_reason})
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -115,6 +132,7 @@ def _response(state: ServerState, plan: _ChatPlan, request_id: str, output: Requ
 async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPlan, request_id: str,
                   streams: list[RequestStream], trackers: list[RequestTracker]) -> AsyncIterator[str]:
     parsers = [plan.parser() for _ in range(body.n)]
+    tool_streams = [plan.tools.streamer() for _ in range(body.n)]
     sent_text = [0] * body.n
     sent_tokens = [0] * body.n
     done = [False] * body.n
@@ -149,14 +167,27 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPl
                 delta: dict[str, Any] = {}
                 if reasoning:
                     delta["reasoning_content"] = reasoning
-                if content:
-                    delta["content"] = content
+                fragments: list[dict[str, Any]] = [{"content": content}] if content else []
+                finish_reason = completion.finish_reason
+                tool_stream = tool_streams[index]
+                if tool_stream is not None:
+                    fragments = tool_stream.feed(content) if content else []
+                    if completion.finished:
+                        rest, finish_reason = tool_stream.finish(finish_reason)
+                        fragments += rest
                 logprobs = None
                 if plan.num_logprobs is not None and new_ids:
                     logprobs = {"content": chat_logprobs(new_ids, entries, plan.num_logprobs)}
                 done[index] = completion.finished
-                if delta or logprobs or completion.finished:
-                    yield chunk(index, delta, logprobs, completion.finish_reason)
+                # The first fragment shares the chunk with reasoning and logprobs; tool-call fragments
+                # each go in their own chunk, as OpenAI streams them.
+                if fragments:
+                    delta.update(fragments[0])
+                last = len(fragments) - 1
+                if delta or logprobs or (completion.finished and last <= 0):
+                    yield chunk(index, delta, logprobs, finish_reason if last <= 0 else None)
+                for position, fragment in enumerate(fragments[1:], start=1):
+                    yield chunk(index, fragment, None, finish_reason if position == last else None)
         if body.include_usage and final is not None:
             completion_tokens = sum(len(c.token_ids) for c in final.outputs)
             reasoning_tokens = sum(plan.reasoning_tokens(c) for c in final.outputs) if plan.use_parser else None

@@ -36,6 +36,7 @@ class ServerState:
     reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
     reasoning_enabled: bool = False  # split <think> into reasoning_content in chat responses
     default_thinking_budget: int | None = None
+    tool_call_parser: str | None = None  # None: guessed from the chat template
     # Derived from the tokenizer once, at startup.
     thinking: ThinkingTokens | None = None
     tags_are_skipped_specials: bool = False  # the tags vanish from text unless special tokens are kept

@@ -14,6 +14,7 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
+from tokenmill.server.structured_request import structured_outputs
 from tokenmill.server.protocol import CompletionRequest, sampling_params
 from tokenmill.server.serving_common import (
     SSE_DONE,
@@ -35,6 +36,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     engine = state.engine
     prompts: list[dict[str, Any]] = []
     params: list[SamplingParams] = []
+    structured = structured_outputs(body)
     for raw in body.prompts():
         if isinstance(raw, str):
             text: str | None = raw
@@ -49,6 +51,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             body, max_tokens=body.max_tokens, prompt_len=len(ids), max_model_len=engine.max_model_len,
             logprobs=body.logprobs, prompt_logprobs=echo_logprobs,
             thinking=state.thinking_params(body.thinking_token_budget, text),
+            structured=structured,
         ))
         prompts.append({"prompt": text, "prompt_token_ids": ids})
     request_id = new_id("cmpl")

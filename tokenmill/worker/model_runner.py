@@ -7,6 +7,9 @@ crosses from the core.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,6 +18,7 @@ from tokenmill.spec_decode.proposer import DraftRequest
 from tokenmill.spec_decode.rejection_sampler import VerifyRequest, verify_batch
 from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.worker.forward_context import forward_context
+from tokenmill.worker.grammar_masks import GrammarMasks
 from tokenmill.worker.input_batch import StepInputs, build_step_inputs
 from tokenmill.worker.kv_cache_alloc import allocate_kv_caches
 from tokenmill.worker.sampler import (
@@ -49,6 +53,9 @@ class ModelRunner:
         self.thinking: dict[str, ThinkingBudgetTracker] = {}
         self.max_model_len = max_model_len
         self.speculator: Speculator | None = None
+        # Set by the engine (enable_structured_output) when the first structured request arrives.
+        self.grammar_compiler: Any = None
+        self.grammar_masks: GrammarMasks | None = None
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -59,6 +66,9 @@ class ModelRunner:
                 prompt_token_ids=new.prompt_token_ids,
                 output_token_ids=[],
                 generator=None if seed is None else make_generator(seed, self.device),
+                grammar=None
+                if new.sampling_params.structured_outputs is None
+                else self.grammar_compiler.matcher(new.sampling_params.structured_outputs),
             )
             if new.sampling_params.thinking_token_budget is not None:
                 self.thinking[new.req_id] = ThinkingBudgetTracker(new.sampling_params)
@@ -75,16 +85,25 @@ class ModelRunner:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
 
         inputs = build_step_inputs(scheduler_output, self.block_size, self.device)
+        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
+        grammar_rows = [i for i, (c, _) in enumerate(plain) if self.states[chunks[c].req_id].grammar is not None]
+        masks = None
+        if grammar_rows and self.grammar_masks is not None:
+            masks = self.grammar_masks.start([self.states[chunks[plain[i][0]].req_id].grammar for i in grammar_rows])
         with forward_context(inputs.attention):
             hidden = self.model(inputs.input_ids, inputs.positions)
         sampled: list[list[int]] = [[] for _ in chunks]
         output = ModelRunnerOutput(req_ids=[c.req_id for c in chunks], sampled_token_ids=sampled)
         if inputs.sampling_chunks:
-            self._sample(scheduler_output, inputs, hidden, output)
+            self._sample(scheduler_output, inputs, hidden, output, plain, (masks, grammar_rows))
         self._prompt_logprobs(scheduler_output, inputs, hidden, output)
         if self.speculator is not None and inputs.sampling_chunks:
             self._propose_drafts(scheduler_output, inputs, output)
         return output
+
+    def enable_structured_output(self, compiler: Any, vocab_size: int) -> None:
+        self.grammar_compiler = compiler
+        self.grammar_masks = GrammarMasks(vocab_size)
 
     def time_target_step(self, num_tokens: int) -> float:
         """Seconds of one target forward over num_tokens tokens laid out as decodes (for the cost model)."""
@@ -103,8 +122,9 @@ class ModelRunner:
                 continue
             state = self.states[chunk.req_id]
             room = self._draft_room(state)
-            # Forced thinking-budget tokens cannot be verified like sampled ones: no drafts there.
-            if room > 0 and chunk.req_id not in self.thinking:
+            # Forced thinking-budget tokens and grammar-masked tokens are not verified like free ones:
+            # those requests decode without drafts.
+            if room > 0 and chunk.req_id not in self.thinking and state.grammar is None:
                 token_ids = state.prompt_token_ids + state.output_token_ids
                 candidates.append(DraftRequest(chunk.req_id, token_ids, state, chunk.block_table, room))
         output.spec_token_ids = self.speculator.propose(candidates, num_other_tokens)
@@ -127,15 +147,25 @@ class ModelRunner:
         return room
 
     def _sample(
-        self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, output: ModelRunnerOutput
+        self,
+        scheduler_output: SchedulerOutput,
+        inputs: StepInputs,
+        hidden: torch.Tensor,
+        output: ModelRunnerOutput,
+        plain: list[tuple[int, int]],
+        grammar: tuple[Future[torch.Tensor] | None, list[int]],
     ) -> None:
+        """Sample plain rows (the grammar mask applied) and verify the drafts of speculating rows."""
         chunks = scheduler_output.chunks
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
         if plain:
             rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
             states = [self.states[chunks[c].req_id] for c, _ in plain]
-            result = self.sampler(_ban_stop_tokens_before_min_tokens(rows, states), states, raw_logits=rows)
+            shaped = _ban_stop_tokens_before_min_tokens(rows, states)
+            pending, grammar_rows = grammar
+            if pending is not None and self.grammar_masks is not None:
+                shaped = _mask_grammar(self.grammar_masks, pending, shaped, rows, grammar_rows)
+            result = self.sampler(shaped, states, raw_logits=rows)
             for i, (chunk_index, _) in enumerate(plain):
                 self._emit(chunks[chunk_index].req_id, chunk_index, rows[i], result.token_ids[i], result.logprobs[i], output)
         verifying = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if chunks[c].num_spec_tokens]
@@ -163,6 +193,8 @@ class ModelRunner:
                     target = torch.tensor([forced], device=logits_row.device)
                     entry = compute_logprobs(logits_row[None], target, state.params.logprobs or 0)[0]
             tracker.observe(token_id, forced=forced is not None)
+        if state.grammar is not None:
+            state.grammar.accept_token(token_id)
         state.output_token_ids.append(token_id)
         output.sampled_token_ids[chunk_index].append(token_id)
         if entry is not None:
@@ -218,6 +250,17 @@ class ModelRunner:
                     entries: list[TokenLogprobs] = compute_logprobs(logits, targets, state.params.prompt_logprobs or 0)
                     output.prompt_logprobs.setdefault(chunk.req_id, []).extend(entries)
             offset += length
+
+
+def _mask_grammar(
+    masks: GrammarMasks, pending: Future[torch.Tensor], shaped: torch.Tensor, raw: torch.Tensor, rows: list[int]
+) -> torch.Tensor:
+    """Apply structured-output masks; a row the min-tokens ban left empty takes the grammar alone."""
+    masked = masks.apply(pending, shaped, rows)
+    empty = [r for r in rows if bool(torch.isinf(masked[r]).all())]
+    if empty:  # the grammar allows only EOS while min_tokens forbids it: the grammar wins
+        masked[empty] = masks.apply(pending, raw, rows)[empty]
+    return masked
 
 
 def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

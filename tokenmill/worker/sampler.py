@@ -8,6 +8,7 @@ own generator over exactly one vocabulary row per step, so its tokens do not dep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None
+    grammar: Any = None  # a structured-output GrammarMatcher, advanced with every emitted token
 
 
 @dataclass
