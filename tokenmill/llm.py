@@ -76,14 +76,16 @@ class LLM:
         params_list = _as_params_list(sampling_params, len(prompt_list))
         # Validate everything before queueing anything, so one bad prompt leaves no orphans behind.
         for prompt, params in zip(prompt_list, params_list):
-            params.validate()
-            self.engine.tokenize_prompt(prompt)
-        request_ids = [self._add(prompt, params) for prompt, params in zip(prompt_list, params_list)]
+            self.engine.validate_request(prompt, params)
+        request_ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
+            for prompt, params in zip(prompt_list, params_list):
+                request_ids.append(self._add(prompt, params))
+            wanted = set(request_ids)
             while len(finished) < len(request_ids):
                 for output in self.engine.step():
-                    if output.finished:
+                    if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
         except BaseException:
             self.engine.abort_request([r for r in request_ids if r not in finished])

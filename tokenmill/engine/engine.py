@@ -116,6 +116,13 @@ class LLMEngine:
             )
         return text, list(token_ids)
 
+    def validate_request(self, prompt: PromptInput, params: SamplingParams) -> None:
+        """Everything add_request checks, without queueing: lets a batch be checked before any of it runs."""
+        params.validate()
+        self.tokenize_prompt(prompt)
+        if params.structured_outputs is not None:
+            self._grammar_compiler().compile(params.structured_outputs)
+
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None) -> None:
         """Validate and queue a request; bad input raises InvalidRequestError and changes nothing."""
         params = params or SamplingParams()

@@ -61,7 +61,7 @@ class ToolPlan:
         if self.mode != "forced":
             return None
         schema = tool_call_json_schema(self.tools, self.tool_choice, self.parallel_tool_calls)
-        return StructuredOutputParams(json=schema)
+        return StructuredOutputParams(json=schema, source="tools")
 
     def finish_message(self, content: str | None, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """Message fields (content, tool_calls) and the finish_reason for a whole generated answer."""
@@ -131,6 +131,7 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         calls = message.get("tool_calls")
         if isinstance(calls, list):
             message = dict(message, tool_calls=[_with_object_arguments(c) for c in calls])
+            message.setdefault("content", "")  # null on the wire; templates read it as a string
         out.append(message)
     return out
 

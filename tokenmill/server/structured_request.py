@@ -22,7 +22,7 @@ def structured_outputs(body: Any) -> StructuredOutputParams | None:
             found.append(("response_format", params))
     extra = body.model_extra or {}
     if extra.get("guided_json") is not None:
-        found.append(("guided_json", StructuredOutputParams(json=extra["guided_json"])))
+        found.append(("guided_json", StructuredOutputParams(json=extra["guided_json"], source="guided_json")))
     if extra.get("guided_regex") is not None:
         found.append(("guided_regex", StructuredOutputParams(regex=_text(extra["guided_regex"], "guided_regex"))))
     if extra.get("guided_choice") is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json as _json
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -39,6 +39,9 @@ class StructuredOutputParams:
     regex: str | None = None
     choice: list[str] | tuple[str, ...] | None = None
     grammar: str | None = None
+    # The request field this came from, when it is not the usual one for its kind (e.g. "guided_json",
+    # or "tools" for a forced tool call), so errors name what the user actually sent.
+    source: str | None = field(default=None, compare=False)
 
     @property
     def kind(self) -> str:
@@ -49,7 +52,7 @@ class StructuredOutputParams:
     @property
     def error_field(self) -> str:
         """The request field to name in errors about this option."""
-        return ERROR_FIELDS[self.kind]
+        return self.source or ERROR_FIELDS[self.kind]
 
     def _set_options(self) -> list[str]:
         values = {"json": self.json, "json_object": self.json_object or None, "regex": self.regex,
@@ -64,7 +67,7 @@ class StructuredOutputParams:
             raise InvalidRequestError(
                 "structured_outputs", f"set exactly one of json, json_object, regex, choice, grammar (got {found})")
         kind = chosen[0]
-        field = ERROR_FIELDS[kind]
+        field = self.source or ERROR_FIELDS[kind]
         if kind == "json":
             self.schema()
         elif kind == "json_object" and self.json_object is not True:
