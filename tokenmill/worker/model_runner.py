@@ -257,7 +257,8 @@ def _mask_grammar(
 ) -> torch.Tensor:
     """Apply structured-output masks; a row the min-tokens ban left empty takes the grammar alone."""
     masked = masks.apply(pending, shaped, rows)
-    empty = [r for r in rows if bool(torch.isinf(masked[r]).all())]
+    all_masked = torch.isinf(masked[rows]).all(dim=-1).tolist()
+    empty = [r for r, gone in zip(rows, all_masked) if gone]
     if empty:  # the grammar allows only EOS while min_tokens forbids it: the grammar wins
         masked[empty] = masks.apply(pending, raw, rows)[empty]
     return masked
