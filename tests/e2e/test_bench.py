@@ -45,3 +45,21 @@ def test_bench_command_with_random_weights_from_a_config(tiny_path, tmp_path, ca
     report = json.loads(out.read_text())
     assert report["recipe"] == "latency" and report["result"]["output_len"] == 4
     assert "pct_of_sol" in capsys.readouterr().out
+
+
+def test_structured_compare_interleaves_pairs_and_reports_overhead(tiny_path, tmp_path):
+    pytest.importorskip("llguidance")
+    out = tmp_path / "compare.json"
+    code = main(["bench", "latency", "--model", tiny_path, "--dtype", "float32", "--input-len", "8",
+                 "--output-len", "6", "--batch-size", "3", "--structured", "compare", "--pairs", "3",
+                 "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["pairs"] == 3 and len(result["pair_overheads_pct"]) == 3
+    assert result["temperature"] == 1.0
+    assert result["none_tok_per_s"] > 0 and result["json_tok_per_s"] > 0
+
+
+def test_structured_compare_needs_the_latency_recipe(tiny_path):
+    with pytest.raises(SystemExit, match="latency recipe only"):
+        main(["bench", "throughput", "--model", tiny_path, "--structured", "compare"])

@@ -363,12 +363,14 @@ def test_batched_fill_equals_one_by_one(tok: Tokenizer, width: int, compiler: Gr
     for token in tok.encode("no", add_special_tokens=False) + [tok.eos_token_id]:
         assert done.accept_token(token)
     matchers.append(done)
-    batched, single = allocate_bitmask(7, width), allocate_bitmask(7, width)
+    batched, serial, single = (allocate_bitmask(7, width) for _ in range(3))
     rows = [6, 0, 2, 3, 5]
     fill_bitmasks(matchers, batched, rows)
+    fill_bitmasks(matchers, serial, rows, parallel=False)
     for matcher, row in zip(matchers, rows):
         matcher.fill_bitmask(single, row)
     assert torch.equal(batched, single)
+    assert torch.equal(serial, single)
     assert unpack_bitmask(batched[5:6], width)[0].nonzero().flatten().tolist() == [tok.eos_token_id]
     assert (batched[[1, 4]] == -1).all()  # rows no matcher filled still allow everything
 

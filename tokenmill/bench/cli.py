@@ -39,8 +39,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--peer", choices=["none", "transformers"], default="none",
                        help="also time transformers generate on the same model (latency)")
-    bench.add_argument("--structured", choices=["none", "json"], default="none",
-                       help="constrain every request's output to a JSON schema (measures the grammar's cost)")
+    bench.add_argument("--structured", choices=["none", "json", "compare"], default="none",
+                       help="json: constrain every request's output to a JSON schema; compare (latency): "
+                            "interleave constrained and unconstrained batches and report the grammar's overhead")
+    bench.add_argument("--pairs", type=int, default=5, help="constrained/unconstrained pairs for --structured compare")
+    bench.add_argument("--temperature", type=float, default=None,
+                       help="sampling temperature (default: 0, or 1 with --structured json)")
     add_spec_args(bench)
     bench.add_argument("--json", dest="json_path", default=None, help="write the full result here")
     bench.set_defaults(func=cmd_bench)
@@ -51,6 +55,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
     from tokenmill.engine.engine import LLMEngine
 
+    if args.structured == "compare" and args.recipe != "latency":
+        raise SystemExit("error: --structured compare runs with the latency recipe only")
     workdir = None
     model_path = args.model
     load_format = args.load_format
@@ -79,12 +85,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
             show_progress=True,
         )
         startup_s = time.perf_counter() - start
-        if args.recipe == "latency":
+        if args.structured == "compare":
+            from tokenmill.bench.structured_overhead import run_structured_overhead
+
+            result = run_structured_overhead(engine, args.input_len, args.output_len, args.batch_size, args.pairs,
+                                             args.seed, args.temperature)
+        elif args.recipe == "latency":
             result = run_latency(engine, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
-                                 args.structured)
+                                 args.structured, args.temperature)
         else:
-            result = run_throughput(engine, args.num_prompts, args.min_len, args.max_len, args.seed, args.structured)
-        report = {"recipe": args.recipe, "structured": args.structured, "device": _device_name(engine.device), "dtype": str(engine.dtype),
+            result = run_throughput(engine, args.num_prompts, args.min_len, args.max_len, args.seed, args.structured,
+                                    args.temperature)
+        report = {"recipe": args.recipe, "structured": args.structured, "temperature": args.temperature,
+                  "device": _device_name(engine.device), "dtype": str(engine.dtype),
                   "startup_s": startup_s, "result": asdict(result)}
         rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}")]
         rows += as_rows(result)
@@ -101,7 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     width = max(len(k) for k, _ in rows)
-    print(f"\n{args.recipe}")
+    print(f"\n{args.recipe}" + (" (structured compare)" if args.structured == "compare" else ""))
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
     if args.json_path:

@@ -6,6 +6,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from tokenmill.bench.roofline import kv_bytes_per_token, measure_copy_bandwidth, weight_bytes_per_token
 from tokenmill.engine.engine import LLMEngine
@@ -63,31 +64,49 @@ def bench_params(max_tokens: int, structured: str = "none", temperature: float =
                           structured_outputs=constraint)
 
 
+def default_temperature(structured: str, temperature: float | None) -> float:
+    # Sampled at temperature 1 when constrained: greedy noise from a random model can close the JSON early.
+    # Pass the same explicit temperature to both runs when comparing constrained with unconstrained decoding.
+    if temperature is not None:
+        return temperature
+    return 1.0 if structured != "none" else 0.0
+
+
+def time_one_batch(
+    engine: LLMEngine, rng: random.Random, params: SamplingParams, batch_size: int, input_len: int, tag: str
+) -> tuple[float, float, float]:
+    """Run `batch_size` requests with fresh random prompts to completion: (decode tok/s, TTFT s, end-to-end s).
+
+    Fresh prompts every call, so no call is helped by the prefix cache."""
+    vocab = engine.arch.vocab_size
+    for i in range(batch_size):
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": random_prompt(rng, input_len, vocab)}, params)
+    start = time.perf_counter()
+    first_token_at = None
+    generated = 0  # counted, not assumed: a grammar can end a constrained request before max_tokens
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if first_token_at is None and any(o.outputs[0].token_ids for o in outputs):
+            first_token_at = time.perf_counter()
+        generated += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
+    end = time.perf_counter()
+    ttft = (first_token_at or end) - start
+    decode_time = max(end - (first_token_at or start), 1e-9)
+    return max(generated - batch_size, 0) / decode_time, ttft, end - start
+
+
 def run_latency(
     engine: LLMEngine, input_len: int = 128, output_len: int = 256, batch_size: int = 1, runs: int = 3, seed: int = 0,
-    structured: str = "none",
+    structured: str = "none", temperature: float | None = None,
 ) -> LatencyResult:
     """Batch-`batch_size` greedy decode of random prompts; one warm-up, then the median of `runs`."""
     rng = random.Random(seed)
-    vocab = engine.arch.vocab_size
-    # Sampled at temperature 1 when constrained: greedy noise from a random model can close the JSON early.
-    params = bench_params(output_len, structured, temperature=1.0 if structured != "none" else 0.0)
+    params = bench_params(output_len, structured, default_temperature(structured, temperature))
     samples: list[tuple[float, float, float]] = []
     for run in range(runs + 1):
-        # Fresh random prompts every run, so no run is helped by the prefix cache.
-        for i in range(batch_size):
-            engine.add_request(f"lat{run}-{i}", {"prompt_token_ids": random_prompt(rng, input_len, vocab)}, params)
-        start = time.perf_counter()
-        first_token_at = None
-        while engine.has_unfinished_requests():
-            outputs = engine.step()
-            if first_token_at is None and any(o.outputs[0].token_ids for o in outputs):
-                first_token_at = time.perf_counter()
-        end = time.perf_counter()
-        if run > 0:
-            ttft = (first_token_at or end) - start
-            decode_time = max(end - (first_token_at or start), 1e-9)
-            samples.append((batch_size * (output_len - 1) / decode_time, ttft, end - start))
+        sample = time_one_batch(engine, rng, params, batch_size, input_len, tag=f"lat{run}")
+        if run > 0:  # run 0 warms up
+            samples.append(sample)
     tok_per_s = statistics.median(s[0] for s in samples)
     bytes_per_step = weight_bytes_per_token(engine.model) + batch_size * kv_bytes_per_token(
         engine.model, input_len + output_len // 2, engine.dtype
@@ -124,7 +143,7 @@ class ThroughputResult:
 
 def run_throughput(
     engine: LLMEngine, num_requests: int = 256, min_len: int = 100, max_len: int = 1024, seed: int = 0,
-    structured: str = "none",
+    structured: str = "none", temperature: float | None = None,
 ) -> ThroughputResult:
     """All requests at once; prompt and output lengths each uniform in [min_len, max_len]."""
     rng = random.Random(seed)
@@ -134,7 +153,7 @@ def run_throughput(
     for i in range(num_requests):
         prompt_len = min(rng.randint(min_len, max_len), limit - 1)
         output_len = max(1, min(rng.randint(min_len, max_len), limit - prompt_len))
-        params = bench_params(output_len, structured)
+        params = bench_params(output_len, structured, default_temperature(structured, temperature))
         engine.add_request(f"tp{i}", {"prompt_token_ids": random_prompt(rng, prompt_len, vocab)}, params)
         total_prompt += prompt_len
         total_output += output_len
@@ -158,7 +177,8 @@ def run_throughput(
     )
 
 
-def as_rows(result: LatencyResult | ThroughputResult) -> list[tuple[str, str]]:
+def as_rows(result: Any) -> list[tuple[str, str]]:
+    """A result dataclass as (name, formatted value) rows for the printed table."""
     rows = []
     for key, value in asdict(result).items():
         if isinstance(value, float):

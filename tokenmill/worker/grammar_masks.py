@@ -13,8 +13,9 @@ import torch
 
 
 class GrammarMasks:
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, parallel: bool = True) -> None:
         self.vocab_size = vocab_size
+        self.parallel = parallel  # False when the model runs on the CPU (see fill_bitmasks)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-grammar")
 
     def start(self, matchers: list[Any]) -> Future[torch.Tensor] | None:
@@ -25,7 +26,7 @@ class GrammarMasks:
 
         def fill() -> torch.Tensor:
             bitmask = allocate_bitmask(len(matchers), self.vocab_size)
-            fill_bitmasks(matchers, bitmask, list(range(len(matchers))))
+            fill_bitmasks(matchers, bitmask, list(range(len(matchers))), parallel=self.parallel)
             return bitmask
 
         return self._executor.submit(fill)
