@@ -375,6 +375,27 @@ def test_batched_fill_equals_one_by_one(tok: Tokenizer, width: int, compiler: Gr
     assert (batched[[1, 4]] == -1).all()  # rows no matcher filled still allow everything
 
 
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_grammar_masks_inline_or_overlapped_mask_the_same_rows(overlap: bool, tok: Tokenizer, width: int,
+                                                               compiler: GrammarCompiler) -> None:
+    from tokenmill.worker.grammar_masks import GrammarMasks
+
+    matchers = [compiler.matcher(StructuredOutputParams(choice=["yes", "no"])) for _ in range(2)]
+    matchers[1].accept_token(tok.encode("no", add_special_tokens=False)[0])
+    logits = torch.zeros(3, width)
+    masked = GrammarMasks.apply(GrammarMasks(width, overlap=overlap).start(matchers), logits, [2, 0])
+    expected = torch.zeros(3, width)
+    for matcher, row in zip(matchers, [2, 0]):
+        expected[row][~torch.tensor(allowed_ids_mask(matcher, width))] = float("-inf")
+    assert torch.equal(masked, expected)
+    assert torch.equal(logits, torch.zeros(3, width))  # the caller's logits are not changed
+
+
+def allowed_ids_mask(matcher: GrammarMatcher, width: int) -> list[bool]:
+    allowed = set(allowed_ids(matcher, width))
+    return [i in allowed for i in range(width)]
+
 # ---- bitmask application ------------------------------------------------------------------------------
 
 def test_apply_bitmask_matches_reference() -> None:

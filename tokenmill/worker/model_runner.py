@@ -103,7 +103,7 @@ class ModelRunner:
 
     def enable_structured_output(self, compiler: Any, vocab_size: int) -> None:
         self.grammar_compiler = compiler
-        self.grammar_masks = GrammarMasks(vocab_size, parallel=self.device.type != "cpu")
+        self.grammar_masks = GrammarMasks(vocab_size, overlap=self.device.type != "cpu")
 
     def time_target_step(self, num_tokens: int) -> float:
         """Seconds of one target forward over num_tokens tokens laid out as decodes (for the cost model)."""
