@@ -12,7 +12,8 @@ from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: models/tokenmill-py-13m")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -41,8 +42,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _make_llm(args: argparse.Namespace):  # -> LLM; imported late so `--help` is instant
+    from tokenmill.default_model import resolve_models
     from tokenmill.llm import LLM
 
+    args.model, args.draft_model = resolve_models(args.model, args.speculative_method, args.draft_model)
     spec = spec_config_from_args(args)
     return LLM(
         model=args.model,
@@ -146,11 +149,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tokenmill.engine.reasoning import ReasoningConfig
     from tokenmill.server.app import build_app
 
+    from tokenmill.default_model import DEFAULT_MODEL_NAME
+
+    served_model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     llm = _make_llm(args)
     engine = AsyncLLMEngine(llm.engine, max_queue=args.max_queue)
     app = build_app(
         engine,
-        served_model_name=args.served_model_name or args.model,
+        served_model_name=served_model_name,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         default_thinking_budget=args.thinking_token_budget,

@@ -63,3 +63,25 @@ def test_structured_compare_interleaves_pairs_and_reports_overhead(tiny_path, tm
 def test_structured_compare_needs_the_latency_recipe(tiny_path):
     with pytest.raises(SystemExit, match="latency recipe only"):
         main(["bench", "throughput", "--model", tiny_path, "--structured", "compare"])
+
+
+def test_prompts_cut_from_files_are_windows_of_their_tokens(tiny_path, tmp_path):
+    import random
+
+    from tokenmill.bench.prompts import text_prompts
+
+    engine = LLMEngine(EngineConfig(model=tiny_path, dtype="float32"))
+    source = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "a.py").write_text(source)
+    (tmp_path / "code" / "notes.txt").write_text("not python")
+    make = text_prompts(engine.tokenizer, [str(tmp_path / "code")])
+    ids = engine.tokenizer.encode(source, add_special_tokens=False)
+    rng = random.Random(0)
+    for _ in range(5):
+        window = make(rng, 6)
+        assert len(window) == 6 and any(ids[i:i + 6] == window for i in range(len(ids) - 5))
+    with pytest.raises(ValueError, match="--input-len 999"):
+        make(rng, 999)
+    result = run_latency(engine, input_len=8, output_len=4, runs=1, prompts=make)
+    assert result.tok_per_s > 0 and not engine.has_unfinished_requests()

@@ -114,3 +114,24 @@ def test_untrained_draft_accepts_less_than_distilled(pair: dict) -> None:
     prompts = corpus_prompts(pair)
     assert (measure_acceptance(target, random_draft, prompts)["mean_accepted_tokens"]
             < measure_acceptance(target, distilled, prompts)["mean_accepted_tokens"])
+
+
+def test_draft_starts_as_the_target_with_middle_layers_skipped(pair: dict) -> None:
+    from tokenmill.training.distill import init_draft_from_target, spread_layers
+    from tokenmill.training.model import LlamaForCausalLM, ModelConfig
+
+    assert spread_layers(1, 8) == [0] and spread_layers(2, 8) == [0, 7] and spread_layers(3, 5) == [0, 2, 4]
+    target = load_hf_model(pair["target"])
+    fields = {k: getattr(target.config, k) for k in ModelConfig.__dataclass_fields__}
+    same_shape = LlamaForCausalLM(ModelConfig(**{**fields, "num_hidden_layers": 2}))
+    with torch.no_grad():
+        described = init_draft_from_target(same_shape, target)
+    last = len(target.model.layers) - 1
+    assert described == f"embeddings and target layers [0, {last}]"
+    for draft_layer, target_layer in zip(same_shape.model.layers, [target.model.layers[0], target.model.layers[last]]):
+        for (name, a), b in zip(draft_layer.state_dict().items(), target_layer.state_dict().values()):
+            assert torch.equal(a, b), name
+    narrower_mlp = LlamaForCausalLM(ModelConfig(**{**fields, "num_hidden_layers": 1,
+                                                    "intermediate_size": fields["intermediate_size"] // 2}))
+    with torch.no_grad():
+        assert init_draft_from_target(narrower_mlp, target) == "embeddings"

@@ -18,8 +18,8 @@ from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args,
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="latency / throughput benchmarks (see BENCHMARKS.md)")
     bench.add_argument("recipe", choices=["latency", "throughput"])
-    source = bench.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="checkpoint folder")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint folder (default: models/tokenmill-py-13m)")
     source.add_argument("--model-config", help="a config.json: model shape only, with --load-format random")
     bench.add_argument("--load-format", default="auto", choices=["auto", "random"])
     bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -37,6 +37,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--min-len", type=int, default=100)
     bench.add_argument("--max-len", type=int, default=1024)
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--prompt-files", nargs="+", default=None, metavar="PATH",
+                       help="cut prompts from these .py files / folders instead of random token ids "
+                            "(speculative decoding needs real text)")
     bench.add_argument("--peer", choices=["none", "transformers"], default="none",
                        help="also time transformers generate on the same model (latency)")
     bench.add_argument("--structured", choices=["none", "json", "compare"], default="none",
@@ -51,19 +54,22 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from tokenmill.bench.prompts import text_prompts
     from tokenmill.bench.recipes import as_rows, run_latency, run_throughput
     from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tokenmill.default_model import resolve_models
     from tokenmill.engine.engine import LLMEngine
 
     if args.structured == "compare" and args.recipe != "latency":
         raise SystemExit("error: --structured compare runs with the latency recipe only")
     workdir = None
-    model_path = args.model
     load_format = args.load_format
     if args.model_config:
         workdir = tempfile.mkdtemp(prefix="tokenmill-bench-")
         shutil.copy(args.model_config, Path(workdir) / "config.json")
         model_path, load_format = workdir, "random"
+    else:  # the default pair fills in a missing --model / --draft-model
+        model_path, args.draft_model = resolve_models(args.model, args.speculative_method, args.draft_model)
     try:
         start = time.perf_counter()
         engine = LLMEngine(
@@ -85,18 +91,24 @@ def cmd_bench(args: argparse.Namespace) -> None:
             show_progress=True,
         )
         startup_s = time.perf_counter() - start
+        prompts = None
+        if args.prompt_files:
+            if engine.tokenizer is None:
+                raise SystemExit("error: --prompt-files needs a checkpoint with a tokenizer (not --model-config)")
+            prompts = text_prompts(engine.tokenizer, args.prompt_files)
         if args.structured == "compare":
             from tokenmill.bench.structured_overhead import run_structured_overhead
 
             result = run_structured_overhead(engine, args.input_len, args.output_len, args.batch_size, args.pairs,
-                                             args.seed, args.temperature)
+                                             args.seed, args.temperature, prompts)
         elif args.recipe == "latency":
             result = run_latency(engine, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
-                                 args.structured, args.temperature)
+                                 args.structured, args.temperature, prompts)
         else:
             result = run_throughput(engine, args.num_prompts, args.min_len, args.max_len, args.seed, args.structured,
-                                    args.temperature)
+                                    args.temperature, prompts)
         report = {"recipe": args.recipe, "structured": args.structured, "temperature": args.temperature,
+                  "prompts": args.prompt_files or "random token ids",
                   "device": _device_name(engine.device), "dtype": str(engine.dtype),
                   "startup_s": startup_s, "result": asdict(result)}
         rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}")]

@@ -8,13 +8,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tokenmill.bench.prompts import PromptMaker, random_prompts
 from tokenmill.bench.roofline import kv_bytes_per_token, measure_copy_bandwidth, weight_bytes_per_token
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
-
-
-def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
-    return [rng.randrange(vocab_size) for _ in range(length)]
 
 
 @dataclass
@@ -73,14 +70,15 @@ def default_temperature(structured: str, temperature: float | None) -> float:
 
 
 def time_one_batch(
-    engine: LLMEngine, rng: random.Random, params: SamplingParams, batch_size: int, input_len: int, tag: str
+    engine: LLMEngine, rng: random.Random, params: SamplingParams, batch_size: int, input_len: int, tag: str,
+    prompts: PromptMaker | None = None,
 ) -> tuple[float, float, float]:
-    """Run `batch_size` requests with fresh random prompts to completion: (decode tok/s, TTFT s, end-to-end s).
+    """Run `batch_size` requests with fresh prompts to completion: (decode tok/s, TTFT s, end-to-end s).
 
-    Fresh prompts every call, so no call is helped by the prefix cache."""
-    vocab = engine.arch.vocab_size
+    Fresh prompts every call (random ids unless `prompts` is given), so no call is helped by the prefix cache."""
+    make = prompts or random_prompts(engine.arch.vocab_size)
     for i in range(batch_size):
-        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": random_prompt(rng, input_len, vocab)}, params)
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": make(rng, input_len)}, params)
     start = time.perf_counter()
     first_token_at = None
     generated = 0  # counted, not assumed: a grammar can end a constrained request before max_tokens
@@ -97,14 +95,14 @@ def time_one_batch(
 
 def run_latency(
     engine: LLMEngine, input_len: int = 128, output_len: int = 256, batch_size: int = 1, runs: int = 3, seed: int = 0,
-    structured: str = "none", temperature: float | None = None,
+    structured: str = "none", temperature: float | None = None, prompts: PromptMaker | None = None,
 ) -> LatencyResult:
-    """Batch-`batch_size` greedy decode of random prompts; one warm-up, then the median of `runs`."""
+    """Batch-`batch_size` decode (greedy unless `temperature`); one warm-up, then the median of `runs`."""
     rng = random.Random(seed)
     params = bench_params(output_len, structured, default_temperature(structured, temperature))
     samples: list[tuple[float, float, float]] = []
     for run in range(runs + 1):
-        sample = time_one_batch(engine, rng, params, batch_size, input_len, tag=f"lat{run}")
+        sample = time_one_batch(engine, rng, params, batch_size, input_len, tag=f"lat{run}", prompts=prompts)
         if run > 0:  # run 0 warms up
             samples.append(sample)
     tok_per_s = statistics.median(s[0] for s in samples)
@@ -143,18 +141,18 @@ class ThroughputResult:
 
 def run_throughput(
     engine: LLMEngine, num_requests: int = 256, min_len: int = 100, max_len: int = 1024, seed: int = 0,
-    structured: str = "none", temperature: float | None = None,
+    structured: str = "none", temperature: float | None = None, prompts: PromptMaker | None = None,
 ) -> ThroughputResult:
     """All requests at once; prompt and output lengths each uniform in [min_len, max_len]."""
     rng = random.Random(seed)
-    vocab = engine.arch.vocab_size
+    make = prompts or random_prompts(engine.arch.vocab_size)
     limit = engine.max_model_len
     total_prompt = total_output = 0
     for i in range(num_requests):
         prompt_len = min(rng.randint(min_len, max_len), limit - 1)
         output_len = max(1, min(rng.randint(min_len, max_len), limit - prompt_len))
         params = bench_params(output_len, structured, default_temperature(structured, temperature))
-        engine.add_request(f"tp{i}", {"prompt_token_ids": random_prompt(rng, prompt_len, vocab)}, params)
+        engine.add_request(f"tp{i}", {"prompt_token_ids": make(rng, prompt_len)}, params)
         total_prompt += prompt_len
         total_output += output_len
     preemptions_before = engine.scheduler.num_preemptions

@@ -10,6 +10,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
+from tokenmill.bench.prompts import PromptMaker
 from tokenmill.bench.recipes import bench_params, time_one_batch
 from tokenmill.engine.engine import LLMEngine
 
@@ -29,7 +30,7 @@ class StructuredOverheadResult:
 
 def run_structured_overhead(
     engine: LLMEngine, input_len: int = 128, output_len: int = 128, batch_size: int = 32, pairs: int = 5,
-    seed: int = 0, temperature: float | None = None,
+    seed: int = 0, temperature: float | None = None, prompts: PromptMaker | None = None,
 ) -> StructuredOverheadResult:
     if pairs < 1:
         raise ValueError(f"pairs must be at least 1, got {pairs}")
@@ -38,12 +39,13 @@ def run_structured_overhead(
     params = {mode: bench_params(output_len, mode, temperature) for mode in ("none", "json")}
     rng = random.Random(seed)
     for mode in ("none", "json"):  # warm-up: compiles the grammar, fills allocator caches
-        time_one_batch(engine, rng, params[mode], batch_size, input_len, tag=f"so-warm-{mode}")
+        time_one_batch(engine, rng, params[mode], batch_size, input_len, tag=f"so-warm-{mode}", prompts=prompts)
     rates: dict[str, list[float]] = {"none": [], "json": []}
     for pair in range(pairs):
         order = ("none", "json") if pair % 2 == 0 else ("json", "none")  # cancels drift within a pair
         for mode in order:
-            tok_per_s, _, _ = time_one_batch(engine, rng, params[mode], batch_size, input_len, tag=f"so{pair}-{mode}")
+            tok_per_s, _, _ = time_one_batch(engine, rng, params[mode], batch_size, input_len, tag=f"so{pair}-{mode}",
+                                          prompts=prompts)
             rates[mode].append(tok_per_s)
     overheads = [100.0 * (none / max(constrained, 1e-9) - 1.0) for none, constrained in zip(rates["none"], rates["json"])]
     return StructuredOverheadResult(

@@ -110,16 +110,34 @@ def draft_config(target: ModelConfig, args: DistillArgs) -> ModelConfig:
 
 
 @torch.no_grad()
-def init_draft_from_target(draft: LlamaForCausalLM, target: LlamaForCausalLM) -> bool:
-    """Copy embeddings, final norm and head when the widths match: the draft starts out reading and writing
-    the target's token space, and only has to learn the (shallow) map in between."""
+def init_draft_from_target(draft: LlamaForCausalLM, target: LlamaForCausalLM) -> str:
+    """Start the draft from the target's weights where the shapes allow; returns what was copied ("" if nothing).
+
+    Same width: embeddings, final norm and head, so the draft reads and writes the target's token space. Same
+    layer shape too: target layers spread from the first to the last (both kept, the middle skipped), so the
+    draft starts as the target with layers skipped, a model whose next-token choices already mostly agree
+    with the target's, and distillation only has to close the gap."""
     if draft.config.hidden_size != target.config.hidden_size:
-        return False
+        return ""
     draft.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
     draft.model.norm.weight.copy_(target.model.norm.weight)
     if not draft.config.tie_word_embeddings:
         draft.lm_head.weight.copy_(target.lm_head.weight)
-    return True
+    picked = spread_layers(len(draft.model.layers), len(target.model.layers))
+    sources = [target.model.layers[i].state_dict() for i in picked]
+    if any(src.keys() != dst.state_dict().keys() or any(src[k].shape != v.shape for k, v in dst.state_dict().items())
+           for src, dst in zip(sources, draft.model.layers)):
+        return "embeddings"
+    for src, dst in zip(sources, draft.model.layers):
+        dst.load_state_dict(src)
+    return f"embeddings and target layers {picked}"
+
+
+def spread_layers(num_draft: int, num_target: int) -> list[int]:
+    """num_draft target layer indices from the first to the last, evenly spaced: 1 of 8 -> [0], 2 -> [0, 7]."""
+    if num_draft <= 1:
+        return [0][:num_draft]
+    return [round(i * (num_target - 1) / (num_draft - 1)) for i in range(num_draft)]
 
 
 @torch.no_grad()
@@ -265,7 +283,7 @@ def distill(args: DistillArgs, log: Log = lambda s: print(s, flush=True)) -> dic
     draft = LlamaForCausalLM(cfg).to(device)
     copied = args.init_from_target and init_draft_from_target(draft, target)
     log(f"target: {target.num_parameters() / 1e6:.2f} M parameters; draft: {draft.num_parameters() / 1e6:.2f} M "
-        f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}){'; embeddings copied from target' if copied else ''}")
+        f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}){f'; {copied} copied from target' if copied else ''}")
 
     optimizer = make_optimizer(draft, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps,
@@ -334,7 +352,7 @@ def distill(args: DistillArgs, log: Log = lambda s: print(s, flush=True)) -> dic
         "draft_config": cfg.to_dict(),
         "draft_parameters": draft.num_parameters(),
         "target_parameters": target.num_parameters(),
-        "initialized_from_target": bool(copied),
+        "initialized_from_target": copied or None,
         "corpus": data.corpus_info,
         "steps": args.max_steps,
         "self_gen_steps": self_gen_steps,
