@@ -13,6 +13,7 @@ from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.cost_model import (
     AcceptanceTracker,
+    StepCalibration,
     StepTimes,
     choose_batch_cap,
     expected_tokens,
@@ -80,6 +81,29 @@ def test_batch_cap_keeps_drafts_while_steps_are_flat_and_drops_them_when_compute
     assert choose_batch_cap([0.1], [4], 0, target, draft) == 0
     assert choose_batch_cap([0.95], [4], 0, target, draft) > 0
 
+
+
+def test_measured_step_costs_turn_drafting_off_and_retry_it_later():
+    target = StepTimes([(1, 1.0), (64, 1.0), (128, 2.0), (512, 8.0)])
+    rates, lengths = [0.5] * 32, [4] * 32
+    assert choose_batch_cap(rates, lengths, 0, target, None) > 0  # the profile alone says drafting pays
+    calibration = StepCalibration()
+    for _ in range(20):  # verify steps really take 1.8x the prediction, plain steps exactly the prediction
+        calibration.observe(predicted_s=2.0, measured_s=3.6, drafted=True)
+        calibration.observe(predicted_s=1.0, measured_s=1.0, drafted=False)
+    assert calibration.spec_cost_factor > 1.5
+    assert choose_batch_cap(rates, lengths, 0, target, None, calibration.spec_cost_factor) == 0
+    # While drafting is off only plain steps are measured: the factor drifts back, so drafting is retried.
+    for _ in range(200):
+        calibration.observe(predicted_s=1.0, measured_s=1.0, drafted=False)
+    assert calibration.spec_cost_factor < 1.05
+    assert choose_batch_cap(rates, lengths, 0, target, None, calibration.spec_cost_factor) > 0
+    # A machine uniformly slower than its profile changes nothing: only the ratio of the two counts.
+    uniform = StepCalibration()
+    for _ in range(20):
+        uniform.observe(2.0, 5.0, drafted=True)
+        uniform.observe(1.0, 2.5, drafted=False)
+    assert uniform.spec_cost_factor == pytest.approx(1.0, abs=0.05)
 
 # ---- scheduler: drafts inside the budget, rollback, caching only verified blocks ------------------
 

@@ -80,11 +80,14 @@ def choose_batch_cap(
     num_other_tokens: int,
     target: StepTimes,
     draft_step: StepTimes | None,
+    spec_cost_factor: float = 1.0,
 ) -> int:
     """The cap K on every request's drafts that maximizes expected tokens per second; 0 turns drafting off.
 
     num_other_tokens: tokens of the step besides the drafting requests' own (prefill chunks, other decodes).
     draft_step: seconds of one drafting step by number of drafting requests (None when drafting is free).
+    spec_cost_factor: how much more a drafting step really costs than predicted, relative to a plain one
+    (StepCalibration.spec_cost_factor); it scales the seconds of every K > 0.
     """
     if not rates or not target.points:
         return max(lengths, default=0)
@@ -95,7 +98,39 @@ def choose_batch_cap(
         seconds = target(num_decodes + sum(ks) + num_other_tokens)
         if draft_step is not None:
             seconds += max(ks) * draft_step(sum(1 for k in ks if k))
+        seconds *= spec_cost_factor
         tokens = sum(expected_tokens(rate, k) for rate, k in zip(rates, ks))
         if tokens / max(seconds, 1e-9) > best_rate:
             best_cap, best_rate = cap, tokens / max(seconds, 1e-9)
     return best_cap
+
+
+class StepCalibration:
+    """Measured step time / predicted step time, kept apart for steps that verify drafts and steps that do not.
+
+    The start-up profile times bare forward passes laid out as decodes. A real verify step also samples,
+    checks drafts and proposes the next ones, and its attention differs (several queries per request), so
+    on some machines it costs more than the profile says. Their ratio corrects the cost model. When drafting
+    is off, the drafting ratio drifts back toward the plain one, so drafting gets retried now and then and
+    recovers when the batch shrinks again.
+    """
+
+    def __init__(self, smoothing: float = 0.2, drift: float = 0.02) -> None:
+        self.smoothing = smoothing
+        self.drift = drift
+        self.plain = 1.0
+        self.spec = 1.0
+
+    def observe(self, predicted_s: float, measured_s: float, drafted: bool) -> None:
+        if predicted_s <= 0.0:
+            return
+        ratio = measured_s / predicted_s
+        if drafted:
+            self.spec += self.smoothing * (ratio - self.spec)
+        else:
+            self.plain += self.smoothing * (ratio - self.plain)
+            self.spec += self.drift * (self.plain - self.spec)
+
+    @property
+    def spec_cost_factor(self) -> float:
+        return self.spec / self.plain

@@ -13,6 +13,7 @@ import torch
 
 from tokenmill.spec_decode.cost_model import (
     AcceptanceTracker,
+    StepCalibration,
     StepTimes,
     choose_batch_cap,
     per_request_lengths,
@@ -37,6 +38,8 @@ class Speculator:
         self._acceptance: dict[str, AcceptanceTracker] = {}
         self._draft_probs: dict[str, torch.Tensor] = {}
         self.last_batch_cap = num_speculative_tokens
+        self.calibration = StepCalibration()
+        self._proposal_seconds = 0.0  # predicted seconds of the drafting done at the end of this step
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -55,6 +58,13 @@ class Speculator:
                 break
             draft_points.append((num_seqs, seconds))
         self.draft_step_times = StepTimes(draft_points) if draft_points else None
+
+    def observe_step(self, num_tokens: int, drafted: bool, seconds: float) -> None:
+        """The real duration of one whole step (forward, sampling, verification, proposing) of num_tokens."""
+        if self.adaptive and self.target_times.points:
+            predicted = self.target_times(num_tokens) + self._proposal_seconds
+            self.calibration.observe(predicted, seconds, drafted)
+        self._proposal_seconds = 0.0
 
     def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
         self._acceptance.setdefault(req_id, AcceptanceTracker()).observe(num_drafts, num_accepted)
@@ -82,9 +92,12 @@ class Speculator:
         if self.adaptive:
             rates = [self._acceptance.setdefault(r.req_id, AcceptanceTracker()).rate for r in requests]
             caps = per_request_lengths(rates, caps, self.min_gain)
-            batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times)
+            batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times,
+                                         self.calibration.spec_cost_factor)
             self.last_batch_cap = batch_cap
             caps = [min(c, batch_cap) for c in caps]
+            if self.draft_step_times is not None and max(caps, default=0) > 0:
+                self._proposal_seconds = max(caps) * self.draft_step_times(sum(1 for c in caps if c))
         chosen = [(r, c) for r, c in zip(requests, caps) if c > 0]
         if not chosen:
             return {}

@@ -7,6 +7,7 @@ crosses from the core.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -84,6 +85,7 @@ class ModelRunner:
         if not chunks:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
 
+        started = time.perf_counter()
         inputs = build_step_inputs(scheduler_output, self.block_size, self.device)
         plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
         grammar_rows = [i for i, (c, _) in enumerate(plain) if self.states[chunks[c].req_id].grammar is not None]
@@ -99,6 +101,9 @@ class ModelRunner:
         self._prompt_logprobs(scheduler_output, inputs, hidden, output)
         if self.speculator is not None and inputs.sampling_chunks:
             self._propose_drafts(scheduler_output, inputs, output)
+            drafted = any(c.num_spec_tokens for c in chunks)
+            # Sampled token ids are already on the host (the step has synchronized), so this is the step's time.
+            self.speculator.observe_step(len(inputs.input_ids), drafted, time.perf_counter() - started)
         return output
 
     def enable_structured_output(self, compiler: Any, vocab_size: int) -> None:
