@@ -113,6 +113,8 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, metavar="PATH", help="target checkpoint folder (Llama)")
     _add_data_args(p)
     _add_model_args(p, draft=True)
+    p.add_argument("--init-draft", default=None, metavar="PATH",
+                   help="continue from this draft checkpoint folder (same shape) instead of starting afresh")
     p.add_argument("--no-init-from-target", dest="init_from_target", action="store_false",
                    help="do not copy embeddings / norm / head from the target when widths match")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation softmax temperature")

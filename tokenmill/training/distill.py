@@ -49,6 +49,7 @@ class DistillArgs:
     intermediate_size: int | None = None  # None: the target's MLP ratio
     context_length: int | None = None  # None: the target's, capped at 1024
     init_from_target: bool = True
+    init_draft: str | None = None  # a draft checkpoint folder to continue from (same shape)
     temperature: float = 1.0
     ce_weight: float = 0.0
     self_gen_fraction: float = 0.0
@@ -282,6 +283,10 @@ def distill(args: DistillArgs, log: Log = lambda s: print(s, flush=True)) -> dic
                         eos_id=eos_id)
     draft = LlamaForCausalLM(cfg).to(device)
     copied = args.init_from_target and init_draft_from_target(draft, target)
+    if args.init_draft:
+        # Continue an earlier distillation: its weights replace the target-derived start.
+        draft.load_state_dict(ckpt.load_hf_model(args.init_draft, device).state_dict())
+        copied = f"continued from {args.init_draft}"
     log(f"target: {target.num_parameters() / 1e6:.2f} M parameters; draft: {draft.num_parameters() / 1e6:.2f} M "
         f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}){f'; {copied} copied from target' if copied else ''}")
 

@@ -1,0 +1,60 @@
+"""The model pair shipped in models/: it loads everywhere, matches transformers, and is the CLI's default."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.e2e.conftest import hf_greedy
+from tokenmill import LLM, SamplingParams
+from tokenmill.cli import main
+from tokenmill.default_model import DEFAULT_DRAFT, DEFAULT_MODEL, default_model_path, resolve_models
+from tokenmill.errors import ModelLoadError
+
+PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef main():\n    ", "class Stack:\n    def __init__(self):"]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(model=str(DEFAULT_MODEL), dtype="float32", max_model_len=1024)
+
+
+def test_shipped_model_greedy_equals_transformers(llm: LLM) -> None:
+    prompts = [llm.engine.tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for output, reference in zip(outputs, hf_greedy(DEFAULT_MODEL, prompts, NEW_TOKENS)):
+        assert output.outputs[0].token_ids == reference
+
+
+def test_draft_model_speculation_keeps_greedy_output(llm: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
+    plain = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    spec = LLM(model=str(DEFAULT_MODEL), dtype="float32", max_model_len=1024, speculative_method="draft",
+               draft_model=str(DEFAULT_DRAFT), num_speculative_tokens=4)
+    assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params)] == plain
+    assert spec.engine.stats()["spec_acceptance_rate"] > 0.3  # a distilled draft, not noise
+
+
+def test_generate_with_no_model_prints_python(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--prompt", "def fibonacci(n):", "--max-tokens", "48"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def fibonacci(n):")
+    completion = text[len("def fibonacci(n):"):]
+    assert re.search(r"\n( {4})+\S", completion), "an indented line, in steps of four spaces"
+    assert re.search(r"\b(return|if|for|while|self|def|None|in)\b", completion), "Python keywords"
+
+
+def test_default_pair_fills_in_missing_paths(tmp_path) -> None:
+    assert resolve_models(None, None, None) == (str(DEFAULT_MODEL), None)
+    assert resolve_models(None, "draft", None) == (str(DEFAULT_MODEL), str(DEFAULT_DRAFT))
+    assert resolve_models(str(tmp_path), "draft", None) == (str(tmp_path), None)  # no draft guessed for others
+    assert resolve_models(None, "draft", "mine") == (str(DEFAULT_MODEL), "mine")
+
+
+def test_missing_default_model_names_the_flag(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tokenmill.default_model.DEFAULT_MODEL", tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="pass --model PATH"):
+        default_model_path()
