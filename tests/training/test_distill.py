@@ -135,3 +135,16 @@ def test_draft_starts_as_the_target_with_middle_layers_skipped(pair: dict) -> No
                                                     "intermediate_size": fields["intermediate_size"] // 2}))
     with torch.no_grad():
         assert init_draft_from_target(narrower_mlp, target) == "embeddings"
+
+
+def test_init_draft_continues_from_an_earlier_distillation(pair: dict, tmp_path) -> None:
+    out = tmp_path / "continued"
+    log = cli(["distill", "--target", str(pair["target"]), "--init-draft", str(pair["draft"]),
+               "--data", str(pair["corpus"]), "--out", str(out), "--hidden-size", "64", "--layers", "1",
+               "--context-length", "64", "--max-steps", "1", "--batch-size", "8", "--eval-every", "0",
+               "--holdout-fraction", "0.1", "--device", "cpu", "--acceptance-prompts", "2",
+               "--acceptance-prompt-length", "16", "--acceptance-new-tokens", "4"])
+    summary = json.loads((out / "distill_summary.json").read_text())
+    assert "continued from" in log
+    # It starts where the first run ended, not from the target's layers.
+    assert summary["initial_heldout_kl"] == pytest.approx(pair["summary"]["final_heldout_kl"], rel=1e-4)
