@@ -16,9 +16,7 @@ import torch
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
 from tokenmill.structured import GrammarCompiler, GrammarMatcher, StructuredOutputParams
-from tokenmill.structured.backend import fill_bitmasks
 from tokenmill.structured.bitmask import allocate_bitmask, apply_bitmask, unpack_bitmask
-from tokenmill.tools.tiny_tokenizer import build_tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
                                 reason="needs llguidance (pip install 'tokenmill[test]')")
@@ -59,23 +57,6 @@ _COMMAND = r'(move (left|right|up|down) [1-9][0-9]{0,2}|say "[a-z ]{1,10}")'
 GBNF_LANGUAGE = re.compile(rf"{_COMMAND}(; {_COMMAND}){{0,3}}")
 LARK = 'start: greeting " " name\ngreeting: "hello" | "hi"\nname: /[A-Z][a-z]{1,5}/\n'
 PAD = 24  # checkpoints often pad the lm_head past the tokenizer's size
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    folder = tmp_path_factory.mktemp("tok")
-    build_tiny_tokenizer(folder)
-    return Tokenizer.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def width(tok: Tokenizer) -> int:
-    return tok.vocab_size + PAD
-
-
-@pytest.fixture(scope="module")
-def compiler(tok: Tokenizer, width: int) -> GrammarCompiler:
-    return GrammarCompiler(tok, width, [tok.eos_token_id])
 
 
 def allowed_ids(matcher: GrammarMatcher, width: int) -> list[int]:
@@ -350,51 +331,6 @@ def test_concurrent_compiles_and_background_masks(tok: Tokenizer, width: int) ->
     assert (bitmask == bitmask[0]).all() and unpack_bitmask(bitmask, width)[0].sum() == 1  # only "{"
 
 
-def test_batched_fill_equals_one_by_one(tok: Tokenizer, width: int, compiler: GrammarCompiler) -> None:
-    texts = ['{"id": 3', '{"id": 3, "name": "a', "", '{"id": 3, "name": "ab", "kind": "dog", "tags": ["x"]']
-    matchers = []
-    for text in texts:
-        matcher = compiler.matcher(StructuredOutputParams(json=SCHEMA))
-        assert matcher.num_valid_prefix(tok.encode(text, add_special_tokens=False)) == len(tok.encode(text))
-        for token in tok.encode(text, add_special_tokens=False):
-            matcher.accept_token(token)
-        matchers.append(matcher)
-    done = compiler.matcher(StructuredOutputParams(choice=["no"]))
-    for token in tok.encode("no", add_special_tokens=False) + [tok.eos_token_id]:
-        assert done.accept_token(token)
-    matchers.append(done)
-    batched, serial, single = (allocate_bitmask(7, width) for _ in range(3))
-    rows = [6, 0, 2, 3, 5]
-    fill_bitmasks(matchers, batched, rows)
-    fill_bitmasks(matchers, serial, rows, parallel=False)
-    for matcher, row in zip(matchers, rows):
-        matcher.fill_bitmask(single, row)
-    assert torch.equal(batched, single)
-    assert torch.equal(serial, single)
-    assert unpack_bitmask(batched[5:6], width)[0].nonzero().flatten().tolist() == [tok.eos_token_id]
-    assert (batched[[1, 4]] == -1).all()  # rows no matcher filled still allow everything
-
-
-
-@pytest.mark.parametrize("overlap", [True, False])
-def test_grammar_masks_inline_or_overlapped_mask_the_same_rows(overlap: bool, tok: Tokenizer, width: int,
-                                                               compiler: GrammarCompiler) -> None:
-    from tokenmill.worker.grammar_masks import GrammarMasks
-
-    matchers = [compiler.matcher(StructuredOutputParams(choice=["yes", "no"])) for _ in range(2)]
-    matchers[1].accept_token(tok.encode("no", add_special_tokens=False)[0])
-    logits = torch.zeros(3, width)
-    masked = GrammarMasks.apply(GrammarMasks(width, overlap=overlap).start(matchers), logits, [2, 0])
-    expected = torch.zeros(3, width)
-    for matcher, row in zip(matchers, [2, 0]):
-        expected[row][~torch.tensor(allowed_ids_mask(matcher, width))] = float("-inf")
-    assert torch.equal(masked, expected)
-    assert torch.equal(logits, torch.zeros(3, width))  # the caller's logits are not changed
-
-
-def allowed_ids_mask(matcher: GrammarMatcher, width: int) -> list[bool]:
-    allowed = set(allowed_ids(matcher, width))
-    return [i in allowed for i in range(width)]
 
 # ---- bitmask application ------------------------------------------------------------------------------
 
