@@ -145,11 +145,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """OpenAI-compatible HTTP server; SIGINT/SIGTERM drain in-flight requests for --drain-timeout, then abort."""
     import uvicorn
 
+    from tokenmill.default_model import DEFAULT_MODEL_NAME
     from tokenmill.engine.async_engine import AsyncLLMEngine
     from tokenmill.engine.reasoning import ReasoningConfig
     from tokenmill.server.app import build_app
-
-    from tokenmill.default_model import DEFAULT_MODEL_NAME
 
     served_model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     llm = _make_llm(args)

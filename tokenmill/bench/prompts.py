@@ -28,11 +28,14 @@ def text_prompts(tokenizer: Tokenizer, paths: Sequence[str], extensions: Sequenc
     if not docs:
         raise ValueError(f"--prompt-files: no readable text with extensions {list(extensions)} in {list(paths)}")
     longest = max(len(d) for d in docs)
+    long_enough: dict[int, list[list[int]]] = {}  # by prompt length, computed once per length
 
     def make(rng: random.Random, length: int) -> list[int]:
         if length > longest:
             raise ValueError(f"--input-len {length} is longer than the longest prompt file ({longest} tokens)")
-        doc = rng.choice([d for d in docs if len(d) >= length])
+        if length not in long_enough:
+            long_enough[length] = [d for d in docs if len(d) >= length]
+        doc = rng.choice(long_enough[length])
         start = rng.randrange(len(doc) - length + 1)
         return doc[start : start + length]
 

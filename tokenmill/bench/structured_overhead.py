@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 
 from tokenmill.bench.prompts import PromptMaker
-from tokenmill.bench.recipes import bench_params, time_one_batch
+from tokenmill.bench.recipes import bench_params, default_temperature, time_one_batch
 from tokenmill.engine.engine import LLMEngine
 
 
@@ -34,8 +34,7 @@ def run_structured_overhead(
 ) -> StructuredOverheadResult:
     if pairs < 1:
         raise ValueError(f"pairs must be at least 1, got {pairs}")
-    # Temperature 1 for both: greedy decoding of a noisy model can close the JSON early and end the grammar.
-    temperature = 1.0 if temperature is None else temperature
+    temperature = default_temperature("json", temperature)  # the same for both kinds of batch
     params = {mode: bench_params(output_len, mode, temperature) for mode in ("none", "json")}
     rng = random.Random(seed)
     for mode in ("none", "json"):  # warm-up: compiles the grammar, fills allocator caches

@@ -148,7 +148,7 @@ def fill_bitmasks(matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor, row
     With `parallel`, llguidance computes the masks on its own thread pool without holding the GIL: right
     when the model runs on a GPU and the CPU cores are idle. When the model itself runs on the CPU, that
     pool's threads compete with torch's for the same cores and slowed decoding by ~9% at batch 32 (measured,
-    docs/perf.md); `parallel=False` fills the rows one after another on the calling thread instead (~2.5%).
+    docs/perf.md); `parallel=False` fills the rows one after another on the calling thread instead.
     """
     if len(matchers) != len(rows):
         raise ValueError(f"{len(matchers)} matchers but {len(rows)} rows")

@@ -126,12 +126,15 @@ def init_draft_from_target(draft: LlamaForCausalLM, target: LlamaForCausalLM) ->
         draft.lm_head.weight.copy_(target.lm_head.weight)
     picked = spread_layers(len(draft.model.layers), len(target.model.layers))
     sources = [target.model.layers[i].state_dict() for i in picked]
-    if any(src.keys() != dst.state_dict().keys() or any(src[k].shape != v.shape for k, v in dst.state_dict().items())
-           for src, dst in zip(sources, draft.model.layers)):
+    if not all(_same_shapes(src, dst.state_dict()) for src, dst in zip(sources, draft.model.layers)):
         return "embeddings"
     for src, dst in zip(sources, draft.model.layers):
         dst.load_state_dict(src)
     return f"embeddings and target layers {picked}"
+
+
+def _same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
 def spread_layers(num_draft: int, num_target: int) -> list[int]:
@@ -282,13 +285,14 @@ def distill(args: DistillArgs, log: Log = lambda s: print(s, flush=True)) -> dic
     data = prepare_data(args.data, args.extensions, args.holdout_fraction, args.seed, ctx, tokenizer, log,
                         eos_id=eos_id)
     draft = LlamaForCausalLM(cfg).to(device)
-    copied = args.init_from_target and init_draft_from_target(draft, target)
-    if args.init_draft:
-        # Continue an earlier distillation: its weights replace the target-derived start.
+    if args.init_draft:  # continue an earlier distillation
         draft.load_state_dict(ckpt.load_hf_model(args.init_draft, device).state_dict())
-        copied = f"continued from {args.init_draft}"
+        start = f"continued from {args.init_draft}"
+    else:
+        copied = init_draft_from_target(draft, target) if args.init_from_target else ""
+        start = f"{copied} copied from target" if copied else ""
     log(f"target: {target.num_parameters() / 1e6:.2f} M parameters; draft: {draft.num_parameters() / 1e6:.2f} M "
-        f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}){f'; {copied} copied from target' if copied else ''}")
+        f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}){f'; {start}' if start else ''}")
 
     optimizer = make_optimizer(draft, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps,
@@ -357,7 +361,7 @@ def distill(args: DistillArgs, log: Log = lambda s: print(s, flush=True)) -> dic
         "draft_config": cfg.to_dict(),
         "draft_parameters": draft.num_parameters(),
         "target_parameters": target.num_parameters(),
-        "initialized_from_target": copied or None,
+        "initialized_from": start or None,
         "corpus": data.corpus_info,
         "steps": args.max_steps,
         "self_gen_steps": self_gen_steps,
