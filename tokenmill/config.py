@@ -23,16 +23,21 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
 
 
-SPEC_METHODS = ("ngram", "draft")
+SPEC_METHODS = ("ngram", "draft", "ngram+draft")
+# Methods that run a separate draft model (ngram+draft: prompt lookup first, the model where it finds nothing).
+DRAFT_MODEL_METHODS = ("draft", "ngram+draft")
 
 
 @dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding: off unless `method` is set."""
 
-    method: str | None = None  # "ngram" (prompt lookup) or "draft" (a separate small model)
+    method: str | None = None  # "ngram" (prompt lookup), "draft" (a separate small model) or "ngram+draft"
     num_speculative_tokens: int = 4  # the most drafts per request per step
-    draft_model: str | None = None  # checkpoint folder of the draft model (method "draft")
+    draft_model: str | None = None  # checkpoint folder of the draft model (DRAFT_MODEL_METHODS)
+    # The draft's weights and KV may be narrower than the target's: drafts only need to be likely, not exact
+    # (verification keeps the output exact). None: the target's dtype.
+    draft_dtype: str | None = None
     ngram_min: int = 1
     ngram_max: int = 4
     # Adaptive length: per request from recent acceptance, per batch from step times measured at start.
@@ -50,8 +55,12 @@ class SpecConfig:
         _positive("num_speculative_tokens", self.num_speculative_tokens)
         if self.num_speculative_tokens > 16:
             raise InvalidRequestError("num_speculative_tokens", f"must be at most 16, got {self.num_speculative_tokens}")
-        if self.method == "draft" and not self.draft_model:
-            raise InvalidRequestError("draft_model", "speculative_method 'draft' needs a draft_model checkpoint")
+        if self.method in DRAFT_MODEL_METHODS and not self.draft_model:
+            raise InvalidRequestError("draft_model", f"speculative_method {self.method!r} needs a draft_model checkpoint")
+        if self.draft_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+            raise InvalidRequestError(
+                "draft_dtype", f"must be auto, float32, bfloat16 or float16 (or None), got {self.draft_dtype!r}"
+            )
         _positive("ngram_min", self.ngram_min)
         if self.ngram_max < self.ngram_min:
             raise InvalidRequestError("ngram_max", f"must be >= ngram_min ({self.ngram_min}), got {self.ngram_max}")

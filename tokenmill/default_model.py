@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenmill.config import DRAFT_MODEL_METHODS
 from tokenmill.errors import ModelLoadError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -28,6 +29,6 @@ def default_model_path() -> str:
 def resolve_models(model: str | None, method: str | None, draft_model: str | None) -> tuple[str, str | None]:
     """(target, draft) paths: the default pair fills in whatever was not given."""
     target = model or default_model_path()
-    if method == "draft" and draft_model is None and Path(target).resolve() == DEFAULT_MODEL.resolve():
+    if method in DRAFT_MODEL_METHODS and draft_model is None and Path(target).resolve() == DEFAULT_MODEL.resolve():
         draft_model = str(DEFAULT_DRAFT)
     return target, draft_model

@@ -37,6 +37,9 @@ class LLM:
         draft_model: str | None = None,
         speculative_adaptive: bool = True,
         draft_confidence_threshold: float = 0.1,
+        draft_dtype: str | None = None,
+        ngram_min: int = 1,
+        ngram_max: int = 4,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -58,6 +61,9 @@ class LLM:
                 draft_model=draft_model,
                 adaptive=speculative_adaptive,
                 draft_confidence_threshold=draft_confidence_threshold,
+                draft_dtype=draft_dtype,
+                ngram_min=ngram_min,
+                ngram_max=ngram_max,
             ),
         )
         self.engine = LLMEngine(config, show_progress=show_progress)

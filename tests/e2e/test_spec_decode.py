@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from scipy.stats import chi2_contingency
 
 from tests.checkpoints import FAMILIES, make_checkpoint, make_perturbed_copy
@@ -179,7 +180,43 @@ def test_bad_speculative_config_is_rejected(checkpoint_dir):
         LLM(model=path, speculative_method="medusa")
     with pytest.raises(InvalidRequestError, match="draft_model"):
         LLM(model=path, speculative_method="draft")
+    with pytest.raises(InvalidRequestError, match="draft_model"):
+        LLM(model=path, speculative_method="ngram+draft")
+    with pytest.raises(InvalidRequestError, match="draft_dtype"):
+        LLM(model=path, speculative_method="draft", draft_model=path, draft_dtype="int8")
     with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
         LLM(model=path, speculative_method="ngram", num_speculative_tokens=0)
     with pytest.raises(InvalidRequestError, match="draft_confidence_threshold"):
         LLM(model=path, speculative_method="draft", draft_model=path, draft_confidence_threshold=1.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lookup_then_draft_uses_both_and_keeps_greedy_output(family, checkpoint_dir, drafts, prompts, baseline,
+                                                             monkeypatch):
+    llm = llm_for(checkpoint_dir(family), "ngram+draft", drafts[family], draft_dtype="bfloat16")
+    proposer = llm.engine.runner.speculator.proposer
+    assert next(proposer.model.model.parameters()).dtype == torch.bfloat16
+    sources = Counter()
+    lookup, model = proposer.propose_free, proposer.model.propose
+
+    def counting_lookup(requests):
+        found = lookup(requests)
+        sources["lookup"] += sum(1 for draft in found if draft is not None)
+        return found
+
+    def counting_model(requests):
+        sources["model"] += len(requests)
+        return model(requests)
+
+    monkeypatch.setattr(proposer, "propose_free", counting_lookup)
+    monkeypatch.setattr(proposer.model, "propose", counting_model)
+    assert greedy_ids(llm, prompts) == baseline[family]
+    # The repetitive prompts are drafted by lookup; the random ones, where lookup finds nothing, by the model.
+    assert sources["lookup"] > 0 and sources["model"] > 0
+    assert llm.engine.stats()["kv_blocks_used"] == 0
+    # Chunked prefill and preemption change nothing either.
+    chunked = llm_for(checkpoint_dir(family), "ngram+draft", drafts[family], max_num_batched_tokens=16)
+    assert greedy_ids(chunked, prompts) == baseline[family]
+    small = llm_for(checkpoint_dir(family), "ngram+draft", drafts[family], num_kv_blocks=36)
+    assert greedy_ids(small, prompts) == baseline[family]
+    assert small.engine.stats()["num_preemptions"] > 0

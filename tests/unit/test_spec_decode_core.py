@@ -33,7 +33,10 @@ def test_ngram_proposes_what_followed_the_most_recent_match_of_the_longest_suffi
     # The 3-gram [7, 1, 2] beats the more recent 2-gram match.
     assert ngram.lookup([7, 1, 2, 5, 6, 1, 2, 8, 7, 1, 2], 3) == [5, 6, 1]
     assert ngram.lookup([1, 2, 3], 4) == []  # nothing repeats
-    assert ngram.lookup([5, 5], 4) == [5]  # only what exists after the match
+    # What followed the match reaches the end of the text: the text is periodic, and so is the draft.
+    assert ngram.lookup([5, 5], 4) == [5, 5, 5, 5]
+    assert ngram.lookup([1, 2, 3, 1, 2, 3, 1, 2], 4) == [3, 1, 2, 3]
+    assert ngram.lookup([4, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # period 3: exactly what followed
     assert ngram.lookup([1, 2, 1], 0) == []
 
 
@@ -63,6 +66,20 @@ def test_expected_tokens_and_acceptance_tracker():
     tracker.observe(4, 4)  # all accepted: no rejection
     tracker.observe(4, 2)  # two accepted, then a rejection
     assert tracker.rate == pytest.approx(6 / 7)
+
+
+def test_a_request_kept_from_drafting_drifts_back_to_the_prior():
+    tracker = AcceptanceTracker()
+    tracker.observe(4, 0)
+    tracker.observe(4, 0)
+    low = tracker.rate
+    assert low < 0.3
+    for _ in range(10):
+        tracker.idle()
+    assert low < tracker.rate < 0.5
+    for _ in range(40):
+        tracker.idle()
+    assert tracker.rate == pytest.approx(0.5, abs=0.01)
 
 
 def test_per_request_lengths_follow_acceptance():

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import DRAFT_MODEL_METHODS, EngineConfig
 from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
@@ -49,7 +49,7 @@ class LLMEngine:
             )
         block_size = config.cache.block_size
         draft_model = None
-        if config.spec.method == "draft":
+        if config.spec.method in DRAFT_MODEL_METHODS:
             draft_model = load_draft_model(config, self.device, self.arch.vocab_size)
         # A draft model keeps its KV in the same block ids, so each block costs both models' bytes.
         layers = self.model.attention_layers() + (draft_model.attention_layers() if draft_model else [])
@@ -64,7 +64,7 @@ class LLMEngine:
         num_lookahead = 0
         if config.spec.method is not None:
             proposer = build_proposer(
-                config, draft_model, num_blocks, self.dtype, self.device, self.arch.vocab_size,
+                config, draft_model, num_blocks, self.device, self.arch.vocab_size,
                 self.runner.sampler.generator,
             )
             self.runner.speculator = build_speculator(proposer, config)

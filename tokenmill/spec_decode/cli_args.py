@@ -10,9 +10,14 @@ from tokenmill.config import SPEC_METHODS, SpecConfig
 def add_spec_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speculative decoding")
     group.add_argument("--speculative-method", choices=SPEC_METHODS, default=None,
-                       help="draft tokens by prompt lookup (ngram) or with a small draft model (draft)")
+                       help="draft tokens by prompt lookup (ngram), with a small draft model (draft), or by "
+                            "lookup first and the draft model where the lookup finds nothing (ngram+draft)")
     group.add_argument("--num-speculative-tokens", type=int, default=4, help="the most drafts per request per step")
     group.add_argument("--draft-model", default=None, help="draft checkpoint sharing the target's tokenizer")
+    group.add_argument("--draft-dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                       help="the draft model's dtype (default: the target's)")
+    group.add_argument("--ngram-min", type=int, default=1, help="shortest suffix that prompt lookup matches")
+    group.add_argument("--ngram-max", type=int, default=4, help="longest suffix that prompt lookup tries first")
     group.add_argument("--no-speculative-adaptive", action="store_true",
                        help="always draft the full length (no acceptance tracking or cost model)")
     group.add_argument("--draft-confidence-threshold", type=float, default=0.1,
@@ -26,6 +31,9 @@ def spec_config_from_args(args: argparse.Namespace) -> SpecConfig:
         draft_model=args.draft_model,
         adaptive=not args.no_speculative_adaptive,
         draft_confidence_threshold=args.draft_confidence_threshold,
+        draft_dtype=args.draft_dtype,
+        ngram_min=args.ngram_min,
+        ngram_max=args.ngram_max,
     )
 
 

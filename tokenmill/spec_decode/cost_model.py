@@ -41,6 +41,8 @@ class AcceptanceTracker:
     """Per-token acceptance rate of one request's recent drafts (a decayed geometric estimate)."""
 
     def __init__(self, prior_accepted: float = 1.0, prior_rejected: float = 1.0, decay: float = 0.8) -> None:
+        self.prior_accepted = prior_accepted
+        self.prior_rejected = prior_rejected
         self.accepted = prior_accepted
         self.rejected = prior_rejected
         self.decay = decay
@@ -50,6 +52,14 @@ class AcceptanceTracker:
         # likelihood of a truncated geometric; accepted / (accepted + rejected) is its estimate.
         self.accepted = self.accepted * self.decay + num_accepted
         self.rejected = self.rejected * self.decay + (1 if num_accepted < num_drafts else 0)
+
+    def idle(self) -> None:
+        """A step without drafts: the estimate relaxes toward the prior.
+
+        Without this, a low estimate would keep the request from drafting, and so from ever being observed
+        again: one early rejection could switch drafting off for the rest of a long generation."""
+        self.accepted = self.accepted * self.decay + self.prior_accepted * (1.0 - self.decay)
+        self.rejected = self.rejected * self.decay + self.prior_rejected * (1.0 - self.decay)
 
     @property
     def rate(self) -> float:
@@ -81,6 +91,7 @@ def choose_batch_cap(
     target: StepTimes,
     draft_step: StepTimes | None,
     spec_cost_factor: float = 1.0,
+    uses_model: list[bool] | None = None,
 ) -> int:
     """The cap K on every request's drafts that maximizes expected tokens per second; 0 turns drafting off.
 
@@ -88,6 +99,7 @@ def choose_batch_cap(
     draft_step: seconds of one drafting step by number of drafting requests (None when drafting is free).
     spec_cost_factor: how much more a drafting step really costs than predicted, relative to a plain one
     (StepCalibration.spec_cost_factor); it scales the seconds of every K > 0.
+    uses_model: per request, whether its drafts take draft-model steps (False: a free lookup); all by default.
     """
     if not rates or not target.points:
         return max(lengths, default=0)
@@ -96,8 +108,9 @@ def choose_batch_cap(
     for cap in range(1, max(lengths, default=0) + 1):
         ks = [min(k, cap) for k in lengths]
         seconds = target(num_decodes + sum(ks) + num_other_tokens)
-        if draft_step is not None:
-            seconds += max(ks) * draft_step(sum(1 for k in ks if k))
+        model_ks = ks if uses_model is None else [k for k, model in zip(ks, uses_model) if model]
+        if draft_step is not None and max(model_ks, default=0) > 0:
+            seconds += max(model_ks) * draft_step(sum(1 for k in model_ks if k))
         seconds *= spec_cost_factor
         tokens = sum(expected_tokens(rate, k) for rate, k in zip(rates, ks))
         if tokens / max(seconds, 1e-9) > best_rate:

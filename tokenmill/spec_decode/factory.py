@@ -11,6 +11,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidRequestError
 from tokenmill.models.loader import load_model
 from tokenmill.spec_decode.draft_model import DraftModelProposer
+from tokenmill.spec_decode.lookup_then_draft import LookupThenDraftProposer
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.proposer import Proposer
 from tokenmill.spec_decode.speculator import Speculator
@@ -20,7 +21,8 @@ def load_draft_model(config: EngineConfig, device: torch.device, target_vocab_si
     """Load the draft checkpoint and check that it speaks the target's vocabulary."""
     draft_path = str(config.spec.draft_model)
     _check_same_vocab(config.model, draft_path)
-    model, arch = load_model(draft_path, dtype=config.dtype, device=device, load_format=config.load_format)
+    dtype = config.spec.draft_dtype or config.dtype
+    model, arch = load_model(draft_path, dtype=dtype, device=device, load_format=config.load_format)
     if arch.vocab_size < target_vocab_size // 2 or arch.vocab_size > target_vocab_size * 2:
         raise InvalidRequestError(
             "draft_model",
@@ -34,7 +36,6 @@ def build_proposer(
     config: EngineConfig,
     draft_model: torch.nn.Module | None,
     num_blocks: int,
-    kv_dtype: torch.dtype,
     device: torch.device,
     target_vocab_size: int,
     default_generator: torch.Generator,
@@ -43,17 +44,20 @@ def build_proposer(
     if spec.method == "ngram":
         return NgramProposer(spec.ngram_min, spec.ngram_max)
     assert draft_model is not None
-    return DraftModelProposer(
+    model = DraftModelProposer(
         draft_model,
         num_blocks,
         config.cache.block_size,
-        kv_dtype,
+        next(draft_model.parameters()).dtype,  # the draft keeps its KV in its own dtype
         device,
         target_vocab_size,
         default_generator,
         spec.num_speculative_tokens,
         spec.draft_confidence_threshold,
     )
+    if spec.method == "ngram+draft":
+        return LookupThenDraftProposer(NgramProposer(spec.ngram_min, spec.ngram_max), model)
+    return model
 
 
 def build_speculator(proposer: Proposer, config: EngineConfig) -> Speculator:

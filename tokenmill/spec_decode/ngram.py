@@ -2,6 +2,8 @@
 
 Find the most recent earlier occurrence of the last n tokens (longest n first) in the prompt and output,
 and propose the tokens that followed it. Code, quotes and repeated structure make this surprisingly good.
+When what followed runs into the end of the text, the text has been repeating with that period, and the
+draft goes on repeating it: a run of one token, or a loop the model has fallen into, is drafted in full.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class NgramProposer(Proposer):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [Draft(self.lookup(r.token_ids, r.max_drafts)) for r in requests]
 
+    def propose_free(self, requests: list[DraftRequest]) -> list[Draft | None]:
+        return list(self.propose(requests))  # every lookup is free, even one that finds nothing
+
     def lookup(self, token_ids: Sequence[int], num_tokens: int) -> list[int]:
         """Up to num_tokens tokens continuing token_ids (empty when nothing matches)."""
         if num_tokens <= 0:
@@ -31,5 +36,7 @@ class NgramProposer(Proposer):
             # Scan backwards so the most recent match wins; it best predicts the local pattern.
             for start in range(length - n - 1, -1, -1):
                 if token_ids[start] == suffix[0] and list(token_ids[start : start + n]) == suffix:
-                    return list(token_ids[start + n : start + n + num_tokens])
+                    end = start + n
+                    period = length - end  # the text since the match follows it: it repeats with this period
+                    return [token_ids[end + i % period] for i in range(num_tokens)]
         return []

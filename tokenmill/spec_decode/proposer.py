@@ -39,6 +39,13 @@ class Proposer(ABC):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         """One draft per request, at most request.max_drafts tokens (possibly none)."""
 
+    def propose_free(self, requests: list[DraftRequest]) -> list[Draft | None]:
+        """Drafts that cost no model step (lookups), per request; None where only `propose` can draft.
+
+        The speculator asks this first, so that its cost model charges draft-model steps only to the
+        requests that need them."""
+        return [None] * len(requests)
+
     def resumed(self, req_id: str) -> None:
         """The request was preempted and is recomputed in new blocks: forget what was kept for it."""
 

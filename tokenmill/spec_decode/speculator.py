@@ -18,7 +18,7 @@ from tokenmill.spec_decode.cost_model import (
     choose_batch_cap,
     per_request_lengths,
 )
-from tokenmill.spec_decode.proposer import DraftRequest, Proposer
+from tokenmill.spec_decode.proposer import Draft, DraftRequest, Proposer
 
 
 class Speculator:
@@ -88,28 +88,42 @@ class Speculator:
             self._draft_probs.pop(request.req_id, None)
         if not requests:
             return {}
-        caps = [min(r.max_drafts, self.num_speculative_tokens) for r in requests]
+        for request in requests:
+            request.max_drafts = min(request.max_drafts, self.num_speculative_tokens)
+        free = self.proposer.propose_free(requests)  # lookups: known before the cost model decides
+        # A free draft can be no longer than what its lookup found; a model draft up to the request's cap.
+        caps = [r.max_drafts if f is None else min(r.max_drafts, len(f.token_ids)) for r, f in zip(requests, free)]
+        uses_model = [f is None for f in free]
         if self.adaptive:
             rates = [self._acceptance.setdefault(r.req_id, AcceptanceTracker()).rate for r in requests]
             caps = per_request_lengths(rates, caps, self.min_gain)
             batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times,
-                                         self.calibration.spec_cost_factor)
+                                         self.calibration.spec_cost_factor, uses_model)
             self.last_batch_cap = batch_cap
             caps = [min(c, batch_cap) for c in caps]
-            if self.draft_step_times is not None and max(caps, default=0) > 0:
-                self._proposal_seconds = max(caps) * self.draft_step_times(sum(1 for c in caps if c))
-        chosen = [(r, c) for r, c in zip(requests, caps) if c > 0]
-        if not chosen:
-            return {}
+            model_caps = [c for c, model in zip(caps, uses_model) if model and c > 0]
+            if self.draft_step_times is not None and model_caps:
+                self._proposal_seconds = max(model_caps) * self.draft_step_times(len(model_caps))
+        chosen = [(r, c) for r, c, model in zip(requests, caps, uses_model) if model and c > 0]
         for request, cap in chosen:
             request.max_drafts = cap
-        drafts = self.proposer.propose([r for r, _ in chosen])
+        drafts: dict[str, Draft] = {}
+        if chosen:
+            drafts = dict(zip((r.req_id for r, _ in chosen), self.proposer.propose([r for r, _ in chosen])))
+        for request, cap, draft in zip(requests, caps, free):
+            if draft is not None and cap > 0:
+                probs = None if draft.probs is None else draft.probs[:cap]
+                drafts[request.req_id] = Draft(draft.token_ids[:cap], probs)
         proposals: dict[str, list[int]] = {}
-        for (request, _), draft in zip(chosen, drafts):
-            if draft.token_ids:
-                proposals[request.req_id] = draft.token_ids
-                if draft.probs is not None:
-                    self._draft_probs[request.req_id] = draft.probs
+        for request in requests:
+            draft = drafts.get(request.req_id)
+            if draft is None or not draft.token_ids:
+                if self.adaptive:
+                    self._acceptance[request.req_id].idle()
+                continue
+            proposals[request.req_id] = draft.token_ids
+            if draft.probs is not None:
+                self._draft_probs[request.req_id] = draft.probs
         return proposals
 
 
