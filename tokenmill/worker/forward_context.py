@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,9 @@ class AttentionMetadata:
     query_start_loc_host: list[int]
     max_query_len: int
     max_seq_len: int
+    # What every layer's attention would otherwise rebuild from the above (masks, gather indices): the
+    # first layer of the step fills it, the others reuse it. Keyed by the attention backend.
+    layer_shared: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
