@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from tokenmill.config import DRAFT_MODEL_METHODS, EngineConfig
 from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.sched_io import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
 from tokenmill.engine.output_builder import RequestGroup
 from tokenmill.engine.tokenizer import Tokenizer
@@ -182,6 +184,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request group that changed."""
+        started = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)
         if scheduler_output.is_empty:
@@ -209,7 +212,18 @@ class LLMEngine:
                 del self._groups[group.request_id]
                 for child_id in group.child_ids():
                     self._child_to_group.pop(child_id, None)
+        self._observe_decode_step(scheduler_output, runner_output, time.perf_counter() - started)
         return outputs
+
+    def _observe_decode_step(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
+                             seconds: float) -> None:
+        """Tell the speculator what a step of decodes alone really delivered (its never-slower guard)."""
+        speculator = self.runner.speculator
+        chunks = scheduler_output.chunks
+        if speculator is None or any(len(c.token_ids) != 1 + c.num_spec_tokens for c in chunks):
+            return
+        tokens = sum(len(ids) for ids in runner_output.sampled_token_ids)
+        speculator.observe_decode_step(len(chunks), any(c.num_spec_tokens for c in chunks), tokens, seconds)
 
     def _group_of(self, child_id: str) -> RequestGroup:
         return self._groups[self._child_to_group[child_id]]

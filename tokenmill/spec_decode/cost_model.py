@@ -147,3 +147,88 @@ class StepCalibration:
     @property
     def spec_cost_factor(self) -> float:
         return self.spec / self.plain
+
+
+@dataclass
+class _Rate:
+    """Decayed sums of tokens emitted and seconds taken by one kind of step (with or without drafts)."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    count: int = 0
+    last_step: int = -1
+
+    def add(self, tokens: int, seconds: float, step: int, decay: float) -> None:
+        self.tokens = self.tokens * decay + tokens
+        self.seconds = self.seconds * decay + seconds
+        self.count += 1
+        self.last_step = step
+
+    @property
+    def per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Bucket:
+    spec: _Rate = field(default_factory=_Rate)
+    plain: _Rate = field(default_factory=_Rate)
+    steps: int = 0
+    drafting_wins: bool | None = None
+    retry_after: int = 0  # steps after which the losing kind is tried again
+
+
+class MeasuredRates:
+    """Tokens per second that whole decode steps really deliver, with drafts and without, by batch size.
+
+    The cost model predicts from a start-up profile of bare forward passes; this measures the outcome
+    (scheduling, sampling, verification, proposing and output processing included). Where both kinds of
+    step have been seen at a batch size, the measurement decides whether to draft there. The losing kind is
+    tried again after `explore_every` steps of that batch size, then after twice as many each time it
+    loses again (up to `max_explore_every`), so the comparison stays current while exploring costs little:
+    switching drafting back on is not free, as the draft model first catches up on what it missed.
+    """
+
+    def __init__(
+        self, explore_every: int = 32, max_explore_every: int = 1024, min_samples: int = 2, decay: float = 0.8
+    ) -> None:
+        self.explore_every = explore_every
+        self.max_explore_every = max_explore_every
+        self.min_samples = min_samples
+        self.decay = decay
+        self._buckets: dict[int, _Bucket] = {}
+
+    def observe(self, num_decodes: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """One pure-decode step of num_decodes requests that emitted `tokens` in `seconds`."""
+        if num_decodes <= 0 or seconds <= 0.0:
+            return
+        bucket = self._bucket(num_decodes)
+        (bucket.spec if drafted else bucket.plain).add(tokens, seconds, bucket.steps, self.decay)
+
+    def decide(self, num_decodes: int, predicted_cap: int, max_cap: int) -> int:
+        """The draft cap for a step of num_decodes requests, given the cost model's choice."""
+        bucket = self._bucket(num_decodes)
+        bucket.steps += 1
+        if max_cap <= 0:
+            return 0
+        spec, plain = bucket.spec, bucket.plain
+        if spec.count < self.min_samples or plain.count < self.min_samples:
+            # Not both measured yet: follow the cost model, but make sure each side gets measured.
+            if predicted_cap > 0 and plain.count < self.min_samples and spec.count >= self.min_samples:
+                return 0
+            if predicted_cap == 0 and spec.count < self.min_samples and plain.count >= self.min_samples:
+                return max_cap
+            return predicted_cap
+        drafting_wins = spec.per_second >= plain.per_second
+        if drafting_wins != bucket.drafting_wins:
+            bucket.drafting_wins, bucket.retry_after = drafting_wins, self.explore_every
+        loser = plain if drafting_wins else spec
+        draft = drafting_wins
+        if bucket.steps - loser.last_step > bucket.retry_after:
+            bucket.retry_after = min(2 * bucket.retry_after, self.max_explore_every)
+            draft = not drafting_wins
+        return (predicted_cap or max_cap) if draft else 0
+
+    def _bucket(self, num_decodes: int) -> _Bucket:
+        key = 1 << max(num_decodes - 1, 0).bit_length()  # 1, 2, 4, 8, ...: nearby batch sizes behave alike
+        return self._buckets.setdefault(key, _Bucket())

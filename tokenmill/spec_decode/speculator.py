@@ -7,12 +7,14 @@ measured at start-up so that drafting shortens or stops as the batch grows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
 from tokenmill.spec_decode.cost_model import (
     AcceptanceTracker,
+    MeasuredRates,
     StepCalibration,
     StepTimes,
     choose_batch_cap,
@@ -39,6 +41,9 @@ class Speculator:
         self._draft_probs: dict[str, torch.Tensor] = {}
         self.last_batch_cap = num_speculative_tokens
         self.calibration = StepCalibration()
+        self.rates = MeasuredRates()
+        # Measured seconds of proposing in the previous step and in this one.
+        self._drafting_seconds = (0.0, 0.0)
         self._proposal_seconds = 0.0  # predicted seconds of the drafting done at the end of this step
 
     @property
@@ -66,6 +71,15 @@ class Speculator:
             self.calibration.observe(predicted, seconds, drafted)
         self._proposal_seconds = 0.0
 
+    def observe_decode_step(self, num_decodes: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """A whole engine step (scheduling to outputs) of num_decodes decoding requests and nothing else.
+
+        A step ends by drafting for the next one, so its drafts were made (and paid for) in the step before:
+        the step is charged for that drafting instead of its own."""
+        if self.adaptive:
+            made_before, made_now = self._drafting_seconds
+            self.rates.observe(num_decodes, drafted, tokens, seconds - made_now + made_before)
+
     def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
         self._acceptance.setdefault(req_id, AcceptanceTracker()).observe(num_drafts, num_accepted)
 
@@ -84,6 +98,13 @@ class Speculator:
 
     def propose(self, requests: list[DraftRequest], num_other_tokens: int) -> dict[str, list[int]]:
         """Drafts for the next step, per request id (requests given no drafts are absent)."""
+        started = time.perf_counter()
+        try:
+            return self._propose(requests, num_other_tokens)
+        finally:
+            self._drafting_seconds = (self._drafting_seconds[1], time.perf_counter() - started)
+
+    def _propose(self, requests: list[DraftRequest], num_other_tokens: int) -> dict[str, list[int]]:
         for request in requests:
             self._draft_probs.pop(request.req_id, None)
         if not requests:
@@ -99,6 +120,8 @@ class Speculator:
             caps = per_request_lengths(rates, caps, self.min_gain)
             batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times,
                                          self.calibration.spec_cost_factor, uses_model)
+            if num_other_tokens == 0:  # a pure decode step: what such steps really delivered has the last word
+                batch_cap = self.rates.decide(len(requests), batch_cap, max(caps, default=0))
             self.last_batch_cap = batch_cap
             caps = [min(c, batch_cap) for c in caps]
             model_caps = [c for c, model in zip(caps, uses_model) if model and c > 0]
