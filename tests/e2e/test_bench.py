@@ -85,3 +85,25 @@ def test_prompts_cut_from_files_are_windows_of_their_tokens(tiny_path, tmp_path)
         make(rng, 999)
     result = run_latency(engine, input_len=8, output_len=4, runs=1, prompts=make)
     assert result.tok_per_s > 0 and not engine.has_unfinished_requests()
+
+
+def test_speculative_compare_runs_every_method_on_the_same_prompts(tiny_path, tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    code = main(["bench", "latency", "--model", tiny_path, "--dtype", "float32", "--input-len", "12",
+                 "--output-len", "10", "--batch-size", "2", "--runs", "2", "--device", "cpu", "--num-kv-blocks", "64",
+                 "--speculative-compare", "ngram,draft", "--draft-model", tiny_path, "--no-speculative-adaptive",
+                 "--draft-confidence-threshold", "0",
+                 "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())["result"]
+    methods = {m["method"]: m for m in result["methods"]}
+    assert list(methods) == ["none", "ngram", "draft"]
+    assert methods["none"]["speedup"] == pytest.approx(1.0)
+    assert all(len(m["round_speedups"]) == 2 and m["tok_per_s"] > 0 for m in methods.values())
+    assert methods["draft"]["acceptance_rate"] == 1.0  # the target as its own draft
+    assert "speculative compare" in capsys.readouterr().out
+
+
+def test_speculative_compare_rejects_unknown_methods(tiny_path):
+    with pytest.raises(SystemExit, match="--speculative-compare takes methods from ngram, draft, ngram\\+draft"):
+        main(["bench", "latency", "--model", tiny_path, "--speculative-compare", "ngram,medusa"])

@@ -9,6 +9,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--temperature", type=float, default=None,
                        help="sampling temperature (default: 0, or 1 with --structured json)")
     add_spec_args(bench)
+    bench.add_argument("--speculative-compare", default=None, metavar="METHODS",
+                       help="latency: compare these speculative methods (comma-separated, e.g. ngram,draft) with "
+                            "no speculation, one engine each, on the same prompts in rotating order; --runs rounds")
     bench.add_argument("--json", dest="json_path", default=None, help="write the full result here")
     bench.set_defaults(func=cmd_bench)
 
@@ -56,12 +60,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from tokenmill.bench.prompts import text_prompts
     from tokenmill.bench.recipes import as_rows, run_latency, run_throughput
-    from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
     from tokenmill.default_model import resolve_models
-    from tokenmill.engine.engine import LLMEngine
 
     if args.structured == "compare" and args.recipe != "latency":
         raise SystemExit("error: --structured compare runs with the latency recipe only")
+    if args.speculative_compare is not None:
+        return _cmd_spec_compare(args)
     workdir = None
     load_format = args.load_format
     if args.model_config:
@@ -72,24 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model_path, args.draft_model = resolve_models(args.model, args.speculative_method, args.draft_model)
     try:
         start = time.perf_counter()
-        engine = LLMEngine(
-            EngineConfig(
-                model=model_path,
-                dtype=args.dtype,
-                device=args.device,
-                load_format=load_format,
-                max_model_len=args.max_model_len,
-                seed=args.seed,
-                cache=CacheConfig(
-                    num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30))
-                ),
-                scheduler=SchedulerConfig(
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
-                ),
-                spec=spec_config_from_args(args),
-            ),
-            show_progress=True,
-        )
+        engine = _build_engine(args, model_path, load_format, spec_config_from_args(args))
         startup_s = time.perf_counter() - start
         prompts = None
         if args.prompt_files:
@@ -130,6 +117,65 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
     if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+
+
+def _build_engine(args: argparse.Namespace, model_path: str, load_format: str, spec: Any) -> Any:
+    from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tokenmill.engine.engine import LLMEngine
+
+    return LLMEngine(
+        EngineConfig(
+            model=model_path,
+            dtype=args.dtype,
+            device=args.device,
+            load_format=load_format,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+            cache=CacheConfig(
+                num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30))
+            ),
+            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+            spec=spec,
+        ),
+        show_progress=True,
+    )
+
+
+def _cmd_spec_compare(args: argparse.Namespace) -> None:
+    """--speculative-compare: one engine per method (and one without speculation), same prompts each round."""
+    from dataclasses import replace
+
+    from tokenmill.bench.prompts import text_prompts
+    from tokenmill.bench.spec_compare import BASELINE, compare_rows, run_spec_compare
+    from tokenmill.config import DRAFT_MODEL_METHODS, SPEC_METHODS
+    from tokenmill.default_model import resolve_models
+
+    methods = [m.strip() for m in args.speculative_compare.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in SPEC_METHODS]
+    if args.recipe != "latency" or args.model_config or not methods or unknown:
+        raise SystemExit(f"error: --speculative-compare takes methods from {', '.join(SPEC_METHODS)} (got "
+                         f"{args.speculative_compare!r}), with the latency recipe and a checkpoint (--model)")
+    needs_draft = any(m in DRAFT_MODEL_METHODS for m in methods)
+    model_path, draft = resolve_models(args.model, "draft" if needs_draft else None, args.draft_model)
+    spec = spec_config_from_args(args)
+    engines = {BASELINE: _build_engine(args, model_path, args.load_format, replace(spec, method=None))}
+    for method in methods:
+        engines[method] = _build_engine(args, model_path, args.load_format,
+                                        replace(spec, method=method, draft_model=draft))
+    tokenizer = engines[BASELINE].tokenizer
+    prompts = text_prompts(tokenizer, args.prompt_files) if args.prompt_files and tokenizer is not None else None
+    result = run_spec_compare(engines, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
+                              args.temperature or 0.0, prompts)
+    rows = [("device", _device_name(engines[BASELINE].device)), ("dtype", str(engines[BASELINE].dtype))]
+    rows += compare_rows(result)
+    width = max(len(k) for k, _ in rows)
+    print("\nlatency (speculative compare)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    if args.json_path:
+        report = {"recipe": "latency", "speculative_compare": methods, "prompts": args.prompt_files or "random token ids",
+                  "result": asdict(result)}
         Path(args.json_path).write_text(json.dumps(report, indent=2))
 
 

@@ -7,23 +7,24 @@ transformers 5 (`TokenizersBackend` + `apply_chat_template`), which the tests us
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
+from tokenmill.engine.chat_template import (
+    TemplateRaised,
+    iterates_content,
+    make_template_env,
+    normalize_messages,
+    plain_json,
+)
 from tokenmill.errors import InvalidRequestError, ModelLoadError
 
 # Named special tokens, in the order transformers lists them in `all_special_tokens`.
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Names a message's reasoning may arrive under; templates read `reasoning_content` (or `thinking`).
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _token_content(value: Any) -> str | None:
@@ -57,105 +58,6 @@ def _load_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}: cannot read JSON ({e})") from e
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant spans in some templates; we render the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    # Like transformers: refuse underscore attributes so templates cannot reach CPython internals.
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} may not start with '_'")
-
-
-class _TemplateRaised(Exception):
-    """Raised by the template's raise_exception(); carries the template author's message."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # transformers' override: no HTML escaping (jinja's builtin escapes <, >, &), and exposes indent etc.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _make_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["namespace"] = _TemplateNamespace
-    env.globals["dict"] = dict
-    return env
-
-
-def _is_content(node: jinja2.nodes.Node, aliases: set[str]) -> bool:
-    if isinstance(node, jinja2.nodes.Filter) and node.node is not None:  # `message['content'] | select...`
-        return _is_content(node.node, aliases)
-    if isinstance(node, jinja2.nodes.Getitem):
-        return isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "content"
-    if isinstance(node, jinja2.nodes.Getattr):
-        return node.attr == "content"
-    return isinstance(node, jinja2.nodes.Name) and node.name in aliases
-
-
-def _iterates_content(env: ImmutableSandboxedEnvironment, source: str) -> bool:
-    """True when the template loops over a message's content, i.e. it understands lists of content parts."""
-    ast = env.parse(source)
-    aliases: set[str] = set()  # `{% set content = message['content'] %}{% for part in content %}`
-    for assign in ast.find_all(jinja2.nodes.Assign):
-        if isinstance(assign.target, jinja2.nodes.Name) and _is_content(assign.node, aliases):
-            aliases.add(assign.target.name)
-    return any(_is_content(loop.iter, aliases) for loop in ast.find_all(jinja2.nodes.For))
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types so the sandbox never sees rich objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, str):  # subclasses (str enums, ...) are stripped back to the base type
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if callable(getattr(value, "model_dump", None)):  # pydantic models from the server
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
 
 
 class Tokenizer:
@@ -201,7 +103,7 @@ class Tokenizer:
         self._special_order = [self._special[k] for k in self._special] + [
             c for v in extra_values if (c := _token_content(v)) is not None]
         self._chat_template = chat_template
-        self._env = _make_env()
+        self._env = make_template_env()
         self._compiled: dict[str, tuple[jinja2.Template, bool]] = {}
         self._decoder_special_ids = frozenset(
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
@@ -350,7 +252,7 @@ class Tokenizer:
     def _compile(self, source: str) -> tuple[jinja2.Template, bool]:
         if source not in self._compiled:
             try:
-                self._compiled[source] = (self._env.from_string(source), _iterates_content(self._env, source))
+                self._compiled[source] = (self._env.from_string(source), iterates_content(self._env, source))
             except jinja2.TemplateSyntaxError as e:
                 raise InvalidRequestError("chat_template", f"the chat template has a syntax error: {e}") from e
         return self._compiled[source]
@@ -360,44 +262,14 @@ class Tokenizer:
                             **template_kwargs: Any) -> str:
         """Render messages to the prompt text, as `AutoTokenizer.apply_chat_template(..., tokenize=False)`."""
         template, handles_parts = self._compile(self._pick_template(chat_template, tools))
-        chat = _normalize_messages(messages, keep_parts=handles_parts)
-        variables = {**self._special, **_plain(template_kwargs)}
+        chat = normalize_messages(messages, keep_parts=handles_parts)
+        variables = {**self._special, **plain_json(template_kwargs)}
         try:
-            return template.render(messages=chat, tools=_plain(tools), documents=None,
+            return template.render(messages=chat, tools=plain_json(tools), documents=None,
                                    add_generation_prompt=add_generation_prompt, **variables)
-        except _TemplateRaised as e:
+        except TemplateRaised as e:
             raise InvalidRequestError("messages", f"rejected by the chat template: {e}") from None
         except jinja2.exceptions.SecurityError as e:
             raise InvalidRequestError("messages", f"chat template blocked an unsafe operation: {e}") from None
         except Exception as e:  # a template bug or an input shape the template cannot handle
             raise InvalidRequestError("messages", f"chat template failed to render: {type(e).__name__}: {e}") from None
-
-
-def _normalize_messages(messages: Sequence[Mapping[str, Any]], keep_parts: bool) -> list[dict[str, Any]]:
-    """Validate messages; drop None values; flatten text content parts unless the template iterates them."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
-    out: list[dict[str, Any]] = []
-    for i, raw in enumerate(messages):
-        msg = _plain(raw)
-        if not isinstance(msg, dict):
-            raise InvalidRequestError(f"messages[{i}]", "must be an object with 'role' and 'content'")
-        if not isinstance(msg.get("role"), str):
-            raise InvalidRequestError(f"messages[{i}].role", "must be a string")
-        # OpenAI clients send content=None / tool_calls=None; templates handle missing keys better.
-        msg = {k: v for k, v in msg.items() if v is not None}
-        content = msg.get("content")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InvalidRequestError(f"messages[{i}].content[{j}]",
-                                              "only {\"type\": \"text\", \"text\": ...} content parts are supported")
-            if not keep_parts:
-                msg["content"] = "\n".join(part["text"] for part in content)
-        elif content is not None and not isinstance(content, str):
-            raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of content parts")
-        reasoning = next((msg[k] for k in _REASONING_FIELDS if k in msg), None)
-        if reasoning is not None:
-            msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
-        out.append(msg)
-    return out
