@@ -190,7 +190,7 @@ class MeasuredRates:
     """
 
     def __init__(
-        self, explore_every: int = 32, max_explore_every: int = 1024, min_samples: int = 2, decay: float = 0.8
+        self, explore_every: int = 128, max_explore_every: int = 4096, min_samples: int = 2, decay: float = 0.8
     ) -> None:
         self.explore_every = explore_every
         self.max_explore_every = max_explore_every

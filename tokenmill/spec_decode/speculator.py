@@ -120,8 +120,9 @@ class Speculator:
             caps = per_request_lengths(rates, caps, self.min_gain)
             batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times,
                                          self.calibration.spec_cost_factor, uses_model)
-            if num_other_tokens == 0:  # a pure decode step: what such steps really delivered has the last word
-                batch_cap = self.rates.decide(len(requests), batch_cap, max(caps, default=0))
+            # What steps of this many decodes really delivered has the last word. Only steps of decodes alone
+            # are measured, but where drafting loses for them, it loses beside a prefill chunk too.
+            batch_cap = self.rates.decide(len(requests), batch_cap, max(caps, default=0))
             self.last_batch_cap = batch_cap
             caps = [min(c, batch_cap) for c in caps]
             model_caps = [c for c, model in zip(caps, uses_model) if model and c > 0]
