@@ -15,7 +15,6 @@ from tokenmill.spec_decode.cost_model import (
     AcceptanceTracker,
     StepCalibration,
     StepTimes,
-    MeasuredRates,
     choose_batch_cap,
     expected_tokens,
     per_request_lengths,
@@ -122,44 +121,6 @@ def test_measured_step_costs_turn_drafting_off_and_retry_it_later():
         uniform.observe(2.0, 5.0, drafted=True)
         uniform.observe(1.0, 2.5, drafted=False)
     assert uniform.spec_cost_factor == pytest.approx(1.0, abs=0.05)
-
-def test_measured_step_rates_overrule_the_cost_model_and_keep_exploring():
-    rates = MeasuredRates(explore_every=10, max_explore_every=40, min_samples=2)
-    # Nothing measured: the cost model's choice stands; once drafting steps are measured, plain ones are tried.
-    assert rates.decide(8, predicted_cap=3, max_cap=4) == 3
-    rates.observe(8, drafted=True, tokens=16, seconds=0.2)  # 80 tok/s with drafts
-    rates.observe(8, drafted=True, tokens=16, seconds=0.2)
-    assert rates.decide(8, 3, 4) == 0
-    rates.observe(8, drafted=False, tokens=8, seconds=0.05)  # 160 tok/s without
-    rates.observe(8, drafted=False, tokens=8, seconds=0.05)
-    # Drafting measured slower at this batch size: off, although the cost model still wants it ...
-    decisions = [rates.decide(8, 3, 4) for _ in range(10)]
-    for _ in decisions:
-        rates.observe(8, drafted=False, tokens=8, seconds=0.05)
-    assert decisions[:8] == [0] * 8
-    # ... except for one drafting step now and then, to notice when that changes; less often each time it
-    # loses again.
-    assert 3 in decisions
-    backoff = MeasuredRates(explore_every=4, max_explore_every=32)
-    retried = []
-    for step in range(200):
-        if backoff.decide(8, 3, 4):
-            retried.append(step)
-            backoff.observe(8, drafted=True, tokens=16, seconds=0.2)
-        else:
-            backoff.observe(8, drafted=False, tokens=8, seconds=0.05)
-    gaps = [b - a for a, b in zip(retried, retried[1:])]
-    assert gaps == sorted(gaps) and gaps[0] < 10 and 30 <= gaps[-1] <= 34
-    # Batch sizes in another power-of-two bucket are measured apart.
-    assert rates.decide(1, 2, 4) == 2
-    # Where drafting measures faster, it stays on even when the cost model would turn it off.
-    fast = MeasuredRates(explore_every=100)
-    for _ in range(3):
-        fast.observe(1, drafted=True, tokens=3, seconds=0.03)
-        fast.observe(1, drafted=False, tokens=1, seconds=0.02)
-    assert fast.decide(1, predicted_cap=0, max_cap=4) == 4
-    assert fast.decide(1, predicted_cap=2, max_cap=4) == 2
-
 
 # ---- scheduler: drafts inside the budget, rollback, caching only verified blocks ------------------
 

@@ -223,7 +223,7 @@ class LLMEngine:
         if speculator is None or any(len(c.token_ids) != 1 + c.num_spec_tokens for c in chunks):
             return
         tokens = sum(len(ids) for ids in runner_output.sampled_token_ids)
-        speculator.observe_decode_step(len(chunks), any(c.num_spec_tokens for c in chunks), tokens, seconds)
+        speculator.observe_decode_step(len(chunks), tokens, seconds)
 
     def _group_of(self, child_id: str) -> RequestGroup:
         return self._groups[self._child_to_group[child_id]]

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tokenmill.spec_decode.cost_model import (
     AcceptanceTracker,
-    MeasuredRates,
     StepCalibration,
     StepTimes,
     choose_batch_cap,
     per_request_lengths,
 )
+from tokenmill.spec_decode.measured_rates import LOOKUP, MODEL, PLAIN, MeasuredRates
 from tokenmill.spec_decode.proposer import Draft, DraftRequest, Proposer
 
 
@@ -42,8 +43,8 @@ class Speculator:
         self.last_batch_cap = num_speculative_tokens
         self.calibration = StepCalibration()
         self.rates = MeasuredRates()
-        # Measured seconds of proposing in the previous step and in this one.
-        self._drafting_seconds = (0.0, 0.0)
+        # The proposing done in the previous step (whose drafts this step verifies) and in this one.
+        self._proposals = (_Proposal(), _Proposal())
         self._proposal_seconds = 0.0  # predicted seconds of the drafting done at the end of this step
 
     @property
@@ -71,14 +72,14 @@ class Speculator:
             self.calibration.observe(predicted, seconds, drafted)
         self._proposal_seconds = 0.0
 
-    def observe_decode_step(self, num_decodes: int, drafted: bool, tokens: int, seconds: float) -> None:
+    def observe_decode_step(self, num_decodes: int, tokens: int, seconds: float) -> None:
         """A whole engine step (scheduling to outputs) of num_decodes decoding requests and nothing else.
 
         A step ends by drafting for the next one, so its drafts were made (and paid for) in the step before:
         the step is charged for that drafting instead of its own."""
         if self.adaptive:
-            made_before, made_now = self._drafting_seconds
-            self.rates.observe(num_decodes, drafted, tokens, seconds - made_now + made_before)
+            before, now = self._proposals
+            self.rates.observe(num_decodes, before.arm, tokens, seconds - now.seconds + before.seconds)
 
     def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
         self._acceptance.setdefault(req_id, AcceptanceTracker()).observe(num_drafts, num_accepted)
@@ -99,10 +100,11 @@ class Speculator:
     def propose(self, requests: list[DraftRequest], num_other_tokens: int) -> dict[str, list[int]]:
         """Drafts for the next step, per request id (requests given no drafts are absent)."""
         started = time.perf_counter()
+        self._proposals = (self._proposals[1], _Proposal())
         try:
             return self._propose(requests, num_other_tokens)
         finally:
-            self._drafting_seconds = (self._drafting_seconds[1], time.perf_counter() - started)
+            self._proposals[1].seconds = time.perf_counter() - started
 
     def _propose(self, requests: list[DraftRequest], num_other_tokens: int) -> dict[str, list[int]]:
         for request in requests:
@@ -116,18 +118,7 @@ class Speculator:
         caps = [r.max_drafts if f is None else min(r.max_drafts, len(f.token_ids)) for r, f in zip(requests, free)]
         uses_model = [f is None for f in free]
         if self.adaptive:
-            rates = [self._acceptance.setdefault(r.req_id, AcceptanceTracker()).rate for r in requests]
-            caps = per_request_lengths(rates, caps, self.min_gain)
-            batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times,
-                                         self.calibration.spec_cost_factor, uses_model)
-            # What steps of this many decodes really delivered has the last word. Only steps of decodes alone
-            # are measured, but where drafting loses for them, it loses beside a prefill chunk too.
-            batch_cap = self.rates.decide(len(requests), batch_cap, max(caps, default=0))
-            self.last_batch_cap = batch_cap
-            caps = [min(c, batch_cap) for c in caps]
-            model_caps = [c for c, model in zip(caps, uses_model) if model and c > 0]
-            if self.draft_step_times is not None and model_caps:
-                self._proposal_seconds = max(model_caps) * self.draft_step_times(len(model_caps))
+            caps = self._adaptive_caps(requests, caps, uses_model, num_other_tokens)
         chosen = [(r, c) for r, c, model in zip(requests, caps, uses_model) if model and c > 0]
         for request, cap in chosen:
             request.max_drafts = cap
@@ -139,6 +130,7 @@ class Speculator:
                 probs = None if draft.probs is None else draft.probs[:cap]
                 drafts[request.req_id] = Draft(draft.token_ids[:cap], probs)
         proposals: dict[str, list[int]] = {}
+        by_model = {r.req_id for r, _ in chosen}
         for request in requests:
             draft = drafts.get(request.req_id)
             if draft is None or not draft.token_ids:
@@ -148,7 +140,41 @@ class Speculator:
             proposals[request.req_id] = draft.token_ids
             if draft.probs is not None:
                 self._draft_probs[request.req_id] = draft.probs
+        self._proposals[1].arm = MODEL if by_model & proposals.keys() else LOOKUP if proposals else PLAIN
         return proposals
+
+    def _adaptive_caps(
+        self, requests: list[DraftRequest], caps: list[int], uses_model: list[bool], num_other_tokens: int
+    ) -> list[int]:
+        """Draft lengths from acceptance, the cost model and, last, what such steps measured."""
+        rates = [self._acceptance.setdefault(r.req_id, AcceptanceTracker()).rate for r in requests]
+        caps = per_request_lengths(rates, caps, self.min_gain)
+        batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times,
+                                     self.calibration.spec_cost_factor, uses_model)
+        # What steps of this many decodes really delivered, drafted each way, has the last word. Only steps of
+        # decodes alone are measured, but a way that loses for them loses beside a prefill chunk too.
+        available = [PLAIN]
+        if any(c > 0 and not model for c, model in zip(caps, uses_model)):
+            available.append(LOOKUP)
+        if any(c > 0 and model for c, model in zip(caps, uses_model)):
+            available.append(MODEL)
+        preferred = PLAIN
+        if batch_cap > 0:
+            preferred = MODEL if any(min(c, batch_cap) > 0 and m for c, m in zip(caps, uses_model)) else LOOKUP
+        arm = self.rates.decide(len(requests), available, preferred)
+        cap = 0 if arm == PLAIN else batch_cap or max(caps)
+        caps = [0 if (arm == LOOKUP and model) else min(c, cap) for c, model in zip(caps, uses_model)]
+        self.last_batch_cap = max(caps, default=0)
+        model_caps = [c for c, model in zip(caps, uses_model) if model and c > 0]
+        if self.draft_step_times is not None and model_caps:
+            self._proposal_seconds = max(model_caps) * self.draft_step_times(len(model_caps))
+        return caps
+
+
+@dataclass
+class _Proposal:
+    seconds: float = 0.0
+    arm: str = PLAIN  # how its drafts were made (measured_rates)
 
 
 def _powers_of_two_upto(limit: int) -> list[int]:
