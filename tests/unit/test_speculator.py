@@ -80,3 +80,6 @@ def test_measured_rates_pick_the_fastest_arm_and_retry_the_others_less_and_less(
         fast.observe(1, MODEL, tokens=3, seconds=0.03)
         fast.observe(1, PLAIN, tokens=1, seconds=0.02)
     assert fast.decide(1, [PLAIN, MODEL], preferred=PLAIN) == MODEL
+    # A step that will not be measured takes the best measured arm and explores nothing.
+    assert fast.decide(1, [PLAIN, LOOKUP, MODEL], preferred=LOOKUP, explore=False) == MODEL
+    assert fast.decide(4, [PLAIN, MODEL], preferred=MODEL, explore=False) == MODEL  # nothing measured yet

@@ -49,6 +49,8 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)
     # Requests recomputed after a preemption (their blocks changed): per-request worker caches reset.
     resumed_req_ids: list[str] = field(default_factory=list)
+    # Requests still waiting after this step: the next step may well carry their prefill.
+    num_waiting: int = 0
 
     @property
     def num_tokens(self) -> int:

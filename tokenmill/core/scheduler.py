@@ -133,7 +133,8 @@ class Scheduler:
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         resumed, self._resumed = self._resumed, []
         return SchedulerOutput(
-            chunks=chunks, new_requests=new_requests, finished_req_ids=finished, resumed_req_ids=resumed
+            chunks=chunks, new_requests=new_requests, finished_req_ids=finished, resumed_req_ids=resumed,
+            num_waiting=len(self.waiting),
         )
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:

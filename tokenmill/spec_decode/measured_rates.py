@@ -67,12 +67,18 @@ class MeasuredRates:
         bucket = self._bucket(num_decodes)
         bucket.arms.setdefault(arm, _Rate()).add(tokens, seconds, bucket.steps, self.decay)
 
-    def decide(self, num_decodes: int, available: list[str], preferred: str) -> str:
-        """The arm for the next step of num_decodes decodes; `preferred` is the cost model's choice."""
+    def decide(self, num_decodes: int, available: list[str], preferred: str, explore: bool = True) -> str:
+        """The arm for the next step of num_decodes decodes; `preferred` is the cost model's choice.
+
+        explore=False for a step that will not be measured (a prefill chunk beside the decodes): the best
+        measured arm, or the preferred one while none is measured, and no retries."""
         bucket = self._bucket(num_decodes)
         bucket.steps += 1
         rates = {arm: bucket.arms.get(arm, _Rate()) for arm in available}
         unmeasured = [arm for arm in available if rates[arm].count < self.min_samples]
+        if not explore:
+            measured = [arm for arm in available if arm not in unmeasured]
+            return max(measured, key=lambda arm: rates[arm].per_second) if measured else preferred
         if unmeasured:  # measure the cost model's choice first, then the others
             return preferred if preferred in unmeasured else unmeasured[0]
         best = max(available, key=lambda arm: rates[arm].per_second)

@@ -97,16 +97,20 @@ class Speculator:
         self._draft_probs.pop(req_id, None)
         self.proposer.finished(req_id)
 
-    def propose(self, requests: list[DraftRequest], num_other_tokens: int) -> dict[str, list[int]]:
-        """Drafts for the next step, per request id (requests given no drafts are absent)."""
+    def propose(
+        self, requests: list[DraftRequest], num_other_tokens: int, prefill_next: bool = False
+    ) -> dict[str, list[int]]:
+        """Drafts for the next step, per request id (requests given no drafts are absent).
+
+        prefill_next: the next step will likely carry prefill too (so its speed says little about drafting)."""
         started = time.perf_counter()
         self._proposals = (self._proposals[1], _Proposal())
         try:
-            return self._propose(requests, num_other_tokens)
+            return self._propose(requests, num_other_tokens, prefill_next)
         finally:
             self._proposals[1].seconds = time.perf_counter() - started
 
-    def _propose(self, requests: list[DraftRequest], num_other_tokens: int) -> dict[str, list[int]]:
+    def _propose(self, requests: list[DraftRequest], num_other_tokens: int, prefill_next: bool) -> dict[str, list[int]]:
         for request in requests:
             self._draft_probs.pop(request.req_id, None)
         if not requests:
@@ -118,7 +122,7 @@ class Speculator:
         caps = [r.max_drafts if f is None else min(r.max_drafts, len(f.token_ids)) for r, f in zip(requests, free)]
         uses_model = [f is None for f in free]
         if self.adaptive:
-            caps = self._adaptive_caps(requests, caps, uses_model, num_other_tokens)
+            caps = self._adaptive_caps(requests, caps, uses_model, num_other_tokens, prefill_next)
         chosen = [(r, c) for r, c, model in zip(requests, caps, uses_model) if model and c > 0]
         for request, cap in chosen:
             request.max_drafts = cap
@@ -144,7 +148,8 @@ class Speculator:
         return proposals
 
     def _adaptive_caps(
-        self, requests: list[DraftRequest], caps: list[int], uses_model: list[bool], num_other_tokens: int
+        self, requests: list[DraftRequest], caps: list[int], uses_model: list[bool], num_other_tokens: int,
+        prefill_next: bool,
     ) -> list[int]:
         """Draft lengths from acceptance, the cost model and, last, what such steps measured."""
         rates = [self._acceptance.setdefault(r.req_id, AcceptanceTracker()).rate for r in requests]
@@ -152,7 +157,7 @@ class Speculator:
         batch_cap = choose_batch_cap(rates, caps, num_other_tokens, self.target_times, self.draft_step_times,
                                      self.calibration.spec_cost_factor, uses_model)
         # What steps of this many decodes really delivered, drafted each way, has the last word. Only steps of
-        # decodes alone are measured, but a way that loses for them loses beside a prefill chunk too.
+        # decodes alone are measured; a step with a prefill chunk follows what they measured.
         available = [PLAIN]
         if any(c > 0 and not model for c, model in zip(caps, uses_model)):
             available.append(LOOKUP)
@@ -161,7 +166,12 @@ class Speculator:
         preferred = PLAIN
         if batch_cap > 0:
             preferred = MODEL if any(min(c, batch_cap) > 0 and m for c, m in zip(caps, uses_model)) else LOOKUP
-        arm = self.rates.decide(len(requests), available, preferred)
+        explore = not prefill_next  # only steps of decodes alone are measured
+        if not explore and preferred == MODEL:
+            # Do not start the draft model (and its catch-up on every request's text) in a step that cannot
+            # tell whether it paid; lookups, being free, may still draft.
+            preferred = LOOKUP if LOOKUP in available else PLAIN
+        arm = self.rates.decide(len(requests), available, preferred, explore)
         cap = 0 if arm == PLAIN else batch_cap or max(caps)
         caps = [0 if (arm == LOOKUP and model) else min(c, cap) for c, model in zip(caps, uses_model)]
         self.last_batch_cap = max(caps, default=0)

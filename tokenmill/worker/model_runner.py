@@ -132,7 +132,9 @@ class ModelRunner:
             if room > 0 and chunk.req_id not in self.thinking and state.grammar is None:
                 token_ids = state.prompt_token_ids + state.output_token_ids
                 candidates.append(DraftRequest(chunk.req_id, token_ids, state, chunk.block_table, room))
-        output.spec_token_ids = self.speculator.propose(candidates, num_other_tokens)
+        # The next step is measurable (decodes alone) only if no prefill continues or waits to start.
+        prefill_next = num_other_tokens > 0 or scheduler_output.num_waiting > 0
+        output.spec_token_ids = self.speculator.propose(candidates, num_other_tokens, prefill_next)
 
     def _draft_room(self, state: SamplingState) -> int:
         """How many drafts could still be useful: the target adds one token after them, within limits."""
