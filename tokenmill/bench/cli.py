@@ -153,16 +153,28 @@ def _cmd_spec_compare(args: argparse.Namespace) -> None:
 
     methods = [m.strip() for m in args.speculative_compare.split(",") if m.strip()]
     unknown = [m for m in methods if m not in SPEC_METHODS]
-    if args.recipe != "latency" or args.model_config or not methods or unknown:
+    if args.recipe != "latency" or not methods or unknown:
         raise SystemExit(f"error: --speculative-compare takes methods from {', '.join(SPEC_METHODS)} (got "
-                         f"{args.speculative_compare!r}), with the latency recipe and a checkpoint (--model)")
+                         f"{args.speculative_compare!r}), with the latency recipe")
     needs_draft = any(m in DRAFT_MODEL_METHODS for m in methods)
-    model_path, draft = resolve_models(args.model, "draft" if needs_draft else None, args.draft_model)
+    workdir, load_format = None, args.load_format
+    if args.model_config:  # random weights of a shape: the draft, if any, must be given
+        if needs_draft and not args.draft_model:
+            raise SystemExit("error: with --model-config, draft methods need --draft-model")
+        workdir = tempfile.mkdtemp(prefix="tokenmill-bench-")
+        shutil.copy(args.model_config, Path(workdir) / "config.json")
+        model_path, draft, load_format = workdir, args.draft_model, "random"
+    else:
+        model_path, draft = resolve_models(args.model, "draft" if needs_draft else None, args.draft_model)
     spec = spec_config_from_args(args)
-    engines = {BASELINE: _build_engine(args, model_path, args.load_format, replace(spec, method=None))}
-    for method in methods:
-        engines[method] = _build_engine(args, model_path, args.load_format,
-                                        replace(spec, method=method, draft_model=draft))
+    try:
+        engines = {BASELINE: _build_engine(args, model_path, load_format, replace(spec, method=None))}
+        for method in methods:
+            engines[method] = _build_engine(args, model_path, load_format,
+                                            replace(spec, method=method, draft_model=draft))
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     tokenizer = engines[BASELINE].tokenizer
     prompts = text_prompts(tokenizer, args.prompt_files) if args.prompt_files and tokenizer is not None else None
     result = run_spec_compare(engines, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
