@@ -101,6 +101,7 @@ def test_speculative_compare_runs_every_method_on_the_same_prompts(tiny_path, tm
     assert methods["none"]["speedup"] == pytest.approx(1.0)
     assert all(len(m["round_speedups"]) == 2 and m["tok_per_s"] > 0 for m in methods.values())
     assert methods["draft"]["acceptance_rate"] == 1.0  # the target as its own draft
+    assert methods["draft"]["draft_step_ms"] == {} and methods["none"]["target_step_ms"] == {}  # not adaptive
     assert "speculative compare" in capsys.readouterr().out
 
 

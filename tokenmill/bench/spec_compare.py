@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenmill.bench.prompts import PromptMaker
 from tokenmill.bench.recipes import bench_params, time_one_batch
@@ -29,6 +29,11 @@ class MethodFigures:
     acceptance_rate: float
     mean_accepted_length: float
     per_position_acceptance: list[float]
+    # The speculator's view: start-up step times (ms) by tokens / by drafting requests, and the measured
+    # tokens per second of decode steps by batch-size bucket and way of drafting.
+    target_step_ms: dict[int, float] = field(default_factory=dict)
+    draft_step_ms: dict[int, float] = field(default_factory=dict)
+    measured_tok_per_s: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,8 +81,21 @@ def run_spec_compare(
             acceptance_rate=stats.get("spec_acceptance_rate", 0.0),
             mean_accepted_length=stats.get("spec_mean_accepted_length", 0.0),
             per_position_acceptance=stats.get("spec_per_position_acceptance", []),
+            **_speculator_view(engines[name]),
         ))
     return SpecCompareResult(batch_size, input_len, output_len, temperature, rounds, figures)
+
+
+def _speculator_view(engine: LLMEngine) -> dict[str, dict]:
+    speculator = engine.runner.speculator
+    if speculator is None:
+        return {}
+    draft = speculator.draft_step_times.points if speculator.draft_step_times is not None else []
+    return {
+        "target_step_ms": {n: round(s * 1e3, 3) for n, s in speculator.target_times.points},
+        "draft_step_ms": {n: round(s * 1e3, 3) for n, s in draft},
+        "measured_tok_per_s": speculator.rates.summary(),
+    }
 
 
 def compare_rows(result: SpecCompareResult) -> list[tuple[str, str]]:
@@ -90,4 +108,8 @@ def compare_rows(result: SpecCompareResult) -> list[tuple[str, str]]:
             line += (f" (median round {per_round:.2f}x)  acceptance {figures.acceptance_rate:.2f}"
                      f"  accepted length {figures.mean_accepted_length:.2f}  per position [{positions}]")
         rows.append((figures.method, line))
+        if figures.measured_tok_per_s:
+            measured = "; ".join(f"batch <={key}: " + ", ".join(f"{arm} {rate:,.0f}" for arm, rate in arms.items())
+                                 for key, arms in figures.measured_tok_per_s.items())
+            rows.append(("", f"  measured tok/s by batch and way of drafting: {measured}"))
     return rows

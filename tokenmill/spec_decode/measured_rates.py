@@ -93,6 +93,11 @@ class MeasuredRates:
                 return arm
         return best
 
+    def summary(self) -> dict[int, dict[str, float]]:
+        """Measured tokens per second by batch-size bucket and arm (for reports)."""
+        return {key: {arm: round(rate.per_second, 1) for arm, rate in bucket.arms.items()}
+                for key, bucket in sorted(self._buckets.items())}
+
     def _bucket(self, num_decodes: int) -> _Bucket:
         key = 1 << max(num_decodes - 1, 0).bit_length()  # 1, 2, 4, 8, ...: nearby batch sizes behave alike
         return self._buckets.setdefault(key, _Bucket())
