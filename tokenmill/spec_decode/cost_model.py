@@ -3,8 +3,9 @@
 Drafting pays when the tokens it is expected to add outweigh the longer verify step (and the draft
 model's own steps). At small batches the target's step time barely grows with extra tokens, so drafts are
 almost free; at large batches the step becomes compute-bound and every draft token costs real time. The
-step times are measured at start-up (see ModelRunner.profile_spec_costs), so the choice below switches
-drafting off exactly where it would make a step slower than plain decoding.
+step times are measured at start-up (Speculator.profile), so the choice below switches drafting off
+where the profile says it would make a step slower than plain decoding. Real steps then correct it: by
+their duration (StepCalibration, below) and by the tokens per second they deliver (measured_rates.py).
 """
 
 from __future__ import annotations
