@@ -137,16 +137,31 @@ def test_seeded_sampling_with_speculation_is_reproducible(checkpoint_dir, drafts
     assert [o.outputs[0].token_ids for o in mixed[:3]] == first
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0])
-def test_sampling_distribution_is_unchanged_by_speculation(temperature, checkpoint_dir, drafts):
+@pytest.mark.parametrize(("temperature", "spec_method", "prompt_ids"), [
+    (0.5, "draft", [10, 20, 30, 40, 50]),
+    (1.0, "draft", [10, 20, 30, 40, 50]),
+    # 48 distinct prompt tokens: a sampled token found among them is drafted by lookup (deterministic
+    # drafts), the others by the model (sampled drafts).
+    (1.0, "ngram+draft", list(range(10, 58))),
+])
+def test_sampling_distribution_is_unchanged_by_speculation(temperature, spec_method, prompt_ids, checkpoint_dir,
+                                                           drafts, monkeypatch):
     """First three tokens over 20,000 samples each, with and without a draft that differs from the target."""
     num_samples = 20_000
     params = SamplingParams(temperature=temperature, top_p=0.9, max_tokens=4, ignore_eos=True)
-    prompt = [{"prompt_token_ids": [10, 20, 30, 40, 50]}] * num_samples
+    prompt = [{"prompt_token_ids": prompt_ids}] * num_samples
     counts = []
-    for method in (None, "draft"):
+    for method in (None, spec_method):
         llm = llm_for(checkpoint_dir("llama"), method, drafts["llama"], k=2, max_model_len=64)
+        model_drafts = Counter()
+        if method == "ngram+draft":
+            proposer = llm.engine.runner.speculator.proposer
+            free, model = proposer.propose_free, proposer.model.propose
+            monkeypatch.setattr(proposer, "propose_free", lambda rs: _count(model_drafts, "lookup", free(rs)))
+            monkeypatch.setattr(proposer.model, "propose", lambda rs: _count(model_drafts, "model", model(rs)))
         outputs = llm.generate(prompt, params)
+        if method == "ngram+draft":
+            assert model_drafts["lookup"] > 500 and model_drafts["model"] > 5000, model_drafts
         counts.append([Counter(o.outputs[0].token_ids[pos] for o in outputs) for pos in range(3)])
         if method:
             stats = llm.engine.stats()
@@ -163,6 +178,11 @@ def test_sampling_distribution_is_unchanged_by_speculation(temperature, checkpoi
         if not rare:
             table = [row[:-1] for row in table]
         assert chi2_contingency(table).pvalue > 0.01, f"position {pos}"
+
+
+def _count(counter: Counter, source: str, drafts: list) -> list:
+    counter[source] += sum(1 for draft in drafts if draft is not None and draft.token_ids)
+    return drafts
 
 
 def test_adaptive_drafting_reports_metrics_and_keeps_output(checkpoint_dir, drafts, prompts, baseline):
