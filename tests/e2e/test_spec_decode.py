@@ -157,8 +157,10 @@ def test_sampling_distribution_is_unchanged_by_speculation(temperature, spec_met
         if method == "ngram+draft":
             proposer = llm.engine.runner.speculator.proposer
             free, model = proposer.propose_free, proposer.model.propose
-            monkeypatch.setattr(proposer, "propose_free", lambda rs: _count(model_drafts, "lookup", free(rs)))
-            monkeypatch.setattr(proposer.model, "propose", lambda rs: _count(model_drafts, "model", model(rs)))
+            monkeypatch.setattr(proposer, "propose_free",
+                                lambda rs, f=free, c=model_drafts: _count(c, "lookup", f(rs)))
+            monkeypatch.setattr(proposer.model, "propose",
+                                lambda rs, m=model, c=model_drafts: _count(c, "model", m(rs)))
         outputs = llm.generate(prompt, params)
         if method == "ngram+draft":
             assert model_drafts["lookup"] > 500 and model_drafts["model"] > 5000, model_drafts
