@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+from tokenmill.config import DTYPES
 from tokenmill.errors import TokenmillError
 from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args
 
@@ -14,7 +15,7 @@ from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: models/tokenmill-py-13m")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)

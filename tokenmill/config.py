@@ -57,9 +57,9 @@ class SpecConfig:
             raise InvalidRequestError("num_speculative_tokens", f"must be at most 16, got {self.num_speculative_tokens}")
         if self.method in DRAFT_MODEL_METHODS and not self.draft_model:
             raise InvalidRequestError("draft_model", f"speculative_method {self.method!r} needs a draft_model checkpoint")
-        if self.draft_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+        if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
             raise InvalidRequestError(
-                "draft_dtype", f"must be auto, float32, bfloat16 or float16 (or None), got {self.draft_dtype!r}"
+                "draft_dtype", f"must be one of {', '.join(DTYPES)} (or None), got {self.draft_dtype!r}"
             )
         _positive("ngram_min", self.ngram_min)
         if self.ngram_max < self.ngram_min:

@@ -83,3 +83,19 @@ def test_measured_rates_pick_the_fastest_arm_and_retry_the_others_less_and_less(
     # A step that will not be measured takes the best measured arm and explores nothing.
     assert fast.decide(1, [PLAIN, LOOKUP, MODEL], preferred=LOOKUP, explore=False) == MODEL
     assert fast.decide(4, [PLAIN, MODEL], preferred=MODEL, explore=False) == MODEL  # nothing measured yet
+
+
+def test_settled_plain_is_reported_until_a_retry_is_due():
+    rates = MeasuredRates(explore_every=4, min_samples=1)
+    assert not rates.plain_settled(8)  # nothing measured
+    rates.observe(8, MODEL, tokens=16, seconds=0.2)
+    rates.observe(8, PLAIN, tokens=8, seconds=0.05)
+    assert rates.decide(8, [PLAIN, MODEL], preferred=MODEL) == PLAIN
+    settled = []
+    for _ in range(6):
+        settled.append(rates.plain_settled(8))
+        arm = rates.decide(8, [PLAIN] if settled[-1] else [PLAIN, MODEL], preferred=MODEL)
+        rates.observe(8, arm, tokens=8, seconds=0.05)
+    # Settled while the retry is not due; then the step that retries drafting is not skipped.
+    assert settled[:3] == [True, True, True] and False in settled
+    assert not MeasuredRates().plain_settled(1)

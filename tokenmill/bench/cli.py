@@ -7,12 +7,15 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tokenmill.config import DTYPES
 from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args, spec_rows
 
 
@@ -23,7 +26,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--model", help="checkpoint folder (default: models/tokenmill-py-13m)")
     source.add_argument("--model-config", help="a config.json: model shape only, with --load-format random")
     bench.add_argument("--load-format", default="auto", choices=["auto", "random"])
-    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    bench.add_argument("--dtype", default="auto", choices=DTYPES)
     bench.add_argument("--device", default="auto")
     bench.add_argument("--max-model-len", type=int, default=None)
     bench.add_argument("--max-num-seqs", type=int, default=256)
@@ -58,31 +61,17 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from tokenmill.bench.prompts import text_prompts
     from tokenmill.bench.recipes import as_rows, run_latency, run_throughput
-    from tokenmill.default_model import resolve_models
 
     if args.structured == "compare" and args.recipe != "latency":
         raise SystemExit("error: --structured compare runs with the latency recipe only")
     if args.speculative_compare is not None:
         return _cmd_spec_compare(args)
-    workdir = None
-    load_format = args.load_format
-    if args.model_config:
-        workdir = tempfile.mkdtemp(prefix="tokenmill-bench-")
-        shutil.copy(args.model_config, Path(workdir) / "config.json")
-        model_path, load_format = workdir, "random"
-    else:  # the default pair fills in a missing --model / --draft-model
-        model_path, args.draft_model = resolve_models(args.model, args.speculative_method, args.draft_model)
-    try:
+    with _model_source(args, args.speculative_method) as (model_path, load_format):
         start = time.perf_counter()
         engine = _build_engine(args, model_path, load_format, spec_config_from_args(args))
         startup_s = time.perf_counter() - start
-        prompts = None
-        if args.prompt_files:
-            if engine.tokenizer is None:
-                raise SystemExit("error: --prompt-files needs a checkpoint with a tokenizer (not --model-config)")
-            prompts = text_prompts(engine.tokenizer, args.prompt_files)
+        prompts = _prompts(args, engine)
         if args.structured == "compare":
             from tokenmill.bench.structured_overhead import run_structured_overhead
 
@@ -109,15 +98,50 @@ def cmd_bench(args: argparse.Namespace) -> None:
             report["peer_transformers_tok_per_s"] = peer
             rows.append(("transformers tok/s", f"{peer:,.1f}"))
             rows.append(("tokenmill / transformers", f"{result.tok_per_s / peer:.2f}x"))
-    finally:
-        if workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-    width = max(len(k) for k, _ in rows)
-    print(f"\n{args.recipe}" + (" (structured compare)" if args.structured == "compare" else ""))
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
+    _print_rows(args.recipe + (" (structured compare)" if args.structured == "compare" else ""), rows)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2))
+
+
+@contextmanager
+def _model_source(args: argparse.Namespace, spec_method: str | None) -> Iterator[tuple[str, str]]:
+    """(model path, load format) for the engines; fills in args.draft_model from the default pair.
+
+    --model-config: random weights of that shape, from a temporary folder that lives while the block runs
+    (a draft model, if any, must be given)."""
+    from tokenmill.config import DRAFT_MODEL_METHODS
+    from tokenmill.default_model import resolve_models
+
+    if not args.model_config:
+        model_path, args.draft_model = resolve_models(args.model, spec_method, args.draft_model)
+        yield model_path, args.load_format
+        return
+    if spec_method in DRAFT_MODEL_METHODS and not args.draft_model:
+        raise SystemExit("error: with --model-config, draft methods need --draft-model")
+    workdir = tempfile.mkdtemp(prefix="tokenmill-bench-")
+    try:
+        shutil.copy(args.model_config, Path(workdir) / "config.json")
+        yield workdir, "random"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _prompts(args: argparse.Namespace, engine: Any) -> Any:
+    """Prompts cut from --prompt-files, or None for random token ids."""
+    from tokenmill.bench.prompts import text_prompts
+
+    if not args.prompt_files:
+        return None
+    if engine.tokenizer is None:
+        raise SystemExit("error: --prompt-files needs a checkpoint with a tokenizer (not --model-config)")
+    return text_prompts(engine.tokenizer, args.prompt_files)
+
+
+def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
 
 
 def _build_engine(args: argparse.Namespace, model_path: str, load_format: str, spec: Any) -> Any:
@@ -146,10 +170,8 @@ def _cmd_spec_compare(args: argparse.Namespace) -> None:
     """--speculative-compare: one engine per method (and one without speculation), same prompts each round."""
     from dataclasses import replace
 
-    from tokenmill.bench.prompts import text_prompts
     from tokenmill.bench.spec_compare import BASELINE, compare_rows, run_spec_compare
     from tokenmill.config import DRAFT_MODEL_METHODS, SPEC_METHODS
-    from tokenmill.default_model import resolve_models
 
     methods = [m.strip() for m in args.speculative_compare.split(",") if m.strip()]
     unknown = [m for m in methods if m not in SPEC_METHODS]
@@ -157,34 +179,16 @@ def _cmd_spec_compare(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --speculative-compare takes methods from {', '.join(SPEC_METHODS)} (got "
                          f"{args.speculative_compare!r}), with the latency recipe")
     needs_draft = any(m in DRAFT_MODEL_METHODS for m in methods)
-    workdir, load_format = None, args.load_format
-    if args.model_config:  # random weights of a shape: the draft, if any, must be given
-        if needs_draft and not args.draft_model:
-            raise SystemExit("error: with --model-config, draft methods need --draft-model")
-        workdir = tempfile.mkdtemp(prefix="tokenmill-bench-")
-        shutil.copy(args.model_config, Path(workdir) / "config.json")
-        model_path, draft, load_format = workdir, args.draft_model, "random"
-    else:
-        model_path, draft = resolve_models(args.model, "draft" if needs_draft else None, args.draft_model)
     spec = spec_config_from_args(args)
-    try:
+    with _model_source(args, "draft" if needs_draft else None) as (model_path, load_format):
         engines = {BASELINE: _build_engine(args, model_path, load_format, replace(spec, method=None))}
         for method in methods:
             engines[method] = _build_engine(args, model_path, load_format,
-                                            replace(spec, method=method, draft_model=draft))
-    finally:
-        if workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-    tokenizer = engines[BASELINE].tokenizer
-    prompts = text_prompts(tokenizer, args.prompt_files) if args.prompt_files and tokenizer is not None else None
+                                            replace(spec, method=method, draft_model=args.draft_model))
     result = run_spec_compare(engines, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
-                              args.temperature or 0.0, prompts)
+                              args.temperature or 0.0, _prompts(args, engines[BASELINE]))
     rows = [("device", _device_name(engines[BASELINE].device)), ("dtype", str(engines[BASELINE].dtype))]
-    rows += compare_rows(result)
-    width = max(len(k) for k, _ in rows)
-    print("\nlatency (speculative compare)")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
+    _print_rows("latency (speculative compare)", rows + compare_rows(result))
     if args.json_path:
         report = {"recipe": "latency", "speculative_compare": methods, "prompts": args.prompt_files or "random token ids",
                   "result": asdict(result)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.config import SPEC_METHODS, SpecConfig
+from tokenmill.config import DTYPES, SPEC_METHODS, SpecConfig
 
 
 def add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
                             "lookup first and the draft model where the lookup finds nothing (ngram+draft)")
     group.add_argument("--num-speculative-tokens", type=int, default=4, help="the most drafts per request per step")
     group.add_argument("--draft-model", default=None, help="draft checkpoint sharing the target's tokenizer")
-    group.add_argument("--draft-dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+    group.add_argument("--draft-dtype", default=None, choices=DTYPES,
                        help="the draft model's dtype (default: the target's)")
     group.add_argument("--ngram-min", type=int, default=1, help="shortest suffix that prompt lookup matches")
     group.add_argument("--ngram-max", type=int, default=4, help="longest suffix that prompt lookup tries first")

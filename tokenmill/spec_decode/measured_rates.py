@@ -93,6 +93,15 @@ class MeasuredRates:
                 return arm
         return best
 
+    def plain_settled(self, num_decodes: int) -> bool:
+        """No drafts measured best at this batch size, and no other way is due a retry at the next step:
+        the caller may skip looking for drafts altogether (then it still calls `decide` with PLAIN)."""
+        bucket = self._bucket(num_decodes)
+        if bucket.best != PLAIN:
+            return False
+        return all(bucket.steps + 1 - rate.last_step <= bucket.retry_after.get(arm, self.explore_every)
+                   for arm, rate in bucket.arms.items() if arm != PLAIN)
+
     def summary(self) -> dict[int, dict[str, float]]:
         """Measured tokens per second by batch-size bucket and arm (for reports)."""
         return {key: {arm: round(rate.per_second, 1) for arm, rate in bucket.arms.items()}

@@ -115,6 +115,12 @@ class Speculator:
             self._draft_probs.pop(request.req_id, None)
         if not requests:
             return {}
+        if self.adaptive and self.rates.plain_settled(len(requests)):
+            # Large batches, typically: skip the lookups and the cost model, which could only say no.
+            self.rates.decide(len(requests), [PLAIN], PLAIN, explore=not prefill_next)
+            for request in requests:
+                self._acceptance.setdefault(request.req_id, AcceptanceTracker()).idle()
+            return {}
         for request in requests:
             request.max_drafts = min(request.max_drafts, self.num_speculative_tokens)
         free = self.proposer.propose_free(requests)  # lookups: known before the cost model decides
