@@ -71,6 +71,17 @@ class SpecConfig:
 
 
 @dataclass(frozen=True)
+class ThinkingConfig:
+    """How the model marks its reasoning, so the engine can derive the token ids a thinking budget forces.
+
+    `wrap_up` is text forced before the end tag when a request's budget runs out."""
+
+    start: str = "<think>"
+    end: str = "</think>"
+    wrap_up: str = ""
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     dtype: str = "auto"
@@ -81,6 +92,9 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     spec: SpecConfig = SpecConfig()
+    thinking: ThinkingConfig = ThinkingConfig()
+    # torch.compile (inductor) for the model forward; None: on where it measured faster (see platform.py).
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         self.spec.validate()
