@@ -18,3 +18,12 @@ class InvalidRequestError(TokenmillError, ValueError):
 
 class ModelLoadError(TokenmillError):
     """A checkpoint is missing, corrupt, of an unknown architecture, or has a tensor of the wrong shape."""
+
+
+class ConfigError(TokenmillError):
+    """The engine is misconfigured; `setting` names the offending knob (raised at start-up, not per request)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.message = message

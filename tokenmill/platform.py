@@ -1,4 +1,4 @@
-"""The one place that asks what hardware we run on."""
+"""The one place that asks what hardware we run on, and picks what runs there."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import importlib.util
 
 import torch
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.attention.base import AttentionBackend
+from tokenmill.errors import ConfigError
 
 
 def cuda_available() -> bool:
@@ -22,7 +23,19 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if cuda_available() else "cpu")
     if device.startswith("cuda") and not cuda_available():
-        raise InvalidRequestError("device", f"{device!r} was asked for, but no CUDA device is available")
+        raise ConfigError("device", f"{device!r} was asked for, but no CUDA device is available")
     if not (device == "cpu" or device.startswith("cuda")):
-        raise InvalidRequestError("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        raise ConfigError("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     return torch.device(device)
+
+
+def attention_backend(device: torch.device) -> AttentionBackend:
+    """The attention implementation for a device (the torch one until a faster one exists there)."""
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
+def default_compile(device: torch.device) -> bool:
+    """Whether the model forward is compiled when the user did not say (EngineConfig.compile is None)."""
+    return False

@@ -155,7 +155,7 @@ def test_sampling_distribution_is_unchanged_by_speculation(temperature, spec_met
         llm = llm_for(checkpoint_dir("llama"), method, drafts["llama"], k=2, max_model_len=64)
         model_drafts = Counter()
         if method == "ngram+draft":
-            proposer = llm.engine.runner.speculator.proposer
+            proposer = llm.engine.worker.drafter.proposer
             free, model = proposer.propose_free, proposer.model.propose
             monkeypatch.setattr(proposer, "propose_free",
                                 lambda rs, f=free, c=model_drafts: _count(c, "lookup", f(rs)))
@@ -191,7 +191,7 @@ def test_adaptive_drafting_reports_metrics_and_keeps_output(checkpoint_dir, draf
     llm = LLM(model=str(checkpoint_dir("llama")), dtype="float32", max_model_len=512,
               speculative_method="ngram", speculative_adaptive=True)
     assert greedy_ids(llm, prompts) == baseline["llama"]
-    speculator = llm.engine.runner.speculator
+    speculator = llm.engine.worker.drafter
     assert speculator.target_times.points  # step times were measured at start-up
     assert 0 <= speculator.last_batch_cap <= 4
 
@@ -216,7 +216,7 @@ def test_bad_speculative_config_is_rejected(checkpoint_dir):
 def test_lookup_then_draft_uses_both_and_keeps_greedy_output(family, checkpoint_dir, drafts, prompts, baseline,
                                                              monkeypatch):
     llm = llm_for(checkpoint_dir(family), "ngram+draft", drafts[family], draft_dtype="bfloat16")
-    proposer = llm.engine.runner.speculator.proposer
+    proposer = llm.engine.worker.drafter.proposer
     assert next(proposer.model.model.parameters()).dtype == torch.bfloat16
     sources = Counter()
     lookup, model = proposer.propose_free, proposer.model.propose

@@ -7,7 +7,7 @@ import torch
 
 from tests.checkpoints import FAMILIES, make_checkpoint
 from tokenmill.models.loader import load_model
-from tokenmill.worker.forward_context import build_attention_metadata, forward_context
+from tokenmill.attention.metadata import build_attention_metadata, forward_context
 from tokenmill.worker.kv_cache_alloc import allocate_kv_caches
 
 BLOCK = 16

@@ -9,7 +9,10 @@ from tests.unit.test_structured import SCHEMA, allowed_ids
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.structured import GrammarCompiler, GrammarMatcher, StructuredOutputParams
 from tokenmill.structured.backend import fill_bitmasks
-from tokenmill.structured.bitmask import allocate_bitmask, unpack_bitmask
+from tokenmill.sample.bitmask import allocate_bitmask, unpack_bitmask
+from tokenmill.sample.shaping import shape_logits
+from tokenmill.sample.state import SamplingState
+from tokenmill.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -20,7 +23,9 @@ def test_grammar_masks_inline_or_overlapped_mask_the_same_rows(overlap: bool, to
     matchers = [compiler.matcher(StructuredOutputParams(choice=["yes", "no"])) for _ in range(2)]
     matchers[1].accept_token(tok.encode("no", add_special_tokens=False)[0])
     logits = torch.zeros(3, width)
-    masked = GrammarMasks.apply(GrammarMasks(width, overlap=overlap).start(matchers), logits, [2, 0])
+    bitmask = GrammarMasks(compiler, width, overlap=overlap).start(matchers).result()
+    states = [SamplingState(SamplingParams(), [1], [], None) for _ in range(3)]
+    masked = shape_logits(logits, states, grammar_mask=(bitmask, [2, 0]))
     expected = torch.zeros(3, width)
     for matcher, row in zip(matchers, [2, 0]):
         expected[row][~torch.tensor(allowed_ids_mask(matcher, width))] = float("-inf")

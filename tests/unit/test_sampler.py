@@ -8,13 +8,9 @@ import torch
 from scipy.stats import chisquare
 
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.sampler import (
-    Sampler,
-    SamplingState,
-    apply_penalties,
-    compute_logprobs,
-    make_generator,
-)
+from tokenmill.sample.sampler import Sampler, compute_logprobs
+from tokenmill.sample.shaping import apply_penalties, shape_logits
+from tokenmill.sample.state import SamplingState, make_generator
 
 VOCAB = 12
 LOGITS = torch.randn(VOCAB, generator=torch.Generator().manual_seed(0)) * 1.5
@@ -114,7 +110,8 @@ def test_frequency_and_presence_penalties_count_output_tokens_only():
 
 def test_penalties_steer_greedy_choice():
     logits = torch.tensor([[5.0, 4.9, 0.0]])
-    out = Sampler()(logits, [state(temperature=0.0, output=[0], presence_penalty=1.0)])
+    states = [state(temperature=0.0, output=[0], presence_penalty=1.0)]
+    out = Sampler()(shape_logits(logits, states), states)
     assert out.token_ids == [1]
 
 

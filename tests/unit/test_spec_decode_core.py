@@ -20,8 +20,8 @@ from tokenmill.spec_decode.cost_model import (
     per_request_lengths,
 )
 from tokenmill.spec_decode.ngram import NgramProposer
-from tokenmill.spec_decode.rejection_sampler import VerifyRequest, verify_batch
-from tokenmill.worker.sampler import SamplingState, make_generator
+from tokenmill.sample.rejection import VerifyRequest, verify_batch
+from tokenmill.sample.state import SamplingState, make_generator
 
 # ---- n-gram lookup ---------------------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ def test_verified_tokens_follow_the_target_distribution(deterministic):
     target_logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     draft_probs = torch.tensor([0.05, 0.05, 0.4, 0.3, 0.1, 0.05, 0.03, 0.02])
     state = _state(0.8, top_p=0.9)
-    from tokenmill.spec_decode.distribution import probs_rows
+    from tokenmill.sample.sampler import probs_rows
 
     p = probs_rows(target_logits[None], [state])[0]
     gen = make_generator(3, torch.device("cpu"))

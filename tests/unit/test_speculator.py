@@ -9,7 +9,7 @@ from tokenmill.spec_decode.cost_model import StepTimes
 from tokenmill.spec_decode.measured_rates import LOOKUP, MODEL, PLAIN, MeasuredRates
 from tokenmill.spec_decode.proposer import Draft, DraftRequest, Proposer
 from tokenmill.spec_decode.speculator import Speculator
-from tokenmill.worker.sampler import SamplingState
+from tokenmill.sample.state import SamplingState
 
 
 class ScriptedLookupThenModel(Proposer):

@@ -16,7 +16,7 @@ import torch
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
 from tokenmill.structured import GrammarCompiler, GrammarMatcher, StructuredOutputParams
-from tokenmill.structured.bitmask import allocate_bitmask, apply_bitmask, unpack_bitmask
+from tokenmill.sample.bitmask import allocate_bitmask, apply_bitmask, unpack_bitmask
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
                                 reason="needs llguidance (pip install 'tokenmill[test]')")

@@ -1,7 +1,7 @@
 """The thinking-budget tracker forces the end of thinking after exactly `budget` thinking tokens."""
 
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.thinking_budget import ThinkingBudgetTracker
+from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
 
 START, END, WRAP = 5, 6, 9
 

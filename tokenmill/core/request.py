@@ -86,3 +86,12 @@ class Request:
             f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens})"
         )
+
+
+def draft_room(num_tokens: int, num_output_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """How many draft tokens a request may still use: the target always adds one token after its drafts,
+    and the request may neither outgrow the context nor generate past max_tokens."""
+    room = max_model_len - num_tokens - 1
+    if max_tokens is not None:
+        room = min(room, max_tokens - num_output_tokens - 1)
+    return max(room, 0)

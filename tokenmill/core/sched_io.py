@@ -51,6 +51,9 @@ class SchedulerOutput:
     resumed_req_ids: list[str] = field(default_factory=list)
     # Requests still waiting after this step: the next step may well carry their prefill.
     num_waiting: int = 0
+    # Wall time of the engine's previous step, scheduling to outputs (set by the engine, not the scheduler):
+    # what the worker's measured-speed decisions (speculation on or off) judge that step by.
+    prev_step_seconds: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -77,3 +80,5 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # Draft tokens proposed for each request's next step (the scheduler trims them to what may follow).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Seconds spent in this step's phases inside the worker (inputs, forward, sample, propose, total).
+    timings: dict[str, float] = field(default_factory=dict)

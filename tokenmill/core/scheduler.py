@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenmill.core.kv_manager import KVCacheManager
-from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.request import Request, RequestStatus, draft_room
 from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
 from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.core.stop_checker import check_stop
@@ -232,11 +232,9 @@ class Scheduler:
         return {f"spec_{k}": v for k, v in self.spec_stats.as_dict().items()}
 
     def _trim_drafts(self, request: Request, drafts: list[int] | None) -> list[int]:
-        """Drafts beyond what the request may still emit are wasted work: the target always adds one."""
+        """Drafts beyond what the request may still emit are wasted work."""
         if not drafts:
             return []
-        room = self.limits.max_model_len - request.num_tokens - 1
-        max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None:
-            room = min(room, max_tokens - request.num_output_tokens - 1)
-        return list(drafts[: max(room, 0)])
+        room = draft_room(request.num_tokens, request.num_output_tokens, request.sampling_params.max_tokens,
+                          self.limits.max_model_len)
+        return list(drafts[:room])

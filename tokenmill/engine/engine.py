@@ -7,24 +7,21 @@ import json
 import logging
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tokenmill.config import DRAFT_MODEL_METHODS, EngineConfig
+from tokenmill.config import EngineConfig
 from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
-from tokenmill.core.sched_io import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
 from tokenmill.engine.output_builder import RequestGroup
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError, TokenmillError
-from tokenmill.models.loader import load_model
 from tokenmill.outputs import RequestOutput
-from tokenmill.platform import resolve_device
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.spec_decode.factory import build_proposer, build_speculator, load_draft_model
-from tokenmill.worker.kv_cache_alloc import check_pool_holds_context, num_blocks_for_budget
-from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.spec_decode.factory import build_speculator
+from tokenmill.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -34,57 +31,31 @@ PromptInput = str | list[int] | dict[str, Any]
 class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = False) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self.model, self.arch = load_model(
-            config.model, dtype=config.dtype, device=self.device, load_format=config.load_format, progress=show_progress
-        )
-        self.dtype = next(self.model.parameters()).dtype
+        drafter_factory = None
+        if config.spec.method is not None:
+            drafter_factory = partial(build_speculator, config)
+        self.worker = Worker(config, drafter_factory, show_progress=show_progress)
+        self.device, self.arch, self.dtype = self.worker.device, self.worker.arch, self.worker.dtype
+        self.model = self.worker.model  # for tools that measure it (bench); the engine itself only steps the worker
+        self.max_model_len = self.worker.max_model_len
         self.tokenizer = _load_tokenizer(config.model, required=config.load_format != "random")
         self.eos_token_ids = _eos_token_ids(config.model, self.arch.eos_token_ids, self.tokenizer)
-
-        self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
-        if self.max_model_len > self.arch.max_position_embeddings:
-            raise InvalidRequestError(
-                "max_model_len",
-                f"{self.max_model_len} exceeds the model's max_position_embeddings "
-                f"({self.arch.max_position_embeddings})",
-            )
+        num_blocks = self.worker.profile()
+        self.worker.init_cache(num_blocks)
         block_size = config.cache.block_size
-        draft_model = None
-        if config.spec.method in DRAFT_MODEL_METHODS:
-            draft_model = load_draft_model(config, self.device, self.arch.vocab_size)
-        # A draft model keeps its KV in the same block ids, so each block costs both models' bytes.
-        layers = self.model.attention_layers() + (draft_model.attention_layers() if draft_model else [])
-        num_blocks = config.cache.num_kv_blocks or num_blocks_for_budget(
-            layers, block_size, self.dtype, config.cache.kv_cache_memory_bytes
-        )
-        check_pool_holds_context(num_blocks, block_size, self.max_model_len)
-        self.runner = ModelRunner(
-            self.model, num_blocks, block_size, self.dtype, self.device, seed=config.seed,
-            max_model_len=self.max_model_len,
-        )
-        num_lookahead = 0
-        if config.spec.method is not None:
-            proposer = build_proposer(
-                config, draft_model, num_blocks, self.device, self.arch.vocab_size,
-                self.runner.sampler.generator,
-            )
-            self.runner.speculator = build_speculator(proposer, config)
-            self.runner.speculator.profile(
-                self.runner.time_target_step, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens
-            )
-            num_lookahead = proposer.num_lookahead_tokens
         self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         limits = SchedulerLimits(
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            num_lookahead_tokens=num_lookahead,
+            num_lookahead_tokens=self.worker.num_lookahead_tokens,
         )
         self.scheduler = Scheduler(limits, self.kv_manager)
+        self._grammar_compiler: Any = None
         self._groups: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, str] = {}
         self._arrivals = itertools.count()
+        self._last_step_seconds: float | None = None
         self.num_steps = 0
 
     # ---- requests ---------------------------------------------------------------------------
@@ -123,7 +94,7 @@ class LLMEngine:
         params.validate()
         self.tokenize_prompt(prompt)
         if params.structured_outputs is not None:
-            self._grammar_compiler().compile(params.structured_outputs)
+            self._structured_compiler().compile(params.structured_outputs)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None) -> None:
         """Validate and queue a request; bad input raises InvalidRequestError and changes nothing."""
@@ -137,7 +108,7 @@ class LLMEngine:
         params = replace(params, eos_token_ids=self.eos_token_ids)
         if params.structured_outputs is not None:
             # Compile now (cached per schema) so a bad schema is the caller's error, not the step loop's.
-            self._grammar_compiler().compile(params.structured_outputs)
+            self._structured_compiler().compile(params.structured_outputs)
         group = RequestGroup(request_id, text, token_ids, params, self.tokenizer)
         first_child: str | None = None
         for index in range(params.n):
@@ -152,15 +123,17 @@ class LLMEngine:
             self.scheduler.add_request(child)
         self._groups[request_id] = group
 
-    def _grammar_compiler(self) -> Any:
-        if self.runner.grammar_compiler is None:
+    def _structured_compiler(self) -> Any:
+        """The grammar compiler, created (and handed to the worker) by the first structured request."""
+        if self._grammar_compiler is None:
             if self.tokenizer is None:
                 raise InvalidRequestError("structured_outputs", "needs a tokenizer; this checkpoint has none")
             from tokenmill.structured.backend import GrammarCompiler
 
             compiler = GrammarCompiler(self.tokenizer, vocab_size=self.arch.vocab_size, eos_token_ids=self.eos_token_ids)
-            self.runner.enable_structured_output(compiler, self.arch.vocab_size)
-        return self.runner.grammar_compiler
+            self.worker.enable_structured_output(compiler)
+            self._grammar_compiler = compiler
+        return self._grammar_compiler
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -186,8 +159,10 @@ class LLMEngine:
         """Run one scheduler step; return an output for every request group that changed."""
         started = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
+        scheduler_output.prev_step_seconds = self._last_step_seconds
+        runner_output = self.worker.execute(scheduler_output)
         if scheduler_output.is_empty:
+            self._last_step_seconds = None  # an idle gap follows: the next step's predecessor is unknown
             return []
         self.num_steps += 1
         for chunk in scheduler_output.chunks:
@@ -212,18 +187,8 @@ class LLMEngine:
                 del self._groups[group.request_id]
                 for child_id in group.child_ids():
                     self._child_to_group.pop(child_id, None)
-        self._observe_decode_step(scheduler_output, runner_output, time.perf_counter() - started)
+        self._last_step_seconds = time.perf_counter() - started
         return outputs
-
-    def _observe_decode_step(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
-                             seconds: float) -> None:
-        """Tell the speculator what a step of decodes alone really delivered (its never-slower guard)."""
-        speculator = self.runner.speculator
-        chunks = scheduler_output.chunks
-        if speculator is None or any(len(c.token_ids) != 1 + c.num_spec_tokens for c in chunks):
-            return
-        tokens = sum(len(ids) for ids in runner_output.sampled_token_ids)
-        speculator.observe_decode_step(len(chunks), tokens, seconds)
 
     def _group_of(self, child_id: str) -> RequestGroup:
         return self._groups[self._child_to_group[child_id]]

@@ -1,10 +1,13 @@
-"""SwiGLU's activation: silu(gate) * up on a fused [.., 2 * d] input or on two tensors."""
+"""SwiGLU's activation on a fused gate/up projection (the kernel twin is kernels.reference.silu_and_mul)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.kernels.reference import silu_and_mul
 
 
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+class SiluAndMul(nn.Module):
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(gate_up)

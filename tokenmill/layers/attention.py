@@ -1,16 +1,23 @@
-"""Attention layer: stores this step's K/V in the paged cache and attends over it.
+"""Attention layer: stores this step's K/V in the paged cache and attends over it through a backend.
 
-The model runner binds `kv_cache` once after allocating the pool; each step's layout comes from the
-forward context, so the model itself never sees batching.
+Whoever allocates the KV pool binds each layer's cache and the platform's backend (`bind`); each step's
+layout comes from the forward context, so the model itself never sees batching. Under torch.compile the
+layer is one opaque custom op, so the compiled graph has no break and attention keeps its own code.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 from torch import nn
 
-from tokenmill.attention import torch_ref
-from tokenmill.worker.forward_context import get_attention_metadata
+from tokenmill.attention.base import AttentionBackend
+from tokenmill.attention.metadata import get_attention_metadata
+
+_layer_ids = itertools.count()
+_layers: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictionary()
 
 
 class Attention(nn.Module):
@@ -25,16 +32,35 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend | None = None
+        self.layer_id = next(_layer_ids)  # how the compiled graph's custom op finds this layer
+        _layers[self.layer_id] = self
+
+    def bind(self, kv_cache: torch.Tensor, backend: AttentionBackend) -> None:
+        self.kv_cache, self.backend = kv_cache, backend
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """query [T, num_heads*head_dim], key/value [T, num_kv_heads*head_dim] -> [T, num_heads*head_dim]."""
-        if self.kv_cache is None:
-            raise RuntimeError("attention layer has no KV cache bound; the model runner binds it")
-        metadata = get_attention_metadata()
-        q = query.view(-1, self.num_heads, self.head_dim)
-        k = key.view(-1, self.num_kv_heads, self.head_dim)
-        v = value.view(-1, self.num_kv_heads, self.head_dim)
-        torch_ref.write_kv(k, v, self.kv_cache, metadata.slot_mapping)
-        out = torch_ref.paged_attention(q, self.kv_cache, metadata, self.scale, self.sliding_window)
-        return out.reshape(-1, self.num_heads * self.head_dim)
+        """query [T, H, D], key/value [T, KVH, D] -> [T, H * D]."""
+        if torch.compiler.is_compiling():
+            return torch.ops.tokenmill.attention(query, key, value, self.layer_id)
+        return self.attend(query, key, value)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if self.kv_cache is None or self.backend is None:
+            raise RuntimeError("attention layer has no KV cache bound; the worker binds it")
+        out = self.backend.forward(query, key, value, self.kv_cache, get_attention_metadata(), self.scale,
+                                   self.sliding_window)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+
+@torch.library.custom_op("tokenmill::attention", mutates_args=())
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_id: int) -> torch.Tensor:
+    # Writes the layer's KV cache, which is not an argument: the op's output depends on its inputs, so the
+    # compiler keeps it and its order relative to the layers around it.
+    return _layers[layer_id].attend(query, key, value)
+
+
+@_attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])

@@ -1,7 +1,7 @@
 """Rotary position embedding (rotate-half / NeoX layout), with Llama-3 frequency scaling.
 
-inv_freq and the angles are computed in float32 the way the reference does, so float32 logits match it
-to rounding.
+inv_freq and the angles are computed in float32 the way the reference does, once for every position,
+so a step only looks its positions up; float32 logits match the reference to rounding.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tokenmill.kernels.reference import apply_rotary, rotary_cos_sin_cache
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -31,24 +33,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos/sin [T, head_dim] (torch twin of the fused RoPE kernel)."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
-
-
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, device: torch.device) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling).to(device), persistent=False)
+        inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
+        # [max_positions, 2, head_dim]: cos, sin in the model dtype (the reference casts them the same way).
+        self.register_buffer("cos_sin", rotary_cos_sin_cache(inv_freq, max_positions, dtype), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim] of the step's positions: looked up once, shared by every layer."""
+        table = self.cos_sin[positions]
+        return table[:, 0:1], table[:, 1:2]
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(x, cos, sin)

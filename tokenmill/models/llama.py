@@ -1,7 +1,8 @@
 """The Llama family: Llama (incl. Llama-3.1 RoPE scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
 
-Parameter names mirror the Hugging Face checkpoints, so loading is a lookup by name. The model sees flat
-token tensors only; attention reads the step's layout from the forward context.
+q/k/v and gate/up are fused into one matmul each; `packed_modules` tells the loader which checkpoint
+tensors are row shards of them, so checkpoints load by name. The model sees flat token tensors only;
+attention reads the step's layout from the forward context.
 """
 
 from __future__ import annotations
@@ -9,97 +10,120 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenmill.layers.activation import silu_and_mul
+from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import Attention
-from tokenmill.layers.linear import Embedding, Linear
+from tokenmill.layers.linear import LMHead, MergedLinear, QuantMethod, ReplicatedLinear, VocabEmbedding
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch_config import ArchConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device,
+                 quant: QuantMethod | None) -> None:
         super().__init__()
         heads, kv_heads, head_dim, hidden = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
-        self.q_proj = Linear(hidden, heads * head_dim, config.qkv_bias, dtype, device)
-        self.k_proj = Linear(hidden, kv_heads * head_dim, config.qkv_bias, dtype, device)
-        self.v_proj = Linear(hidden, kv_heads * head_dim, config.qkv_bias, dtype, device)
-        self.o_proj = Linear(heads * head_dim, hidden, config.o_bias, dtype, device)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
+        self.qkv_proj = MergedLinear(hidden, [self.q_size, self.kv_size, self.kv_size], ["q", "k", "v"],
+                                     config.qkv_bias, dtype, device, quant)
+        self.o_proj = ReplicatedLinear(self.q_size, hidden, config.o_bias, dtype, device, quant)
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
         window = config.sliding_window if config.sliding_layers[layer_index] else None
         self.attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, sliding_window=window)
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q = self.q_proj(hidden).view(num_tokens, self.heads, self.head_dim)
-        k = self.k_proj(hidden).view(num_tokens, self.kv_heads, self.head_dim)
-        v = self.v_proj(hidden)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v)
-        return self.o_proj(out)
+        qkv = self.qkv_proj(hidden)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k are adjacent in qkv: one rotation covers both heads' groups.
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.heads + self.kv_heads, self.head_dim)
+            qk = RotaryEmbedding.rotate(qk, cos, sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+        else:
+            assert self.k_norm is not None
+            q = self.q_norm(qkv[:, : self.q_size].view(num_tokens, self.heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.kv_heads, self.head_dim))
+            q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, False, dtype, device)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, False, dtype, device)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, False, dtype, device)
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], ["gate", "up"], False, dtype, device, quant)
+        self.down_proj = ReplicatedLinear(size, config.hidden_size, False, dtype, device, quant)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device,
+                 quant: QuantMethod | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(config, layer_index, dtype, device)
+        self.self_attn = LlamaAttention(config, layer_index, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(config, dtype, device)
+        self.mlp = LlamaMLP(config, dtype, device, quant)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it is added): adds are fused into the norms."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device) for i in range(config.num_layers))
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device, quant) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions)
+        cos, sin = self.rotary.cos_sin_at(positions)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin)
+        assert residual is not None
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+    # Checkpoint tensors that are row shards of one fused layer: fused name -> [(checkpoint name, shard)].
+    packed_modules = {
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+        "gate_up_proj": [("gate_proj", "gate"), ("up_proj", "up")],
+    }
+
+    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device,
+                 quant: QuantMethod | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype, device)
+        self.model = LlamaModel(config, dtype, device, quant)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, False, dtype, device, quant)
         if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+            self.lm_head.tie_to(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat [T] ids and positions -> hidden states [T, hidden]."""
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

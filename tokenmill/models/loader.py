@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.linear import QuantMethod
 from tokenmill.models.arch_config import ArchConfig, read_arch_config
 from tokenmill.models.registry import model_class_for
 from tokenmill.utils.progress import ProgressBar
@@ -35,20 +36,30 @@ def load_model(
     device: torch.device | str = "cpu",
     load_format: str = "auto",
     progress: bool = False,
+    quant: QuantMethod | None = None,
 ) -> tuple[nn.Module, ArchConfig]:
-    """Build the model for the checkpoint's architecture and fill its weights."""
+    """Build the model for the checkpoint's architecture, fill its weights and ready them for its kernels."""
     arch = read_arch_config(model_path)
     model_cls = model_class_for(arch.architecture, source=str(Path(model_path) / "config.json"))
     torch_dtype = resolve_dtype(dtype, arch)
     device = torch.device(device)
-    model = model_cls(arch, torch_dtype, device)
+    model = model_cls(arch, torch_dtype, device, quant)
     if load_format == "random":
         init_random_weights(model)
     elif load_format == "auto":
         load_safetensors_weights(model, Path(model_path), progress)
     else:
         raise ModelLoadError(f"load_format {load_format!r} is not supported (use auto or random)")
+    process_weights_after_loading(model)
     return model.eval(), arch
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every layer's quantization method turn the loaded weights into what its kernel runs on."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
@@ -94,11 +105,34 @@ def _open(file: Path):  # -> safetensors handle
         raise ModelLoadError(f"{file}: cannot read safetensors file ({exc})") from exc
 
 
+def _checkpoint_targets(model: nn.Module) -> dict[str, tuple[str, str | None]]:
+    """Checkpoint tensor name -> (parameter name, shard), through the model's packed-module map."""
+    targets: dict[str, tuple[str, str | None]] = {}
+    packed: dict[str, list[tuple[str, str]]] = getattr(model, "packed_modules", {})
+    for name, _ in model.named_parameters():
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, module_name = module_path.rpartition(".")
+        if module_name in packed:
+            for part, shard in packed[module_name]:
+                targets[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (name, shard)
+        else:
+            targets[name] = (name, None)
+    return targets
+
+
+def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
+    """The loader of parameters that are one checkpoint tensor as they are (norm weights)."""
+    if tuple(loaded.shape) != tuple(param.shape):
+        raise ModelLoadError(f"shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
 def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool = False) -> None:
     index = _tensor_index(model_path)
     params = dict(model.named_parameters())
-    tied = getattr(model, "lm_head", "absent") is None
-    needed = set(params)
+    targets = _checkpoint_targets(model)
+    tied = getattr(getattr(model, "lm_head", None), "weight_is_shared", False)
+    needed = set(targets)
     by_file: dict[Path, list[str]] = {}
     for name, file in index.items():
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -109,18 +143,19 @@ def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool 
         for file, names in by_file.items():
             handle = _open(file)
             for name in names:
-                param = params.get(name)
-                if param is None:
+                target = targets.get(name)
+                if target is None:
                     raise ModelLoadError(f"{file.name}: tensor {name!r} is not part of {type(model).__name__}")
                 try:
                     tensor = handle.get_tensor(name)
                 except Exception as exc:
                     raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({exc})") from exc
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ModelLoadError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                    )
-                param.copy_(tensor)  # converts dtype and moves to the model's device
+                param_name, shard = target
+                param = params[param_name]
+                try:
+                    getattr(param, "weight_loader", _copy_whole)(param, tensor, shard)
+                except ModelLoadError as exc:
+                    raise ModelLoadError(f"{file.name}: tensor {name!r}: {exc}") from exc
                 needed.discard(name)
                 bar.update()
     bar.close()

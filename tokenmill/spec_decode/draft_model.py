@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenmill.spec_decode.distribution import fit_vocab, probs_rows, shape_rows
+from tokenmill.attention.metadata import build_attention_metadata, forward_context
+from tokenmill.sample.sampler import probs_rows
+from tokenmill.sample.shaping import shape_logits
 from tokenmill.spec_decode.proposer import Draft, DraftRequest, Proposer
-from tokenmill.worker.forward_context import build_attention_metadata, forward_context
-from tokenmill.worker.kv_cache_alloc import allocate_kv_caches
+from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block
 from tokenmill.worker.step_timer import time_forward
 
 
@@ -52,8 +53,6 @@ class DraftModelProposer(Proposer):
     def __init__(
         self,
         model: nn.Module,
-        num_blocks: int,
-        block_size: int,
         kv_dtype: torch.dtype,
         device: torch.device,
         target_vocab_size: int,
@@ -62,15 +61,24 @@ class DraftModelProposer(Proposer):
         confidence_threshold: float = 0.0,
     ) -> None:
         self.model = model
-        self.block_size = block_size
+        self.kv_dtype = kv_dtype
+        self.block_size = 0  # set with the pool (init_cache)
         self.device = device
         self.vocab_size = target_vocab_size
-        self.default_generator = default_generator
+        self.default_generator = default_generator  # for requests without a seed of their own
         self.confidence_threshold = confidence_threshold
-        self.kv_caches = allocate_kv_caches(model.attention_layers(), num_blocks, block_size, kv_dtype, device)
+        self.kv_caches: list[torch.Tensor] = []
         # Drafting k tokens writes KV up to k-1 positions past the last known token.
         self.num_lookahead_tokens = num_speculative_tokens
         self._fed: dict[str, _FedTokens] = {}
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return bytes_per_block(self.model.attention_layers(), block_size, self.kv_dtype)
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.kv_caches = allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.kv_dtype,
+                                            self.device)
 
     def resumed(self, req_id: str) -> None:
         self._fed.pop(req_id, None)
@@ -129,14 +137,14 @@ class DraftModelProposer(Proposer):
         )
         with forward_context(metadata):
             hidden = self.model(input_ids, positions)
-        last = torch.tensor(metadata.query_start_loc_host[1:], device=self.device) - 1
+        last = torch.from_numpy(metadata.query_start_loc[1:] - 1).to(self.device)
         logits = fit_vocab(self.model.compute_logits(hidden[last]).float(), self.vocab_size)
         self._pick(jobs, logits)
 
     def _pick(self, jobs: list[_Drafting], logits: torch.Tensor) -> None:
         """Each job's next draft, from its own shaped distribution; low confidence ends its drafting."""
         states = [job.request.state for job in jobs]
-        shaped = shape_rows(logits, states, [s.output_token_ids + job.tokens for s, job in zip(states, jobs)])
+        shaped = shape_logits(logits, states, [s.output_token_ids + job.tokens for s, job in zip(states, jobs)])
         sampling = [i for i, s in enumerate(states) if s.params.temperature > 0.0]
         probs = shaped.softmax(dim=-1)  # greedy rows: confidence at temperature 1
         if sampling:
@@ -154,3 +162,14 @@ class DraftModelProposer(Proposer):
             if states[i].params.temperature > 0.0:
                 job.probs.append(probs[i])
             job.done = len(job.tokens) >= job.budget
+
+
+def fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft logits over the target's vocabulary: extra columns dropped, missing ones impossible."""
+    width = logits.shape[-1]
+    if width == vocab_size:
+        return logits
+    if width > vocab_size:
+        return logits[..., :vocab_size]
+    pad = logits.new_full((*logits.shape[:-1], vocab_size - width), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)

@@ -1,4 +1,4 @@
-"""Build the speculator an engine config asks for (None when speculation is off)."""
+"""Build the speculator an engine config asks for, as the worker's drafter factory."""
 
 from __future__ import annotations
 
@@ -7,14 +7,23 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.config import EngineConfig
-from tokenmill.errors import InvalidRequestError
+from tokenmill.config import DRAFT_MODEL_METHODS, EngineConfig
+from tokenmill.errors import ConfigError
 from tokenmill.models.loader import load_model
+from tokenmill.sample.state import make_generator
 from tokenmill.spec_decode.draft_model import DraftModelProposer
 from tokenmill.spec_decode.lookup_then_draft import LookupThenDraftProposer
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.proposer import Proposer
 from tokenmill.spec_decode.speculator import Speculator
+
+
+def build_speculator(config: EngineConfig, device: torch.device, target_vocab_size: int) -> Speculator:
+    """The speculator for config.spec (whose method must be set), with its draft model loaded if any."""
+    spec = config.spec
+    draft_model = load_draft_model(config, device, target_vocab_size) if spec.method in DRAFT_MODEL_METHODS else None
+    proposer = build_proposer(config, draft_model, device, target_vocab_size)
+    return Speculator(proposer, spec.num_speculative_tokens, adaptive=spec.adaptive)
 
 
 def load_draft_model(config: EngineConfig, device: torch.device, target_vocab_size: int) -> torch.nn.Module:
@@ -24,7 +33,7 @@ def load_draft_model(config: EngineConfig, device: torch.device, target_vocab_si
     dtype = config.spec.draft_dtype or config.dtype
     model, arch = load_model(draft_path, dtype=dtype, device=device, load_format=config.load_format)
     if arch.vocab_size < target_vocab_size // 2 or arch.vocab_size > target_vocab_size * 2:
-        raise InvalidRequestError(
+        raise ConfigError(
             "draft_model",
             f"its vocabulary ({arch.vocab_size}) does not match the target's ({target_vocab_size}); "
             f"a draft model must share the target's tokenizer",
@@ -33,12 +42,7 @@ def load_draft_model(config: EngineConfig, device: torch.device, target_vocab_si
 
 
 def build_proposer(
-    config: EngineConfig,
-    draft_model: torch.nn.Module | None,
-    num_blocks: int,
-    device: torch.device,
-    target_vocab_size: int,
-    default_generator: torch.Generator,
+    config: EngineConfig, draft_model: torch.nn.Module | None, device: torch.device, target_vocab_size: int
 ) -> Proposer:
     spec = config.spec
     if spec.method == "ngram":
@@ -46,22 +50,16 @@ def build_proposer(
     assert draft_model is not None
     model = DraftModelProposer(
         draft_model,
-        num_blocks,
-        config.cache.block_size,
         next(draft_model.parameters()).dtype,  # the draft keeps its KV in its own dtype
         device,
         target_vocab_size,
-        default_generator,
+        make_generator(config.seed + 1, device),  # unseeded requests' draft samples (the sampler has seed)
         spec.num_speculative_tokens,
         spec.draft_confidence_threshold,
     )
     if spec.method == "ngram+draft":
         return LookupThenDraftProposer(NgramProposer(spec.ngram_min, spec.ngram_max), model)
     return model
-
-
-def build_speculator(proposer: Proposer, config: EngineConfig) -> Speculator:
-    return Speculator(proposer, config.spec.num_speculative_tokens, adaptive=config.spec.adaptive)
 
 
 def _check_same_vocab(target_path: str, draft_path: str) -> None:
@@ -74,4 +72,4 @@ def _check_same_vocab(target_path: str, draft_path: str) -> None:
     except (json.JSONDecodeError, KeyError, TypeError, OSError):
         return
     if target_vocab != draft_vocab:
-        raise InvalidRequestError("draft_model", f"{draft} differs from {target}: the draft must share the tokenizer")
+        raise ConfigError("draft_model", f"{draft} differs from {target}: the draft must share the tokenizer")

@@ -34,3 +34,9 @@ class LookupThenDraftProposer(Proposer):
 
     def profile_draft_step(self, num_seqs: int) -> float | None:
         return self.model.profile_draft_step(num_seqs)
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return self.model.kv_bytes_per_block(block_size)
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        self.model.init_cache(num_blocks, block_size)

@@ -13,16 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.worker.sampler import SamplingState
+from tokenmill.worker.drafter import DraftRequest
 
-
-@dataclass
-class DraftRequest:
-    req_id: str
-    token_ids: list[int]  # prompt + output; the last token has no KV yet
-    state: SamplingState
-    block_table: list[int]
-    max_drafts: int  # the most draft tokens this request may take next step (>= 1)
+__all__ = ["Draft", "DraftRequest", "Proposer"]
 
 
 @dataclass
@@ -55,3 +48,10 @@ class Proposer(ABC):
     def profile_draft_step(self, num_seqs: int) -> float | None:
         """Seconds for one drafting step over num_seqs requests, or None when drafting is free."""
         return None
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of the proposer's own KV per block of the target's pool (0 without a model)."""
+        return 0
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the proposer's own KV for the target's pool size (nothing without a model)."""

@@ -1,6 +1,6 @@
 """Decides how many drafts each decoding request gets, asks the proposer, and keeps what verify needs.
 
-Lives in the worker next to the model runner: it sees every verification result (for per-request
+It is the worker's `Drafter` (worker/drafter.py), living next to the model runner: it sees every verification result (for per-request
 acceptance), holds the draft distributions until the target verifies them, and applies the cost model
 measured at start-up so that drafting shortens or stops as the batch grows.
 """
@@ -50,6 +50,12 @@ class Speculator:
     @property
     def num_lookahead_tokens(self) -> int:
         return self.proposer.num_lookahead_tokens
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return self.proposer.kv_bytes_per_block(block_size)
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        self.proposer.init_cache(num_blocks, block_size)
 
     def profile(self, time_target: Callable[[int], float], max_num_seqs: int, max_num_batched_tokens: int) -> None:
         """Measure step times for the cost model: the target by tokens per step, drafting by batch size."""

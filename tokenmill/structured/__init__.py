@@ -21,8 +21,8 @@ _EXPORTS = {
     "CompiledGrammar": "tokenmill.structured.backend",
     "GrammarMatcher": "tokenmill.structured.backend",
     "fill_bitmasks": "tokenmill.structured.backend",
-    "allocate_bitmask": "tokenmill.structured.bitmask",
-    "apply_bitmask": "tokenmill.structured.bitmask",
+    "allocate_bitmask": "tokenmill.sample.bitmask",
+    "apply_bitmask": "tokenmill.sample.bitmask",
 }
 
 __all__ = list(_EXPORTS)

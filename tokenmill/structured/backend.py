@@ -18,7 +18,7 @@ import torch
 
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
-from tokenmill.structured.bitmask import bitmask_width
+from tokenmill.sample.bitmask import bitmask_width
 from tokenmill.structured.llg_grammar import compile_template, import_llguidance
 from tokenmill.structured.params import StructuredOutputParams
 
@@ -257,6 +257,11 @@ class GrammarCompiler:
     def matcher(self, params: StructuredOutputParams) -> GrammarMatcher:
         """A new matcher at the start of the request's grammar."""
         return self.compile(params).new_matcher()
+
+    def fill_bitmasks(self, matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor, rows: Sequence[int],
+                      parallel: bool = True) -> None:
+        """The worker's GrammarBackend view of the module-level fill_bitmasks."""
+        fill_bitmasks(matchers, bitmask, rows, parallel)
 
     def cache_info(self) -> dict[str, int]:
         with self._lock:

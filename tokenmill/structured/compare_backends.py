@@ -288,7 +288,7 @@ def measure_backend(tokenizer: Tokenizer, walks: int, cap: int) -> dict[str, Any
     apply_bitmask for a batch, and whether two threads fill masks in parallel (the GIL is released)."""
     from tokenmill.structured import GrammarCompiler, StructuredOutputParams, allocate_bitmask, apply_bitmask
     from tokenmill.structured.backend import fill_bitmasks
-    from tokenmill.structured.bitmask import unpack_bitmask
+    from tokenmill.sample.bitmask import unpack_bitmask
 
     vocab, eos = tokenizer.vocab_size, tokenizer.eos_token_id
     assert eos is not None

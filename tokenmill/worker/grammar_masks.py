@@ -1,4 +1,4 @@
-"""Structured-output token masks, computed on a background thread while the model runs.
+"""Structured-output token masks, filled before (CPU) or while (GPU) the model runs.
 
 The grammar matchers already know every token up to this step, so the next token's mask does not depend
 on the forward pass: start filling it before the model runs and apply it to the logits afterwards.
@@ -7,31 +7,49 @@ That overlap pays when the model runs on a GPU and the CPU would otherwise wait.
 CPU, torch already keeps every core busy: a mask thread beside it slowed the forward pass itself by ~6% at
 batch 32 on 2 cores (measured, docs/perf.md), more than filling the masks costs (~0.5 ms a step). So on
 the CPU the masks are filled inline, one row after another, before the forward pass.
+
+The grammar library lives in `tokenmill.structured`; the worker sees it only through `GrammarBackend`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from tokenmill.sample.bitmask import allocate_bitmask
+
+
+class GrammarMatcherLike(Protocol):
+    def accept_token(self, token_id: int) -> bool: ...
+
+
+class GrammarBackend(Protocol):
+    def matcher(self, params: Any) -> GrammarMatcherLike:
+        """A fresh matcher for a request's structured-output parameters."""
+
+    def fill_bitmasks(self, matchers: Sequence[GrammarMatcherLike], bitmask: torch.Tensor, rows: Sequence[int],
+                      parallel: bool) -> None:
+        """Fill bitmask row rows[i] with the tokens matchers[i] allows next."""
+
 
 class GrammarMasks:
-    def __init__(self, vocab_size: int, overlap: bool = True) -> None:
+    def __init__(self, backend: GrammarBackend, vocab_size: int, overlap: bool = True) -> None:
+        self.backend = backend
         self.vocab_size = vocab_size
         self.overlap = overlap  # False when the model runs on the CPU (see the module docstring)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-grammar") if overlap else None
 
-    def start(self, matchers: list[Any]) -> Future[torch.Tensor] | None:
+    def start(self, matchers: list[GrammarMatcherLike]) -> Future[torch.Tensor] | None:
         """Begin filling one bitmask row per matcher (in order); None when there are none."""
         if not matchers:
             return None
-        from tokenmill.structured import allocate_bitmask, fill_bitmasks
 
         def fill() -> torch.Tensor:
             bitmask = allocate_bitmask(len(matchers), self.vocab_size)
-            fill_bitmasks(matchers, bitmask, list(range(len(matchers))), parallel=self.overlap)
+            self.backend.fill_bitmasks(matchers, bitmask, list(range(len(matchers))), parallel=self.overlap)
             return bitmask
 
         if self._executor is not None:
@@ -39,18 +57,6 @@ class GrammarMasks:
         done: Future[torch.Tensor] = Future()
         try:
             done.set_result(fill())
-        except Exception as error:  # raised where an overlapped fill would raise: at apply()
+        except Exception as error:  # raised where an overlapped fill would raise: when the mask is used
             done.set_exception(error)
         return done
-
-    @staticmethod
-    def apply(pending: Future[torch.Tensor], logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """A copy of logits with disallowed tokens at -inf in `rows` (bitmask row i masks rows[i])."""
-        from tokenmill.structured import apply_bitmask
-
-        bitmask = pending.result()
-        masked = logits.clone()
-        grammar_rows = masked[rows]
-        apply_bitmask(grammar_rows, bitmask)
-        masked[rows] = grammar_rows
-        return masked

@@ -1,13 +1,22 @@
-"""Turn a SchedulerOutput into the flat tensors one forward pass needs."""
+"""The persistent input batch: per-request block tables and the step's flat input buffers, kept across steps.
+
+Each request owns a row of a preallocated block-table array, updated with only the blocks it gained since
+the last step; the step's token ids, positions and slot mapping are written into preallocated buffers
+with vectorized numpy (no per-token Python loops), and the tensors the model reads are views of those
+buffers (on a GPU: persistent device buffers filled by one copy each), so a CUDA graph can later capture
+exactly these addresses.
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.core.sched_io import SchedulerOutput
-from tokenmill.worker.forward_context import AttentionMetadata, build_attention_metadata
 
 
 @dataclass
@@ -15,40 +24,124 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     attention: AttentionMetadata
-    # Chunks that sample this step (indices into scheduler_output.chunks) and the flat indices whose
-    # hidden states give logits: the last token, or the last 1 + num_spec_tokens when verifying drafts.
-    # Chunk sampling_chunks[i] owns logits rows [logits_row_starts[i], + 1 + its num_spec_tokens).
+    # Chunks that sample this step (indices into scheduler_output.chunks) and the flat rows whose hidden
+    # states give logits: the last token, or the last 1 + num_spec_tokens when verifying drafts. Chunk
+    # sampling_chunks[i] owns logits rows [logits_row_starts[i], + 1 + its num_spec_tokens).
     sampling_chunks: list[int]
-    logits_indices: torch.Tensor
+    logits_indices: torch.Tensor | None  # None: every flat row, in order (a step of plain decodes)
     logits_row_starts: list[int]
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
 
-def build_step_inputs(scheduler_output: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
-    token_ids: list[int] = []
-    positions: list[int] = []
-    sampling_chunks: list[int] = []
-    logits_indices: list[int] = []
-    logits_row_starts: list[int] = []
-    for i, chunk in enumerate(scheduler_output.chunks):
-        token_ids.extend(chunk.token_ids)
-        positions.extend(range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids)))
-        if chunk.sample:
-            sampling_chunks.append(i)
-            logits_row_starts.append(len(logits_indices))
-            end = len(token_ids)
-            logits_indices.extend(range(end - 1 - chunk.num_spec_tokens, end))
-    attention = build_attention_metadata(
-        start_positions=[c.start_pos for c in scheduler_output.chunks],
-        query_lens=[len(c.token_ids) for c in scheduler_output.chunks],
-        block_tables=[c.block_table for c in scheduler_output.chunks],
-        block_size=block_size,
-        device=device,
-    )
-    return StepInputs(
-        input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        attention=attention,
-        sampling_chunks=sampling_chunks,
-        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
-        logits_row_starts=logits_row_starts,
-    )
+
+class InputBatch:
+    def __init__(self, max_num_tokens: int, max_blocks_per_request: int, block_size: int,
+                 device: torch.device, initial_rows: int = 64) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.max_blocks = max_blocks_per_request
+        self._block_tables = np.zeros((initial_rows, max_blocks_per_request), dtype=np.int64)
+        self._num_blocks = np.zeros(initial_rows, dtype=np.int64)
+        self._row_of: dict[str, int] = {}
+        self._free_rows = list(range(initial_rows - 1, -1, -1))
+        # Host buffers (pinned on a GPU machine, so the copies to the device buffers are asynchronous) and
+        # numpy views of them that the step writes into.
+        pin = device.type == "cuda"
+        self._host = {name: torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=pin)
+                      for name in ("input_ids", "positions", "slots")}
+        self._input_ids, self._positions, self._slots = (self._host[n].numpy() for n in ("input_ids", "positions", "slots"))
+        self._device = {name: host if device.type == "cpu" else torch.empty_like(host, device=device)
+                        for name, host in self._host.items()}
+
+    def remove(self, req_id: str) -> None:
+        row = self._row_of.pop(req_id, None)
+        if row is not None:
+            self._num_blocks[row] = 0
+            self._free_rows.append(row)
+
+    def reset_blocks(self, req_id: str) -> None:
+        """The request's blocks changed wholesale (recomputed after a preemption)."""
+        row = self._row_of.get(req_id)
+        if row is not None:
+            self._num_blocks[row] = 0
+
+    def prepare(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        chunks = scheduler_output.chunks
+        count = len(chunks)
+        rows = np.fromiter((self._sync_block_table(c.req_id, c.block_table) for c in chunks), np.int64, count)
+        query_lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, count)
+        starts = np.fromiter((c.start_pos for c in chunks), np.int64, count)
+        num_tokens = int(query_lens.sum())
+        if num_tokens > len(self._input_ids):
+            raise ValueError(f"a step of {num_tokens} tokens exceeds the batch's {len(self._input_ids)}")
+        ids = [c.token_ids[0] for c in chunks] if num_tokens == count else \
+            list(itertools.chain.from_iterable(c.token_ids for c in chunks))
+        self._input_ids[:num_tokens] = ids
+        cu_query = np.cumsum(query_lens)
+        if num_tokens == count:
+            positions = starts
+            seq_of_token = np.arange(count)
+        else:
+            seq_of_token = np.repeat(np.arange(count), query_lens)
+            positions = starts[seq_of_token] + np.arange(num_tokens) - (cu_query - query_lens)[seq_of_token]
+        self._positions[:num_tokens] = positions
+        seq_lens = starts + query_lens
+        max_blocks = max(-(-int(seq_lens.max()) // self.block_size), 1)
+        tables = self._block_tables[rows, :max_blocks]
+        self._slots[:num_tokens] = tables[seq_of_token, positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+
+        sampling_chunks, row_starts, logits_rows = [], [], []
+        for index, chunk in enumerate(chunks):
+            if chunk.sample:
+                sampling_chunks.append(index)
+                row_starts.append(len(logits_rows))
+                end = int(cu_query[index])
+                logits_rows.extend(range(end - 1 - chunk.num_spec_tokens, end))
+        every_row = len(logits_rows) == num_tokens  # then the rows are 0..num_tokens-1 in order
+        metadata = AttentionMetadata(
+            slot_mapping=self._view("slots", num_tokens),
+            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
+            block_size=self.block_size,
+            seq_lens=seq_lens,
+            query_start_loc=np.concatenate(([0], cu_query)),
+        )
+        return StepInputs(
+            input_ids=self._view("input_ids", num_tokens),
+            positions=self._view("positions", num_tokens),
+            attention=metadata,
+            sampling_chunks=sampling_chunks,
+            logits_indices=None if every_row else torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
+            logits_row_starts=row_starts,
+        )
+
+    def _sync_block_table(self, req_id: str, table: list[int]) -> int:
+        """The request's row, with the blocks it gained since last step appended (O(new blocks))."""
+        row = self._row_of.get(req_id)
+        if row is None:
+            row = self._row_of[req_id] = self._new_row()
+        stored = int(self._num_blocks[row])
+        if len(table) > self.max_blocks:
+            raise ValueError(f"request {req_id!r} has {len(table)} blocks; rows hold {self.max_blocks}")
+        if len(table) < stored:  # shrank: rewrite from scratch
+            stored = 0
+        if len(table) > stored:
+            self._block_tables[row, stored : len(table)] = table[stored:]
+            self._num_blocks[row] = len(table)
+        return row
+
+    def _new_row(self) -> int:
+        if not self._free_rows:  # more live requests (running + preempted) than rows: double the table
+            old = len(self._num_blocks)
+            self._block_tables = np.concatenate([self._block_tables, np.zeros_like(self._block_tables)])
+            self._num_blocks = np.concatenate([self._num_blocks, np.zeros_like(self._num_blocks)])
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    def _view(self, name: str, length: int) -> torch.Tensor:
+        buffer = self._device[name]
+        if buffer is not self._host[name]:
+            buffer[:length].copy_(self._host[name][:length], non_blocking=True)
+        return buffer[:length]

@@ -1,10 +1,11 @@
-"""Size the KV pool and allocate one paged cache tensor per attention layer."""
+"""Size the KV pool and allocate one paged cache tensor per attention layer, bound with its backend."""
 
 from __future__ import annotations
 
 import torch
 
-from tokenmill.errors import TokenmillError
+from tokenmill.attention.base import AttentionBackend
+from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import Attention
 
 
@@ -13,18 +14,20 @@ def bytes_per_block(layers: list[Attention], block_size: int, dtype: torch.dtype
     return sum(2 * block_size * layer.num_kv_heads * layer.head_dim * element_size for layer in layers)
 
 
-def num_blocks_for_budget(layers: list[Attention], block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
-    return budget_bytes // bytes_per_block(layers, block_size, dtype)
-
-
 def allocate_kv_caches(
-    layers: list[Attention], num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    layers: list[Attention], num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+    backend: AttentionBackend | None = None,
 ) -> list[torch.Tensor]:
-    """Allocate [2, num_blocks, block_size, kv_heads, head_dim] per layer and bind it to the layer."""
+    """Allocate each layer's cache in its backend's layout (the platform's backend by default) and bind it."""
+    if backend is None:
+        from tokenmill.platform import attention_backend
+
+        backend = attention_backend(device)
     caches = []
     for layer in layers:
-        cache = torch.zeros(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim, dtype=dtype, device=device)
-        layer.kv_cache = cache
+        shape = backend.kv_cache_shape(num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+        cache = torch.zeros(shape, dtype=dtype, device=device)
+        layer.bind(cache, backend)
         caches.append(cache)
     return caches
 
@@ -32,8 +35,9 @@ def allocate_kv_caches(
 def check_pool_holds_context(num_blocks: int, block_size: int, max_model_len: int) -> None:
     """A request alone must always fit, or preemption could never make room for it."""
     if num_blocks * block_size < max_model_len:
-        raise TokenmillError(
+        raise ConfigError(
+            "num_kv_blocks",
             f"the KV pool holds {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens, "
             f"fewer than max_model_len={max_model_len}; lower max_model_len or give more KV memory "
-            f"(num_kv_blocks / kv_cache_memory)"
+            f"(num_kv_blocks / kv_cache_memory_gb)",
         )

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tokenmill.worker.forward_context import build_attention_metadata, forward_context
+from tokenmill.attention.metadata import build_attention_metadata, forward_context
 
 
 def synchronize(device: torch.device) -> None:
@@ -22,7 +22,8 @@ def synchronize(device: torch.device) -> None:
 
 @torch.inference_mode()
 def time_forward(
-    model: nn.Module, num_seqs: int, tokens_per_seq: int, block_size: int, device: torch.device, repeats: int = 3
+    model: nn.Module, num_seqs: int, tokens_per_seq: int, block_size: int, device: torch.device, repeats: int = 3,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Median seconds of a forward over num_seqs sequences of tokens_per_seq tokens (and their logits)."""
     num_blocks_each = -(-tokens_per_seq // block_size)
@@ -32,10 +33,12 @@ def time_forward(
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     positions = torch.arange(tokens_per_seq, device=device).repeat(num_seqs)
     last = torch.arange(tokens_per_seq - 1, num_tokens, tokens_per_seq, device=device)
+    run_model = forward or model.forward
 
     def run() -> None:
+        metadata.plans.clear()
         with forward_context(metadata):
-            hidden = model(input_ids, positions)
+            hidden = run_model(input_ids, positions)
         model.compute_logits(hidden[last])
 
     return _median_seconds(run, device, repeats)

@@ -3,7 +3,7 @@
 Greedy: accept while the draft equals the target's choice, then emit the target's token.
 Sampling: accept draft x with probability min(1, p(x) / q(x)); on rejection emit a sample of the
 normalized residual max(0, p - q). p is the target distribution shaped exactly as plain sampling shapes it
-(see distribution.py), so the output distribution equals sampling without speculation. A proposer
+(shaping.shape_logits), so the output distribution equals sampling without speculation. A proposer
 without probabilities is a deterministic draft (q is one-hot on the drafted token).
 """
 
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.spec_decode.distribution import probs_rows, shape_rows
-from tokenmill.worker.sampler import SamplingState
+from tokenmill.sample.sampler import probs_rows
+from tokenmill.sample.shaping import shape_logits
+from tokenmill.sample.state import SamplingState
 
 
 @dataclass
@@ -37,7 +38,7 @@ def verify_batch(logits: torch.Tensor, requests: list[VerifyRequest]) -> list[li
         for j in range(len(request.draft_token_ids) + 1):
             states.append(request.state)
             generated.append(output + request.draft_token_ids[:j])  # position j assumes drafts < j accepted
-    shaped = shape_rows(logits, states, generated)
+    shaped = shape_logits(logits, states, generated)
     sampling_rows = [i for i, s in enumerate(states) if s.params.temperature > 0.0]
     probs = None
     if sampling_rows:

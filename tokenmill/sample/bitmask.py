@@ -14,7 +14,7 @@ import torch
 # Applying reads the int32 words as bytes, which is only the bit order above on little-endian hosts
 # (x86, ARM and CUDA all are).
 if sys.byteorder != "little":
-    raise ImportError("tokenmill.structured assumes a little-endian host for its token bitmasks")
+    raise ImportError("tokenmill.sample.bitmask assumes a little-endian host for its token bitmasks")
 
 # Per (device, dtype): row v holds, for the 8 ids of a mask byte of value v, the number added to their
 # logits: 0 where the bit is set, -inf where it is not. bool tables give the unpacked mask itself.

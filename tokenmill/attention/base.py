@@ -1,0 +1,49 @@
+"""The attention backend interface: one implementation per platform, chosen by `tokenmill.platform`.
+
+A backend owns the KV cache layout of a layer, builds its per-step plan once (masks, gather indices,
+split-KV partitions) from the step's `AttentionMetadata`, and runs attention layer by layer: store this
+step's keys and values at their slots, then attend each sequence's new queries over its cached context.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from tokenmill.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    name: str = "base"
+
+    @abstractmethod
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """Shape of one layer's paged KV cache tensor."""
+
+    @abstractmethod
+    def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, device: torch.device) -> Any:
+        """What every layer of the step needs beyond the metadata itself; built once per step."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KVH, D] of this step's tokens -> attention output [T, H, D].
+
+        Stores key/value in kv_cache at metadata.slot_mapping first."""
+
+    def plan_for(self, metadata: AttentionMetadata, sliding_window: int | None, device: torch.device) -> Any:
+        key = (self.name, sliding_window)
+        plan = metadata.plans.get(key)
+        if plan is None:
+            plan = metadata.plans[key] = self.build_plan(metadata, sliding_window, device)
+        return plan

@@ -1,0 +1,189 @@
+"""Paged attention in plain PyTorch: the CPU backend and the oracle for the GPU kernels.
+
+The KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; a token at
+position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
+
+Two kinds of work per step:
+- short queries (decodes, draft verification: at most SHORT_MAX_QUERY_LEN new tokens) are attended in
+  one batch: one gather of every sequence's pages, one SDPA call with grouped KV heads (no copies of KV
+  heads), and a mask only where lengths differ or several queries per sequence need causality;
+- long queries (prefill chunks) one sequence at a time; a prompt's first chunk attends over its own
+  keys and values with a causal SDPA, without reading the cache back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokenmill.attention.base import AttentionBackend
+from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.kernels.reference import store_kv
+
+# Sequences with at most this many new queries are attended in one padded batch; longer ones (prefill
+# chunks) one at a time, where padding would waste more than the loop costs.
+SHORT_MAX_QUERY_LEN = 16
+
+
+@dataclass
+class _ShortBatch:
+    """Sequences attended in one padded batch, and what every layer needs to do it."""
+
+    seqs: list[int]
+    max_q: int
+    max_len: int
+    tables: torch.Tensor  # [S, n] block ids covering max_len
+    rows: torch.Tensor | None  # [S, max_q] query rows, right-aligned per sequence; None: a plain reshape
+    mask: torch.Tensor | None  # [S, 1, max_q, max_len] or None when every query sees its whole context
+    query_span: tuple[int, int]  # flat query rows covered when rows is None
+
+
+@dataclass
+class _LongSeq:
+    seq: int
+    q_start: int
+    q_end: int
+    fresh: bool  # the chunk is the whole context so far: attend over its own keys, causal, no gather
+    mask: torch.Tensor | None  # [q, seq_len] when not fresh
+
+
+@dataclass
+class _Plan:
+    short: _ShortBatch | None
+    long: list[_LongSeq]
+    whole_step_short: bool  # every query of the step is in `short`, in order: its output is the step's
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        plan: _Plan = self.plan_for(metadata, sliding_window, query.device)
+        if plan.whole_step_short:
+            assert plan.short is not None
+            return _attend_short(query, kv_cache, plan.short, scale)
+        out = torch.empty_like(query)
+        for item in plan.long:
+            q = query[item.q_start : item.q_end].transpose(0, 1)  # [H, q, D]
+            if item.fresh and key.dtype == kv_cache.dtype:
+                k = key[item.q_start : item.q_end].transpose(0, 1)
+                v = value[item.q_start : item.q_end].transpose(0, 1)
+                attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                k, v = _gather_one(kv_cache, metadata.block_tables[item.seq], int(metadata.seq_lens[item.seq]))
+                attended = _sdpa(q, k.to(q.dtype), v.to(q.dtype), item.mask, scale)
+            out[item.q_start : item.q_end] = attended.transpose(0, 1)
+        if plan.short is not None:
+            _write_short(out, _attend_short(query, kv_cache, plan.short, scale), plan.short, metadata)
+        return out
+
+    def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, device: torch.device) -> _Plan:
+        starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
+        query_lens = np.diff(starts)
+        short: list[int] = []
+        long: list[_LongSeq] = []
+        for i, (query_len, seq_len) in enumerate(zip(query_lens.tolist(), seq_lens.tolist())):
+            if query_len == 0:
+                continue
+            if query_len <= SHORT_MAX_QUERY_LEN:
+                short.append(i)
+                continue
+            fresh = query_len == seq_len and (sliding_window is None or sliding_window >= seq_len)
+            mask = None if fresh else _causal_mask(torch.tensor([seq_len]), query_len, seq_len, sliding_window, device)[0]
+            long.append(_LongSeq(i, int(starts[i]), int(starts[i + 1]), fresh, mask))
+        batch = _short_batch(metadata, short, sliding_window, device) if short else None
+        whole = batch is not None and not long and batch.rows is None and batch.query_span == (0, int(starts[-1]))
+        return _Plan(batch, long, whole)
+
+
+def _short_batch(
+    metadata: AttentionMetadata, seqs: list[int], sliding_window: int | None, device: torch.device
+) -> _ShortBatch:
+    starts = metadata.query_start_loc
+    seq_lens = metadata.seq_lens[seqs]
+    query_lens = (starts[np.asarray(seqs) + 1] - starts[seqs])
+    max_len, max_q = int(seq_lens.max()), int(query_lens.max())
+    block_size = metadata.block_size
+    tables = metadata.block_tables[seqs, : -(-max_len // block_size)]
+    first, last = int(starts[seqs[0]]), int(starts[seqs[-1] + 1])
+    adjacent = bool((query_lens == max_q).all()) and last - first == max_q * len(seqs)
+    rows = None
+    if not adjacent:
+        # Queries right-aligned per sequence: padded row r of sequence s is its query max_q - q_len(s) + r.
+        ends = starts[np.asarray(seqs) + 1]
+        rows = torch.from_numpy(np.maximum(ends[:, None] - max_q + np.arange(max_q)[None, :], 0)).to(device)
+    window_cuts = sliding_window is not None and max_len > sliding_window  # some key falls out of a window
+    needs_mask = max_q > 1 or bool((seq_lens != max_len).any()) or window_cuts
+    mask = None
+    if needs_mask:
+        mask = _causal_mask(torch.from_numpy(seq_lens), max_q, max_len, sliding_window, device)[:, None]
+    return _ShortBatch(seqs, max_q, max_len, tables, rows, mask, (first, last))
+
+
+def _attend_short(query: torch.Tensor, kv_cache: torch.Tensor, batch: _ShortBatch, scale: float) -> torch.Tensor:
+    """[S * max_q, H, D] attention of the short-query sequences, each padded to the longest context."""
+    num_seqs, heads, head_dim = len(batch.seqs), query.shape[1], query.shape[2]
+    pages = kv_cache[:, batch.tables]  # [2, S, n, block_size, kvh, d]: the one gather of the step's context
+    pages = pages.view(2, num_seqs, -1, kv_cache.shape[-2], kv_cache.shape[-1])[:, :, : batch.max_len]
+    key, value = pages[0].transpose(1, 2), pages[1].transpose(1, 2)  # [S, kvh, L, d]
+    if batch.rows is None:
+        first, last = batch.query_span
+        q = query[first:last].view(num_seqs, batch.max_q, heads, head_dim)
+    else:
+        q = query[batch.rows]  # [S, max_q, H, D]
+    attended = _sdpa(q.transpose(1, 2), key.to(q.dtype), value.to(q.dtype), batch.mask, scale)  # [S, H, max_q, D]
+    return attended.transpose(1, 2).reshape(num_seqs * batch.max_q, heads, head_dim)
+
+
+def _write_short(out: torch.Tensor, attended: torch.Tensor, batch: _ShortBatch, metadata: AttentionMetadata) -> None:
+    if batch.rows is None:
+        first, last = batch.query_span
+        out[first:last] = attended
+        return
+    starts = metadata.query_start_loc
+    attended = attended.view(len(batch.seqs), batch.max_q, *attended.shape[1:])
+    for j, i in enumerate(batch.seqs):
+        count = int(starts[i + 1] - starts[i])
+        out[int(starts[i]) : int(starts[i + 1])] = attended[j, batch.max_q - count :]
+
+
+def _gather_one(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [kvh, seq_len, d] of one sequence, gathered from its pages."""
+    block_size = kv_cache.shape[2]
+    pages = kv_cache[:, block_table[: -(-seq_len // block_size)]]
+    pages = pages.reshape(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])[:, :seq_len]
+    return pages[0].transpose(0, 1), pages[1].transpose(0, 1)
+
+
+def _causal_mask(
+    seq_lens: torch.Tensor, num_queries: int, max_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[S, num_queries, max_len]: the last num_queries positions of each sequence see their past."""
+    seq_lens = seq_lens.to(device)[:, None, None]
+    q_pos = seq_lens - num_queries + torch.arange(num_queries, device=device)[None, :, None]
+    k_pos = torch.arange(max_len, device=device)[None, None, :]
+    mask = (k_pos <= q_pos) & (k_pos < seq_lens)
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads ([..., H, q, d] queries, [..., kvh, L, d] keys)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])

@@ -1,0 +1,103 @@
+"""The step's tokens from its logits: sample plain rows, verify drafts, prompt logprobs, and record them.
+
+Every row's distribution is shaped by sample.shaping.shape_logits (penalties, grammar mask, min-tokens,
+thinking budget) before sampling or verification, so drafting, verifying and plain sampling agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import torch
+
+from tokenmill.core.sched_io import ModelRunnerOutput, ScheduledChunk, TokenLogprobs
+from tokenmill.sample.rejection import VerifyRequest, verify_batch
+from tokenmill.sample.sampler import Sampler, compute_logprobs
+from tokenmill.sample.shaping import has_penalties, shape_logits
+from tokenmill.sample.state import SamplingState
+from tokenmill.worker.drafter import Drafter
+
+
+def is_plain_greedy(state: SamplingState) -> bool:
+    """Nothing but argmax to do for this request's next token."""
+    params = state.params
+    return (params.temperature == 0.0 and params.logprobs is None and state.grammar is None and state.thinking is None
+            and not has_penalties(params) and len(state.output_token_ids) >= params.min_tokens)
+
+
+def sample_plain(
+    sampler: Sampler,
+    logits: torch.Tensor,
+    states: Sequence[SamplingState],
+    grammar: tuple[Future[torch.Tensor], list[int]] | None,
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """One token per row (row i of logits belongs to states[i]), and its logprobs when asked."""
+    if grammar is None and all(is_plain_greedy(s) for s in states):
+        return logits.argmax(dim=-1).tolist(), [None] * len(states)
+    forced = [s.thinking.forced_token() if s.thinking is not None else None for s in states]
+    mask = None if grammar is None else (grammar[0].result(), grammar[1])
+    shaped = shape_logits(logits, states, grammar_mask=mask, forced=forced)
+    result = sampler(shaped, states, raw_logits=logits)
+    for state, token, forced_token in zip(states, result.token_ids, forced):
+        if state.thinking is not None:
+            state.thinking.observe(token, forced=forced_token is not None)
+    return result.token_ids, result.logprobs
+
+
+def record(state: SamplingState, tokens: Sequence[int]) -> None:
+    """The request emitted these tokens: its grammar and output follow."""
+    if state.grammar is not None:
+        for token in tokens:
+            state.grammar.accept_token(token)
+    state.output_token_ids.extend(tokens)
+
+
+def verify_drafts(
+    drafter: Drafter,
+    default_generator: torch.Generator,
+    chunks: Sequence[ScheduledChunk],
+    states: Sequence[SamplingState],
+    row_starts: Sequence[int],
+    logits: torch.Tensor,
+) -> list[tuple[list[int], list[TokenLogprobs]]]:
+    """Check each chunk's drafts against the target: accepted drafts plus one token, and their logprobs."""
+    requests, rows = [], []
+    for chunk, state, row in zip(chunks, states, row_starts):
+        drafts = chunk.token_ids[len(chunk.token_ids) - chunk.num_spec_tokens :]
+        generator = state.generator if state.generator is not None else default_generator
+        requests.append(VerifyRequest(state, drafts, generator, drafter.take_draft_probs(chunk.req_id, len(drafts))))
+        rows.extend(range(row, row + 1 + len(drafts)))
+    verify_logits = logits[rows]
+    results = []
+    offset = 0
+    for chunk, request, emitted in zip(chunks, requests, verify_batch(verify_logits, requests)):
+        drafter.observe(chunk.req_id, len(request.draft_token_ids), len(emitted) - 1)
+        entries: list[TokenLogprobs] = []
+        if request.state.params.logprobs is not None:
+            own = verify_logits[offset : offset + len(emitted)]
+            entries = compute_logprobs(own, torch.tensor(emitted, device=logits.device), request.state.params.logprobs)
+        results.append((emitted, entries))
+        offset += len(request.draft_token_ids) + 1
+    return results
+
+
+def prompt_logprobs(
+    chunks: Sequence[ScheduledChunk], states: dict[str, SamplingState], hidden: torch.Tensor,
+    compute_logits: object, output: ModelRunnerOutput,
+) -> None:
+    """Logprobs of prompt tokens start_pos+1 .. for chunks that asked; position p predicts token p+1."""
+    offset = 0
+    for chunk in chunks:
+        length = len(chunk.token_ids)
+        if chunk.want_prompt_logprobs:
+            state = states[chunk.req_id]
+            prompt = state.prompt_token_ids
+            end = min(chunk.start_pos + length, len(prompt) - 1)
+            count = end - chunk.start_pos
+            if count > 0:
+                logits = compute_logits(hidden[offset : offset + count])  # type: ignore[operator]
+                targets = torch.tensor(prompt[chunk.start_pos + 1 : end + 1], device=logits.device)
+                entries = compute_logprobs(logits, targets, state.params.prompt_logprobs or 0)
+                output.prompt_logprobs.setdefault(chunk.req_id, []).extend(entries)
+        offset += length

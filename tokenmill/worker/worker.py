@@ -1,0 +1,259 @@
+"""The device worker: built from the engine config, it owns the model, its KV cache and sampling state.
+
+    worker = Worker(config, drafter)      # loads the model
+    num_blocks = worker.profile()         # how many KV blocks fit the budget
+    worker.init_cache(num_blocks)         # allocate them; compile and warm up
+    output = worker.execute(scheduler_output)   # every step: SchedulerOutput -> ModelRunnerOutput
+
+That contract is all that crosses between the engine and the worker, so a worker in another process (tensor
+parallel ranks, disaggregated prefill) is a transport problem. The worker keeps each request's sampling
+state from the first step it sees the request until the scheduler reports it finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.request import draft_room
+from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
+from tokenmill.errors import ConfigError
+from tokenmill.layers.linear import UnquantizedLinearMethod
+from tokenmill.models.loader import load_model
+from tokenmill.platform import attention_backend, default_compile, resolve_device
+from tokenmill.sample.sampler import Sampler
+from tokenmill.sample.state import SamplingState, make_generator
+from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
+from tokenmill.worker import sampling
+from tokenmill.worker.drafter import Drafter, DraftRequest
+from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
+from tokenmill.worker.input_batch import InputBatch, StepInputs
+from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block, check_pool_holds_context
+from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.worker.step_timer import time_forward
+
+
+DrafterFactory = Callable[[torch.device, int], Drafter]  # (device, target vocab size) -> drafter
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, drafter_factory: DrafterFactory | None = None,
+                 show_progress: bool = False) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.compile = default_compile(self.device) if config.compile is None else config.compile
+        # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
+        quant = UnquantizedLinearMethod(prepack_cpu=not self.compile)
+        self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
+                                           load_format=config.load_format, progress=show_progress, quant=quant)
+        self.dtype: torch.dtype = self.model.model.embed_tokens.weight.dtype
+        self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
+        if self.max_model_len > self.arch.max_position_embeddings:
+            raise ConfigError("max_model_len", f"{self.max_model_len} exceeds the model's max_position_embeddings "
+                                               f"({self.arch.max_position_embeddings})")
+        # Speculative decoding comes as a factory (the engine's), so this module never imports it.
+        self.drafter = drafter_factory(self.device, self.arch.vocab_size) if drafter_factory is not None else None
+        self.sampler = Sampler(global_seed=config.seed, device=self.device)
+        self.states: dict[str, SamplingState] = {}
+        self.grammar_backend: GrammarBackend | None = None
+        self.grammar_masks: GrammarMasks | None = None
+        self.runner = ModelRunner(self.model, self.compile)
+        self.input_batch: InputBatch | None = None
+        self.num_blocks = 0
+        self._last_decode_step: tuple[int, int] | None = None  # (decoding requests, tokens) of a decode-only step
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        return self.drafter.num_lookahead_tokens if self.drafter is not None else 0
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.runner.compile_seconds
+
+    def profile(self) -> int:
+        """How many KV blocks the configured pool holds (a drafter's KV shares the block ids)."""
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        per_block = bytes_per_block(self.model.attention_layers(), cache.block_size, self.dtype)
+        if self.drafter is not None:
+            per_block += self.drafter.kv_bytes_per_block(cache.block_size)
+        return cache.kv_cache_memory_bytes // per_block
+
+    def init_cache(self, num_blocks: int) -> None:
+        block_size = self.config.cache.block_size
+        check_pool_holds_context(num_blocks, block_size, self.max_model_len)
+        self.num_blocks = num_blocks
+        allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.dtype, self.device,
+                           attention_backend(self.device))
+        max_blocks = -(-(self.max_model_len + self.num_lookahead_tokens) // block_size)
+        self.input_batch = InputBatch(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
+        if self.compile:
+            self.runner.warm_up(self._warm_up_steps())
+        if self.drafter is not None:
+            self.drafter.init_cache(num_blocks, block_size)
+            scheduler = self.config.scheduler
+            self.drafter.profile(self.time_target_step, scheduler.max_num_seqs, scheduler.max_num_batched_tokens)
+
+    def enable_structured_output(self, backend: GrammarBackend) -> None:
+        self.grammar_backend = backend
+        self.grammar_masks = GrammarMasks(backend, self.arch.vocab_size, overlap=self.device.type != "cpu")
+
+    def time_target_step(self, num_tokens: int) -> float:
+        """Seconds of one target forward over num_tokens tokens laid out as decodes (for the cost model)."""
+        num_seqs = min(num_tokens, 256)
+        return time_forward(self.model, num_seqs, -(-num_tokens // num_seqs), self.config.cache.block_size,
+                            self.device, forward=self.runner.forward_tokens)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        started = time.perf_counter()
+        self._update_requests(scheduler_output)
+        chunks = scheduler_output.chunks
+        if not chunks:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        assert self.input_batch is not None, "init_cache() must run before execute()"
+        inputs = self.input_batch.prepare(scheduler_output)
+        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
+        grammar = self._start_grammar_masks(scheduler_output, plain)
+        prepared = time.perf_counter()
+        hidden = self.runner.forward(inputs)
+        forwarded = time.perf_counter()
+        sampled: list[list[int]] = [[] for _ in chunks]
+        output = ModelRunnerOutput(req_ids=[c.req_id for c in chunks], sampled_token_ids=sampled)
+        if inputs.sampling_chunks:
+            self._sample(scheduler_output, inputs, hidden, plain, grammar, output)
+        sampling.prompt_logprobs(chunks, self.states, hidden, self.model.compute_logits, output)
+        sampled_at = time.perf_counter()
+        drafted = any(c.num_spec_tokens for c in chunks)
+        if self.drafter is not None and inputs.sampling_chunks:
+            self._propose_drafts(scheduler_output, inputs, output)
+        finished = time.perf_counter()
+        if self.drafter is not None and inputs.sampling_chunks:
+            self.drafter.observe_step(inputs.num_tokens, drafted, finished - started)
+        decode_only = all(len(c.token_ids) == 1 + c.num_spec_tokens and c.sample for c in chunks)
+        self._last_decode_step = (len(chunks), sum(len(s) for s in sampled)) if decode_only else None
+        output.timings = {"prepare_s": prepared - started, "forward_s": forwarded - prepared,
+                          "sample_s": sampled_at - forwarded, "propose_s": finished - sampled_at,
+                          "execute_s": finished - started}
+        return output
+
+    def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
+        if self.drafter is not None and self._last_decode_step is not None and scheduler_output.prev_step_seconds:
+            # Judged before this step drafts again: the drafter still holds what the previous step proposed.
+            self.drafter.observe_decode_step(*self._last_decode_step, scheduler_output.prev_step_seconds)
+        self._last_decode_step = None
+        for new in scheduler_output.new_requests:
+            self.states[new.req_id] = self._new_state(new)
+        assert self.input_batch is not None
+        for req_id in scheduler_output.finished_req_ids:
+            self.states.pop(req_id, None)
+            self.input_batch.remove(req_id)
+            if self.drafter is not None:
+                self.drafter.finished(req_id)
+        for req_id in scheduler_output.resumed_req_ids:
+            self.input_batch.reset_blocks(req_id)
+            if self.drafter is not None:
+                self.drafter.resumed(req_id)
+
+    def _new_state(self, new: NewRequestData) -> SamplingState:
+        params = new.sampling_params
+        grammar = None
+        if params.structured_outputs is not None:
+            if self.grammar_backend is None:
+                raise RuntimeError("a structured request reached a worker without structured output enabled")
+            grammar = self.grammar_backend.matcher(params.structured_outputs)
+        return SamplingState(
+            params=params,
+            prompt_token_ids=new.prompt_token_ids,
+            output_token_ids=[],
+            generator=None if params.seed is None else make_generator(params.seed, self.device),
+            grammar=grammar,
+            thinking=ThinkingBudgetTracker(params) if params.thinking_token_budget is not None else None,
+        )
+
+    def _start_grammar_masks(self, scheduler_output: SchedulerOutput, plain: list[tuple[int, int]]) -> Any:
+        chunks = scheduler_output.chunks
+        rows = [i for i, (c, _) in enumerate(plain) if self.states[chunks[c].req_id].grammar is not None]
+        if not rows or self.grammar_masks is None:
+            return None
+        pending = self.grammar_masks.start([self.states[chunks[plain[i][0]].req_id].grammar for i in rows])
+        return None if pending is None else (pending, rows)
+
+    def _sample(self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
+                plain: list[tuple[int, int]], grammar: Any, output: ModelRunnerOutput) -> None:
+        chunks = scheduler_output.chunks
+        logits = self.runner.logits(hidden, inputs)
+        if plain:
+            rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
+            states = [self.states[chunks[c].req_id] for c, _ in plain]
+            tokens, entries = sampling.sample_plain(self.sampler, rows, states, grammar)
+            for (chunk_index, _), state, token, entry in zip(plain, states, tokens, entries):
+                sampling.record(state, [token])
+                output.sampled_token_ids[chunk_index].append(token)
+                if entry is not None:
+                    output.logprobs.setdefault(chunks[chunk_index].req_id, []).append(entry)
+        verifying = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if chunks[c].num_spec_tokens]
+        if verifying:
+            assert self.drafter is not None
+            states = [self.states[chunks[c].req_id] for c, _ in verifying]
+            results = sampling.verify_drafts(self.drafter, self.sampler.generator, [chunks[c] for c, _ in verifying],
+                                             states, [r for _, r in verifying], logits)
+            for (chunk_index, _), state, (emitted, entries) in zip(verifying, states, results):
+                sampling.record(state, emitted)
+                output.sampled_token_ids[chunk_index].extend(emitted)
+                if entries:
+                    output.logprobs.setdefault(chunks[chunk_index].req_id, []).extend(entries)
+
+    def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput) -> None:
+        """Drafts for every request that goes on decoding, returned to the scheduler for the next step."""
+        assert self.drafter is not None
+        candidates = []
+        sampling_chunks = set(inputs.sampling_chunks)
+        num_other_tokens = 0
+        for index, chunk in enumerate(scheduler_output.chunks):
+            if index not in sampling_chunks:
+                num_other_tokens += len(chunk.token_ids)
+                continue
+            state = self.states[chunk.req_id]
+            # Forced thinking-budget tokens and grammar-masked tokens are not verified like free ones:
+            # those requests decode without drafts.
+            room = self._draft_room(state) if state.thinking is None and state.grammar is None else 0
+            if room > 0:
+                token_ids = state.prompt_token_ids + state.output_token_ids
+                candidates.append(DraftRequest(chunk.req_id, token_ids, state, chunk.block_table, room))
+        # The next step is measurable (decodes alone) only if no prefill continues or waits to start.
+        prefill_next = num_other_tokens > 0 or scheduler_output.num_waiting > 0
+        output.spec_token_ids = self.drafter.propose(candidates, num_other_tokens, prefill_next)
+
+    def _draft_room(self, state: SamplingState) -> int:
+        """Drafts the request could still use next step (none while it is finishing or has no output yet)."""
+        params, generated = state.params, state.output_token_ids
+        if not generated:
+            return 0
+        last = generated[-1]
+        if len(generated) >= params.min_tokens and (
+            last in params.stop_token_ids or (not params.ignore_eos and last in params.eos_token_ids)
+        ):
+            return 0
+        assert self.drafter is not None
+        room = draft_room(len(state.prompt_token_ids) + len(generated), len(generated), params.max_tokens,
+                          self.max_model_len)
+        return min(room, self.drafter.num_speculative_tokens)
+
+    def _warm_up_steps(self) -> Iterator[StepInputs]:
+        """Synthetic steps of the shapes serving will see (a prefill chunk, a decode), to compile early.
+
+        They write KV into the first blocks before any request owns them."""
+        assert self.input_batch is not None
+        chunk_len = min(64, self.config.scheduler.max_num_batched_tokens, self.max_model_len - 1)
+        table = list(range(-(-chunk_len // self.config.cache.block_size) + 1))
+        for req_id, length in (("warm-up-prefill", chunk_len), ("warm-up-decode", 1)):
+            chunk = ScheduledChunk(req_id, [0] * length, 0, table, sample=True)
+            yield self.input_batch.prepare(SchedulerOutput(chunks=[chunk]))
+            self.input_batch.remove(req_id)
