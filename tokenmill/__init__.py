@@ -21,6 +21,7 @@ _EXPORTS = {
     "Logprob": "tokenmill.outputs",
     "TokenmillError": "tokenmill.errors",
     "InvalidRequestError": "tokenmill.errors",
+    "ConfigError": "tokenmill.errors",
     "ModelLoadError": "tokenmill.errors",
 }
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import ConfigError
 
 
 def cuda_available() -> bool:
@@ -22,7 +22,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if cuda_available() else "cpu")
     if device.startswith("cuda") and not cuda_available():
-        raise InvalidRequestError("device", f"{device!r} was asked for, but no CUDA device is available")
+        raise ConfigError("device", f"{device!r} was asked for, but no CUDA device is available")
     if not (device == "cpu" or device.startswith("cuda")):
-        raise InvalidRequestError("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        raise ConfigError("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     return torch.device(device)

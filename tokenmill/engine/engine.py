@@ -17,7 +17,7 @@ from tokenmill.core.sched_io import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
 from tokenmill.engine.output_builder import RequestGroup
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.errors import ConfigError, InvalidRequestError, TokenmillError
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.platform import resolve_device
@@ -44,7 +44,7 @@ class LLMEngine:
 
         self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:
-            raise InvalidRequestError(
+            raise ConfigError(
                 "max_model_len",
                 f"{self.max_model_len} exceeds the model's max_position_embeddings "
                 f"({self.arch.max_position_embeddings})",

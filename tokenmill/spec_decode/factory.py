@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import ConfigError
 from tokenmill.models.loader import load_model
 from tokenmill.spec_decode.draft_model import DraftModelProposer
 from tokenmill.spec_decode.lookup_then_draft import LookupThenDraftProposer
@@ -24,7 +24,7 @@ def load_draft_model(config: EngineConfig, device: torch.device, target_vocab_si
     dtype = config.spec.draft_dtype or config.dtype
     model, arch = load_model(draft_path, dtype=dtype, device=device, load_format=config.load_format)
     if arch.vocab_size < target_vocab_size // 2 or arch.vocab_size > target_vocab_size * 2:
-        raise InvalidRequestError(
+        raise ConfigError(
             "draft_model",
             f"its vocabulary ({arch.vocab_size}) does not match the target's ({target_vocab_size}); "
             f"a draft model must share the target's tokenizer",
@@ -74,4 +74,4 @@ def _check_same_vocab(target_path: str, draft_path: str) -> None:
     except (json.JSONDecodeError, KeyError, TypeError, OSError):
         return
     if target_vocab != draft_vocab:
-        raise InvalidRequestError("draft_model", f"{draft} differs from {target}: the draft must share the tokenizer")
+        raise ConfigError("draft_model", f"{draft} differs from {target}: the draft must share the tokenizer")
