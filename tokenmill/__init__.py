@@ -22,6 +22,7 @@ _EXPORTS = {
     "TokenmillError": "tokenmill.errors",
     "InvalidRequestError": "tokenmill.errors",
     "ConfigError": "tokenmill.errors",
+    "EngineArgs": "tokenmill.engine_args",
     "ModelLoadError": "tokenmill.errors",
 }
 
