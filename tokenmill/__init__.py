@@ -21,6 +21,8 @@ _EXPORTS = {
     "Logprob": "tokenmill.outputs",
     "TokenmillError": "tokenmill.errors",
     "InvalidRequestError": "tokenmill.errors",
+    "ConfigError": "tokenmill.errors",
+    "EngineArgs": "tokenmill.engine_args",
     "ModelLoadError": "tokenmill.errors",
 }
 

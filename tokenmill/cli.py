@@ -6,26 +6,10 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import asdict
 
-from tokenmill.config import DTYPES
+from tokenmill.engine_args import EngineArgs
 from tokenmill.errors import TokenmillError
-from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args
-
-
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: models/tokenmill-py-13m")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV pool size when --num-kv-blocks is unset")
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="cap on requests running at once")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
-    parser.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
-    add_spec_args(parser)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -43,30 +27,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _make_llm(args: argparse.Namespace):  # -> LLM; imported late so `--help` is instant
-    from tokenmill.default_model import resolve_models
     from tokenmill.llm import LLM
 
-    args.model, args.draft_model = resolve_models(args.model, args.speculative_method, args.draft_model)
-    spec = spec_config_from_args(args)
-    return LLM(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_gb=args.kv_cache_memory_gb,
-        enable_prefix_caching=not args.no_prefix_caching,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
-        show_progress=True,
-        speculative_method=spec.method,
-        num_speculative_tokens=spec.num_speculative_tokens,
-        draft_model=spec.draft_model,
-        speculative_adaptive=spec.adaptive,
-        draft_confidence_threshold=spec.draft_confidence_threshold,
-    )
+    return LLM(show_progress=True, **asdict(EngineArgs.from_cli_args(args)))
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -148,7 +111,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from tokenmill.default_model import DEFAULT_MODEL_NAME
     from tokenmill.engine.async_engine import AsyncLLMEngine
-    from tokenmill.engine.reasoning import ReasoningConfig
     from tokenmill.server.app import build_app
 
     served_model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
@@ -162,7 +124,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         default_thinking_budget=args.thinking_token_budget,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
-        reasoning=ReasoningConfig(start=args.reasoning_start, end=args.reasoning_end, wrap_up=args.thinking_wrap_up),
         drain_timeout_s=args.drain_timeout,
     )
     # uvicorn handles the signals: it stops accepting, waits up to the graceful timeout for open
@@ -180,19 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate from a prompt, streaming to the terminal")
-    _add_engine_args(gen)
+    EngineArgs.add_cli_args(gen)
     _add_sampling_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with the checkpoint's chat template")
-    _add_engine_args(chat)
+    EngineArgs.add_cli_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    _add_engine_args(serve)
+    EngineArgs.add_cli_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -205,11 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split <think>...</think> into reasoning_content; auto: when the tokenizer has both tags")
     serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
                        help="format of the model's tool calls (default: guessed from the chat template)")
-    serve.add_argument("--reasoning-start", default="<think>")
-    serve.add_argument("--reasoning-end", default="</think>")
-    serve.add_argument("--thinking-wrap-up", default="",
-                       help="text forced before the end tag when the budget runs out "
-                       "(pass real newlines, e.g. $'\\nTime is up.\\n')")
     serve.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)

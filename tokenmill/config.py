@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "random")  # random: weights of the checkpoint's shape, for benchmarks
 
 
 @dataclass(frozen=True)
@@ -49,23 +50,23 @@ class SpecConfig:
         if self.method is None:
             return
         if self.method not in SPEC_METHODS:
-            raise InvalidRequestError(
+            raise ConfigError(
                 "speculative_method", f"must be one of {', '.join(SPEC_METHODS)} (or None), got {self.method!r}"
             )
         _positive("num_speculative_tokens", self.num_speculative_tokens)
         if self.num_speculative_tokens > 16:
-            raise InvalidRequestError("num_speculative_tokens", f"must be at most 16, got {self.num_speculative_tokens}")
+            raise ConfigError("num_speculative_tokens", f"must be at most 16, got {self.num_speculative_tokens}")
         if self.method in DRAFT_MODEL_METHODS and not self.draft_model:
-            raise InvalidRequestError("draft_model", f"speculative_method {self.method!r} needs a draft_model checkpoint")
+            raise ConfigError("draft_model", f"speculative_method {self.method!r} needs a draft_model checkpoint")
         if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
-            raise InvalidRequestError(
+            raise ConfigError(
                 "draft_dtype", f"must be one of {', '.join(DTYPES)} (or None), got {self.draft_dtype!r}"
             )
         _positive("ngram_min", self.ngram_min)
         if self.ngram_max < self.ngram_min:
-            raise InvalidRequestError("ngram_max", f"must be >= ngram_min ({self.ngram_min}), got {self.ngram_max}")
+            raise ConfigError("ngram_max", f"must be >= ngram_min ({self.ngram_min}), got {self.ngram_max}")
         if not 0.0 <= self.draft_confidence_threshold < 1.0:
-            raise InvalidRequestError(
+            raise ConfigError(
                 "draft_confidence_threshold", f"must be in [0, 1), got {self.draft_confidence_threshold}"
             )
 
@@ -99,9 +100,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.spec.validate()
         if self.dtype not in DTYPES:
-            raise InvalidRequestError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.load_format not in ("auto", "random"):
-            raise InvalidRequestError("load_format", f"must be 'auto' or 'random', got {self.load_format!r}")
+            raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        # Empty tags would match everywhere: the budget would force nothing and the parser split nothing.
+        if not self.thinking.start:
+            raise ConfigError("reasoning_start", "must be a non-empty tag, got ''")
+        if not self.thinking.end:
+            raise ConfigError("reasoning_end", "must be a non-empty tag, got ''")
         _positive("block_size", self.cache.block_size)
         if self.cache.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.cache.num_kv_blocks)
@@ -113,4 +119,4 @@ class EngineConfig:
 
 def _positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidRequestError(name, f"must be a positive integer, got {value!r}")
+        raise ConfigError(name, f"must be a positive integer, got {value!r}")

@@ -16,14 +16,16 @@ class InvalidRequestError(TokenmillError, ValueError):
         self.message = message
 
 
-class ModelLoadError(TokenmillError):
-    """A checkpoint is missing, corrupt, of an unknown architecture, or has a tensor of the wrong shape."""
-
-
 class ConfigError(TokenmillError):
-    """The engine is misconfigured; `setting` names the offending knob (raised at start-up, not per request)."""
+    """An engine setting is out of range or cannot work on this machine or model; `setting` names it.
+
+    Raised while an engine is built, never for a request, so servers do not report it as a client error."""
 
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(f"{setting}: {message}")
         self.setting = setting
         self.message = message
+
+
+class ModelLoadError(TokenmillError):
+    """A checkpoint is missing, corrupt, of an unknown architecture, or has a tensor of the wrong shape."""

@@ -6,9 +6,9 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 from tokenmill.engine.engine import LLMEngine, PromptInput
 from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.engine_args import EngineArgs
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -17,56 +17,11 @@ Message = dict[str, Any]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "auto",
-        block_size: int = 16,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        enable_prefix_caching: bool = True,
-        num_kv_blocks: int | None = None,
-        seed: int = 0,
-        device: str = "cpu",
-        load_format: str = "auto",
-        kv_cache_memory_gb: float = 2.0,
-        show_progress: bool = False,
-        speculative_method: str | None = None,
-        num_speculative_tokens: int = 4,
-        draft_model: str | None = None,
-        speculative_adaptive: bool = True,
-        draft_confidence_threshold: float = 0.1,
-        draft_dtype: str | None = None,
-        ngram_min: int = 1,
-        ngram_max: int = 4,
-    ) -> None:
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            device=device,
-            load_format=load_format,
-            max_model_len=max_model_len,
-            seed=seed,
-            cache=CacheConfig(
-                block_size=block_size,
-                num_kv_blocks=num_kv_blocks,
-                kv_cache_memory_bytes=int(kv_cache_memory_gb * (1 << 30)),
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            spec=SpecConfig(
-                method=speculative_method,
-                num_speculative_tokens=num_speculative_tokens,
-                draft_model=draft_model,
-                adaptive=speculative_adaptive,
-                draft_confidence_threshold=draft_confidence_threshold,
-                draft_dtype=draft_dtype,
-                ngram_min=ngram_min,
-                ngram_max=ngram_max,
-            ),
-        )
-        self.engine = LLMEngine(config, show_progress=show_progress)
+    def __init__(self, model: str | None, show_progress: bool = False, **engine_kwargs: Any) -> None:
+        """`model`: checkpoint folder (None: tokenmill's default model); `engine_kwargs`: any other EngineArgs
+        field (dtype, max_model_len, speculative_method, compile, ...). An unknown name raises ConfigError."""
+        engine_args = EngineArgs.from_kwargs(model=model, **engine_kwargs)
+        self.engine = LLMEngine(engine_args.create_engine_config(), show_progress=show_progress)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer | None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.e2e.conftest import make_prompts
-from tokenmill import LLM, InvalidRequestError, ModelLoadError, SamplingParams
+from tokenmill import LLM, ConfigError, InvalidRequestError, ModelLoadError, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -99,10 +99,29 @@ def test_unsupported_architecture(checkpoint_dir, tmp_path):
 
 
 def test_max_model_len_beyond_the_model(checkpoint_dir):
-    with pytest.raises(InvalidRequestError, match="max_model_len"):
+    limit = r"^max_model_len: 10000000 exceeds the model's max_position_embeddings \(\d+\)$"
+    with pytest.raises(ConfigError, match=limit) as info:
         LLM(model=str(checkpoint_dir("llama")), max_model_len=10**7)
+    assert info.value.setting == "max_model_len"
 
 
 def test_pool_smaller_than_the_context_is_a_clear_error(checkpoint_dir):
-    with pytest.raises(Exception, match="lower max_model_len"):
+    with pytest.raises(ConfigError, match="lower max_model_len") as info:
         LLM(model=str(checkpoint_dir("llama")), max_model_len=512, num_kv_blocks=4)
+    assert info.value.setting == "max_model_len"
+
+
+def test_draft_model_with_another_tokenizer_is_a_config_error(checkpoint_dir, tmp_path):
+    import shutil
+
+    target = checkpoint_dir("llama")
+    draft = tmp_path / "draft"
+    shutil.copytree(target, draft)
+    tokenizer = json.loads((draft / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, different ids
+    (draft / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ConfigError, match="the draft must share the tokenizer") as info:
+        LLM(model=str(target), speculative_method="draft", draft_model=str(draft))
+    assert info.value.setting == "draft_model"

@@ -12,7 +12,7 @@ from scipy.stats import chi2_contingency
 from tests.checkpoints import FAMILIES, make_checkpoint, make_perturbed_copy
 from tests.e2e.conftest import NUM_NEW_TOKENS, make_prompts
 from tokenmill import LLM, SamplingParams
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import ConfigError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
 
@@ -198,17 +198,17 @@ def test_adaptive_drafting_reports_metrics_and_keeps_output(checkpoint_dir, draf
 
 def test_bad_speculative_config_is_rejected(checkpoint_dir):
     path = str(checkpoint_dir("llama"))
-    with pytest.raises(InvalidRequestError, match="speculative_method"):
+    with pytest.raises(ConfigError, match="speculative_method"):
         LLM(model=path, speculative_method="medusa")
-    with pytest.raises(InvalidRequestError, match="draft_model"):
+    with pytest.raises(ConfigError, match="draft_model"):
         LLM(model=path, speculative_method="draft")
-    with pytest.raises(InvalidRequestError, match="draft_model"):
+    with pytest.raises(ConfigError, match="draft_model"):
         LLM(model=path, speculative_method="ngram+draft")
-    with pytest.raises(InvalidRequestError, match="draft_dtype"):
+    with pytest.raises(ConfigError, match="draft_dtype"):
         LLM(model=path, speculative_method="draft", draft_model=path, draft_dtype="int8")
-    with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+    with pytest.raises(ConfigError, match="num_speculative_tokens"):
         LLM(model=path, speculative_method="ngram", num_speculative_tokens=0)
-    with pytest.raises(InvalidRequestError, match="draft_confidence_threshold"):
+    with pytest.raises(ConfigError, match="draft_confidence_threshold"):
         LLM(model=path, speculative_method="draft", draft_model=path, draft_confidence_threshold=1.5)
 
 

@@ -9,30 +9,22 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokenmill.config import DTYPES
-from tokenmill.spec_decode.cli_args import add_spec_args, spec_config_from_args, spec_rows
+from tokenmill.config import EngineConfig
+from tokenmill.engine_args import EngineArgs
+from tokenmill.errors import ConfigError
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="latency / throughput benchmarks (see BENCHMARKS.md)")
     bench.add_argument("recipe", choices=["latency", "throughput"])
-    source = bench.add_mutually_exclusive_group()
-    source.add_argument("--model", help="checkpoint folder (default: models/tokenmill-py-13m)")
-    source.add_argument("--model-config", help="a config.json: model shape only, with --load-format random")
-    bench.add_argument("--load-format", default="auto", choices=["auto", "random"])
-    bench.add_argument("--dtype", default="auto", choices=DTYPES)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--max-model-len", type=int, default=None)
-    bench.add_argument("--max-num-seqs", type=int, default=256)
-    bench.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    bench.add_argument("--num-kv-blocks", type=int, default=None)
-    bench.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    EngineArgs.add_cli_args(bench)  # --seed seeds the engine and the recipes' prompts alike
+    bench.add_argument("--model-config", help="a config.json: model shape only, random weights (instead of --model)")
     bench.add_argument("--input-len", type=int, default=128)
     bench.add_argument("--output-len", type=int, default=256)
     bench.add_argument("--batch-size", type=int, default=1)
@@ -40,7 +32,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--num-prompts", type=int, default=256)
     bench.add_argument("--min-len", type=int, default=100)
     bench.add_argument("--max-len", type=int, default=1024)
-    bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--prompt-files", nargs="+", default=None, metavar="PATH",
                        help="cut prompts from these .py files / folders instead of random token ids "
                             "(speculative decoding needs real text)")
@@ -52,7 +43,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--pairs", type=int, default=5, help="constrained/unconstrained pairs for --structured compare")
     bench.add_argument("--temperature", type=float, default=None,
                        help="sampling temperature (default: 0, or 1 with --structured json)")
-    add_spec_args(bench)
     bench.add_argument("--speculative-compare", default=None, metavar="METHODS",
                        help="latency: compare these speculative methods (comma-separated, e.g. ngram,draft) with "
                             "no speculation, one engine each, on the same prompts in rotating order; --runs rounds")
@@ -61,15 +51,15 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from tokenmill.bench.recipes import as_rows, run_latency, run_throughput
+    from tokenmill.bench.recipes import as_rows, run_latency, run_throughput, spec_rows
 
     if args.structured == "compare" and args.recipe != "latency":
         raise SystemExit("error: --structured compare runs with the latency recipe only")
     if args.speculative_compare is not None:
         return _cmd_spec_compare(args)
-    with _model_source(args, args.speculative_method) as (model_path, load_format):
+    with _engine_args(args) as engine_args:
         start = time.perf_counter()
-        engine = _build_engine(args, model_path, load_format, spec_config_from_args(args))
+        engine = _build_engine(engine_args.create_engine_config())
         startup_s = time.perf_counter() - start
         prompts = _prompts(args, engine)
         if args.structured == "compare":
@@ -93,8 +83,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         rows += spec_rows(stats)
         report["spec_decoding"] = {k: v for k, v in stats.items() if k.startswith("spec_")}
         if args.peer == "transformers" and args.recipe == "latency":
-            peer = time_transformers_generate(model_path, load_format, engine.dtype, engine.device,
-                                              args.input_len, args.output_len, args.seed)
+            peer = time_transformers_generate(engine.config.model, engine.config.load_format, engine.dtype,
+                                              engine.device, args.input_len, args.output_len, args.seed)
             report["peer_transformers_tok_per_s"] = peer
             rows.append(("transformers tok/s", f"{peer:,.1f}"))
             rows.append(("tokenmill / transformers", f"{result.tok_per_s / peer:.2f}x"))
@@ -104,24 +94,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 @contextmanager
-def _model_source(args: argparse.Namespace, spec_method: str | None) -> Iterator[tuple[str, str]]:
-    """(model path, load format) for the engines; fills in args.draft_model from the default pair.
-
-    --model-config: random weights of that shape, from a temporary folder that lives while the block runs
-    (a draft model, if any, must be given)."""
-    from tokenmill.config import DRAFT_MODEL_METHODS
-    from tokenmill.default_model import resolve_models
-
+def _engine_args(args: argparse.Namespace) -> Iterator[EngineArgs]:
+    """The engine flags; with --model-config, random weights of that shape from a temporary folder that lives
+    while the block runs (a draft model, if any, must then be given)."""
+    engine_args = EngineArgs.from_cli_args(args)
     if not args.model_config:
-        model_path, args.draft_model = resolve_models(args.model, spec_method, args.draft_model)
-        yield model_path, args.load_format
+        yield engine_args
         return
-    if spec_method in DRAFT_MODEL_METHODS and not args.draft_model:
-        raise SystemExit("error: with --model-config, draft methods need --draft-model")
+    if args.model is not None:
+        raise ConfigError("model_config", "give --model or --model-config, not both")
     workdir = tempfile.mkdtemp(prefix="tokenmill-bench-")
     try:
         shutil.copy(args.model_config, Path(workdir) / "config.json")
-        yield workdir, "random"
+        yield replace(engine_args, model=workdir, load_format="random")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -144,47 +129,28 @@ def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def _build_engine(args: argparse.Namespace, model_path: str, load_format: str, spec: Any) -> Any:
-    from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+def _build_engine(config: EngineConfig) -> Any:
     from tokenmill.engine.engine import LLMEngine
 
-    return LLMEngine(
-        EngineConfig(
-            model=model_path,
-            dtype=args.dtype,
-            device=args.device,
-            load_format=load_format,
-            max_model_len=args.max_model_len,
-            seed=args.seed,
-            cache=CacheConfig(
-                num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30))
-            ),
-            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-            spec=spec,
-        ),
-        show_progress=True,
-    )
+    return LLMEngine(config, show_progress=True)
 
 
 def _cmd_spec_compare(args: argparse.Namespace) -> None:
     """--speculative-compare: one engine per method (and one without speculation), same prompts each round."""
-    from dataclasses import replace
-
     from tokenmill.bench.spec_compare import BASELINE, compare_rows, run_spec_compare
-    from tokenmill.config import DRAFT_MODEL_METHODS, SPEC_METHODS
+    from tokenmill.config import SPEC_METHODS
 
     methods = [m.strip() for m in args.speculative_compare.split(",") if m.strip()]
     unknown = [m for m in methods if m not in SPEC_METHODS]
     if args.recipe != "latency" or not methods or unknown:
         raise SystemExit(f"error: --speculative-compare takes methods from {', '.join(SPEC_METHODS)} (got "
                          f"{args.speculative_compare!r}), with the latency recipe")
-    needs_draft = any(m in DRAFT_MODEL_METHODS for m in methods)
-    spec = spec_config_from_args(args)
-    with _model_source(args, "draft" if needs_draft else None) as (model_path, load_format):
-        engines = {BASELINE: _build_engine(args, model_path, load_format, replace(spec, method=None))}
-        for method in methods:
-            engines[method] = _build_engine(args, model_path, load_format,
-                                            replace(spec, method=method, draft_model=args.draft_model))
+    with _engine_args(args) as engine_args:
+        # Every config is checked before the first engine loads, so a bad one fails fast.
+        configs = {method: replace(engine_args, speculative_method=method).create_engine_config()
+                   for method in methods}
+        engines = {BASELINE: _build_engine(replace(engine_args, speculative_method=None).create_engine_config())}
+        engines.update({method: _build_engine(config) for method, config in configs.items()})
     result = run_spec_compare(engines, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
                               args.temperature or 0.0, _prompts(args, engines[BASELINE]))
     rows = [("device", _device_name(engines[BASELINE].device)), ("dtype", str(engines[BASELINE].dtype))]

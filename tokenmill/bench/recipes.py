@@ -186,3 +186,16 @@ def as_rows(result: Any) -> list[tuple[str, str]]:
         else:
             rows.append((key, f"{value:,}" if isinstance(value, int) else str(value)))
     return rows
+
+
+def spec_rows(stats: dict[str, object]) -> list[tuple[str, str]]:
+    """Acceptance figures for a report, from LLMEngine.stats()."""
+    if not stats.get("spec_num_verify_steps"):
+        return []
+    per_position = ", ".join(f"{v:.2f}" for v in stats.get("spec_per_position_acceptance", []))  # type: ignore[union-attr]
+    return [
+        ("spec acceptance rate", f"{stats['spec_acceptance_rate']:.3f}"),
+        ("spec mean accepted length", f"{stats['spec_mean_accepted_length']:.2f}"),
+        ("spec per-position acceptance", per_position),
+        ("spec draft tokens", f"{stats['spec_num_draft_tokens']:,}"),
+    ]

@@ -36,8 +36,8 @@ def check_pool_holds_context(num_blocks: int, block_size: int, max_model_len: in
     """A request alone must always fit, or preemption could never make room for it."""
     if num_blocks * block_size < max_model_len:
         raise ConfigError(
-            "num_kv_blocks",
+            "max_model_len",
             f"the KV pool holds {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens, "
             f"fewer than max_model_len={max_model_len}; lower max_model_len or give more KV memory "
-            f"(num_kv_blocks / kv_cache_memory_gb)",
+            f"(num_kv_blocks / kv_cache_memory_gb)"
         )

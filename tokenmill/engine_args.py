@@ -1,0 +1,191 @@
+"""EngineArgs: every engine knob once, with its flag and help; CLI flags and LLM(**kwargs) derive from it.
+
+A knob added here reaches `generate`, `chat`, `serve`, `bench` and `LLM(...)` together, so no command can
+quietly ignore one. Defaults come from the config dataclasses; the range checks stay in config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from tokenmill.config import (
+    DTYPES,
+    LOAD_FORMATS,
+    SPEC_METHODS,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+    SpecConfig,
+    ThinkingConfig,
+)
+from tokenmill.default_model import resolve_models
+from tokenmill.errors import ConfigError
+
+_FLAG_KEY = "tokenmill_flag"
+_GIB = 1 << 30
+_SAME = object()  # Flag.cli_default when the command line keeps the field's default
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one EngineArgs field appears on the command line."""
+
+    help: str
+    group: str
+    choices: tuple[str, ...] | None = None
+    # Default: --field-name, or --no-field-name for a bool that defaults to True.
+    spelling: str | None = None
+    # The command line may default differently from LLM(...) (e.g. device: auto there, cpu here).
+    cli_default: Any = _SAME
+
+
+def _knob(default: Any, help: str, group: str, *, choices: tuple[str, ...] | None = None,
+          spelling: str | None = None, cli_default: Any = _SAME) -> Any:
+    return field(default=default, metadata={_FLAG_KEY: Flag(help, group, choices, spelling, cli_default)})
+
+
+_MODEL, _KV, _SCHED, _SPEC, _THINK = "model", "KV cache", "scheduler", "speculative decoding", "reasoning"
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The engine's settings, flat, as users name them; `create_engine_config` nests and validates them."""
+
+    model: str | None = _knob(
+        None, "checkpoint folder (config.json, *.safetensors, tokenizer.json); default: models/tokenmill-py-13m",
+        _MODEL)
+    dtype: str = _knob(EngineConfig.dtype, "weight and activation dtype (auto: the checkpoint's)", _MODEL,
+                       choices=DTYPES)
+    device: str = _knob(EngineConfig.device, "auto (CUDA when present), cpu or cuda[:N]; "
+                        "LLM(...) defaults to cpu, the command line to auto", _MODEL,
+                        cli_default="auto")
+    load_format: str = _knob(EngineConfig.load_format,
+                             "random: random weights of the checkpoint's shape (benchmarks)", _MODEL,
+                             choices=LOAD_FORMATS)
+    max_model_len: int | None = _knob(EngineConfig.max_model_len,
+                                      "longest prompt + output in tokens (default: the model's limit)", _MODEL)
+    seed: int = _knob(EngineConfig.seed, "engine seed for requests without their own", _MODEL)
+    compile: bool | None = _knob(EngineConfig.compile,
+                                 "torch.compile the model forward (default: where it measured faster)", _MODEL)
+
+    block_size: int = _knob(CacheConfig.block_size, "tokens per KV block", _KV)
+    num_kv_blocks: int | None = _knob(CacheConfig.num_kv_blocks, "exact KV pool size in blocks", _KV)
+    kv_cache_memory_gb: float = _knob(CacheConfig.kv_cache_memory_bytes / _GIB,
+                                      "KV pool size when --num-kv-blocks is unset", _KV)
+    enable_prefix_caching: bool = _knob(CacheConfig.enable_prefix_caching,
+                                        "reuse the KV of prompt prefixes seen before", _KV,
+                                        spelling="--no-prefix-caching")
+
+    max_num_seqs: int = _knob(SchedulerConfig.max_num_seqs, "cap on requests running at once", _SCHED)
+    max_num_batched_tokens: int = _knob(SchedulerConfig.max_num_batched_tokens, "token budget per step", _SCHED)
+
+    speculative_method: str | None = _knob(
+        SpecConfig.method,
+        "draft tokens by prompt lookup (ngram), with a small draft model (draft), or by lookup first and the "
+        "draft model where the lookup finds nothing (ngram+draft)", _SPEC, choices=SPEC_METHODS)
+    num_speculative_tokens: int = _knob(SpecConfig.num_speculative_tokens, "the most drafts per request per step",
+                                        _SPEC)
+    draft_model: str | None = _knob(SpecConfig.draft_model, "draft checkpoint sharing the target's tokenizer "
+                                    "(default with the default model: its distilled draft)", _SPEC)
+    draft_dtype: str | None = _knob(SpecConfig.draft_dtype, "the draft model's dtype (default: the target's)", _SPEC,
+                                    choices=DTYPES)
+    ngram_min: int = _knob(SpecConfig.ngram_min, "shortest suffix that prompt lookup matches", _SPEC)
+    ngram_max: int = _knob(SpecConfig.ngram_max, "longest suffix that prompt lookup tries first", _SPEC)
+    speculative_adaptive: bool = _knob(SpecConfig.adaptive, "adapt the draft length to recent acceptance and "
+                                       "measured step costs instead of always drafting the full length", _SPEC)
+    draft_confidence_threshold: float = _knob(SpecConfig.draft_confidence_threshold,
+                                              "stop drafting when the draft model's top probability falls below this",
+                                              _SPEC)
+
+    reasoning_start: str = _knob(ThinkingConfig.start, "tag that opens the model's reasoning", _THINK)
+    reasoning_end: str = _knob(ThinkingConfig.end, "tag that closes the model's reasoning", _THINK)
+    thinking_wrap_up: str = _knob(ThinkingConfig.wrap_up, "text forced before the end tag when the thinking budget "
+                                  "runs out (pass real newlines, e.g. $'\\nTime is up.\\n')", _THINK)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Add every engine flag to `parser`, grouped; each flag's dest is its field name."""
+        hints = typing.get_type_hints(cls)
+        groups: dict[str, Any] = {}
+        for knob in fields(cls):
+            flag: Flag = knob.metadata[_FLAG_KEY]
+            if flag.group not in groups:
+                groups[flag.group] = parser.add_argument_group(flag.group)
+            _add_flag(groups[flag.group], knob.name, hints[knob.name], knob.default, flag)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{knob.name: getattr(args, knob.name) for knob in fields(cls)})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        """EngineArgs from keyword arguments; a name that is not a field raises ConfigError naming it."""
+        known = [knob.name for knob in fields(cls)]
+        for name in kwargs:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(name, f"is not an engine setting{hint}; the settings are: {', '.join(known)}")
+        return cls(**kwargs)
+
+    def create_engine_config(self) -> EngineConfig:
+        """The validated EngineConfig; the default model (and its draft) fill in what was not given."""
+        gb = self.kv_cache_memory_gb
+        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb > 0:  # `not >` also catches NaN
+            raise ConfigError("kv_cache_memory_gb", f"must be a number > 0, got {gb!r}")
+        model, draft_model = resolve_models(self.model, self.speculative_method, self.draft_model)
+        return EngineConfig(
+            model=model,
+            dtype=self.dtype,
+            device=self.device,
+            load_format=self.load_format,
+            max_model_len=self.max_model_len,
+            seed=self.seed,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                num_kv_blocks=self.num_kv_blocks,
+                kv_cache_memory_bytes=int(gb * _GIB),
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens),
+            spec=SpecConfig(
+                method=self.speculative_method,
+                num_speculative_tokens=self.num_speculative_tokens,
+                draft_model=draft_model,
+                draft_dtype=self.draft_dtype,
+                ngram_min=self.ngram_min,
+                ngram_max=self.ngram_max,
+                adaptive=self.speculative_adaptive,
+                draft_confidence_threshold=self.draft_confidence_threshold,
+            ),
+            thinking=ThinkingConfig(start=self.reasoning_start, end=self.reasoning_end, wrap_up=self.thinking_wrap_up),
+            compile=self.compile,
+        )
+
+
+def _add_flag(group: Any, name: str, hint: Any, default: Any, flag: Flag) -> None:
+    default = default if flag.cli_default is _SAME else flag.cli_default
+    members = typing.get_args(hint)
+    optional = type(None) in members
+    kind = next((m for m in members if m is not type(None)), hint)
+    if kind is bool and optional:
+        # None leaves the choice to the engine; --x / --no-x decide it.
+        group.add_argument(flag.spelling or _spelling(name), dest=name, default=default, help=flag.help,
+                           action=argparse.BooleanOptionalAction)
+    elif kind is bool:
+        spelling = flag.spelling or (_spelling("no_" + name) if default else _spelling(name))
+        # The help says what the knob does; a --no- flag says that it turns it off.
+        group.add_argument(spelling, dest=name, default=default, action="store_false" if default else "store_true",
+                           help=f"{flag.help}; this flag turns it off" if default else flag.help)
+    else:
+        group.add_argument(flag.spelling or _spelling(name), dest=name, type=kind, default=default,
+                           choices=flag.choices, help=flag.help)
+
+
+def _spelling(name: str) -> str:
+    return "--" + name.replace("_", "-")
