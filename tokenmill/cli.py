@@ -148,7 +148,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from tokenmill.default_model import DEFAULT_MODEL_NAME
     from tokenmill.engine.async_engine import AsyncLLMEngine
-    from tokenmill.engine.reasoning import ReasoningConfig
     from tokenmill.server.app import build_app
 
     served_model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
@@ -162,7 +161,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         default_thinking_budget=args.thinking_token_budget,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
-        reasoning=ReasoningConfig(start=args.reasoning_start, end=args.reasoning_end, wrap_up=args.thinking_wrap_up),
         drain_timeout_s=args.drain_timeout,
     )
     # uvicorn handles the signals: it stops accepting, waits up to the graceful timeout for open

@@ -9,12 +9,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
-from tokenmill.engine.reasoning import StreamingReasoningParser, count_reasoning_tokens, prompt_opens_reasoning
+from tokenmill.engine.thinking import prompt_opens_thinking
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, sampling_params
+from tokenmill.server.reasoning import StreamingReasoningParser, count_reasoning_tokens
 from tokenmill.server.serving_tools import ToolPlan, template_messages
 from tokenmill.server.structured_request import structured_outputs
 from tokenmill.server.serving_common import (
@@ -38,7 +39,7 @@ class _ChatPlan:
         self.state = state
         self.tools = tools
         self.use_parser = state.reasoning_enabled
-        self.starts_in_reasoning = prompt_opens_reasoning(prompt_text, state.reasoning)
+        self.starts_in_reasoning = prompt_opens_thinking(prompt_text, state.thinking_config)
         # Special-token tags vanish from decoded text; keep special tokens and let the parser drop the others.
         self.keep_specials = self.use_parser and state.tags_are_skipped_specials and body.skip_special_tokens
         self.keep_specials = self.keep_specials or (tools.keeps_special_tokens and body.skip_special_tokens)
@@ -46,7 +47,7 @@ class _ChatPlan:
 
     def parser(self) -> StreamingReasoningParser:
         drop = self.state.other_specials if self.keep_specials else []
-        return StreamingReasoningParser(self.state.reasoning, self.starts_in_reasoning, drop)
+        return StreamingReasoningParser(self.state.thinking_config, self.starts_in_reasoning, drop)
 
     def split(self, text: str) -> tuple[str | None, str]:
         if not self.use_parser:
@@ -89,7 +90,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     params = sampling_params(
         body, max_tokens=body.requested_max_tokens(), prompt_len=len(ids), max_model_len=state.engine.max_model_len,
         logprobs=plan.num_logprobs, skip_special_tokens=False if plan.keep_specials else None,
-        thinking=state.thinking_params(body.thinking_token_budget, text),
+        thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
         structured=structured,
     )
     request_id = new_id("chatcmpl")

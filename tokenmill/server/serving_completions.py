@@ -50,7 +50,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         params.append(sampling_params(
             body, max_tokens=body.max_tokens, prompt_len=len(ids), max_model_len=engine.max_model_len,
             logprobs=body.logprobs, prompt_logprobs=echo_logprobs,
-            thinking=state.thinking_params(body.thinking_token_budget, text),
+            thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
             structured=structured,
         ))
         prompts.append({"prompt": text, "prompt_token_ids": ids})
