@@ -126,8 +126,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        prompt = tokenizer.render_chat(messages, add_generation_prompt=True).prompt()
         reply, num_tokens, seconds = _stream(llm, prompt, params)
         print()
         print(f"[{num_tokens} tokens, {num_tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)

@@ -50,8 +50,7 @@ def test_chat_template_that_opens_thinking_and_token_id_prompts_get_the_same_bud
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     chat = llm.chat(messages, _budget(3, 7), chat_template_kwargs={"chat_template": THINK_TEMPLATE})[0]
     assert end in chat.outputs[0].token_ids[:4]
-    text = tokenizer.apply_chat_template(messages, chat_template=THINK_TEMPLATE)
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.render_chat(messages, chat_template=THINK_TEMPLATE).token_ids
     by_ids = llm.generate({"prompt_token_ids": ids}, _budget(3, 7))[0]
     assert by_ids.outputs[0].token_ids == chat.outputs[0].token_ids
 

@@ -17,6 +17,7 @@ from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.sched_io import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
 from tokenmill.engine.output_builder import RequestGroup
+from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError, TokenmillError
@@ -112,12 +113,7 @@ class LLMEngine:
         for token in token_ids:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise InvalidRequestError("prompt_token_ids", f"token ids must be integers in [0, {vocab}), got {token!r}")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt",
-                f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len}: "
-                f"the prompt plus at least one generated token must fit",
-            )
+        check_prompt_length(len(token_ids), self.max_model_len)
         return text, list(token_ids)
 
     @functools.cached_property

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import prompt_opens_thinking
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.errors import stream_error_event
@@ -23,7 +24,6 @@ from tokenmill.server.serving_common import (
     ServerState,
     add_all,
     chat_logprobs,
-    check_prompt_length,
     merge_streams,
     new_id,
     run_until_done,
@@ -79,22 +79,19 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                                       "or guided_* constraints")
         structured = forced
     messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=body.add_generation_prompt, tools=tools.template_tools,
-        **(body.chat_template_kwargs or {})
-    )
-    # The template already carries BOS and friends; encoding must not add them twice.
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    check_prompt_length(len(ids), state.engine.max_model_len, "messages")
-    plan = _ChatPlan(state, body, text, tools)
+    chat = tokenizer.render_chat(messages, add_generation_prompt=body.add_generation_prompt,
+                                 tools=tools.template_tools, **(body.chat_template_kwargs or {}))
+    check_prompt_length(len(chat.token_ids), state.engine.max_model_len, "messages")
+    plan = _ChatPlan(state, body, chat.text, tools)
     params = sampling_params(
-        body, max_tokens=body.requested_max_tokens(), prompt_len=len(ids), max_model_len=state.engine.max_model_len,
-        logprobs=plan.num_logprobs, skip_special_tokens=False if plan.keep_specials else None,
+        body, max_tokens=body.requested_max_tokens(), prompt_len=len(chat.token_ids),
+        max_model_len=state.engine.max_model_len, logprobs=plan.num_logprobs,
+        skip_special_tokens=False if plan.keep_specials else None,
         thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
         structured=structured,
     )
     request_id = new_id("chatcmpl")
-    streams = await add_all(state, request_id, [{"prompt": text, "prompt_token_ids": ids}], [params])
+    streams = await add_all(state, request_id, [chat.prompt()], [params])
     trackers = [state.metrics.tracker()]
     if body.stream:
         return StreamingResponse(_stream(state, body, plan, request_id, streams, trackers),

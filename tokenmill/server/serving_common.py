@@ -16,7 +16,6 @@ from tokenmill.config import ThinkingConfig
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
 from tokenmill.engine.thinking import ThinkingTokens
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import LogprobsDict, RequestOutput
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import RequestTracker, ServerMetrics
@@ -152,15 +151,6 @@ async def add_all(state: ServerState, base_id: str, prompts: list[dict[str, Any]
             stream.abort()
         raise
     return streams
-
-
-def check_prompt_length(num_tokens: int, max_model_len: int, field_name: str) -> None:
-    if num_tokens >= max_model_len:
-        raise InvalidRequestError(
-            field_name,
-            f"the prompt has {num_tokens} tokens, but this model's context (max_model_len) is {max_model_len} "
-            "tokens: the prompt plus at least one generated token must fit",
-        )
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,

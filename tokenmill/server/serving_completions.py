@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -20,7 +21,6 @@ from tokenmill.server.serving_common import (
     SSE_DONE,
     ServerState,
     add_all,
-    check_prompt_length,
     completion_logprobs,
     merge_streams,
     new_id,
