@@ -89,8 +89,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        prompt = tokenizer.render_chat(messages, add_generation_prompt=True).prompt()
         reply, num_tokens, seconds = _stream(llm, prompt, params)
         print()
         print(f"[{num_tokens} tokens, {num_tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
@@ -178,12 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_make_tiny)
 
     from tokenmill.bench.cli import add_bench_parser
-    from tokenmill.training import add_distill_parser, add_train_parser
 
     add_bench_parser(sub)
+    _add_training_parsers(sub)
+    return parser
+
+
+TRAINING_INSTALL_HINT = "install it with pip install 'tokenmill[train]'"
+
+
+def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
+    """`train` and `distill` come from the separate tokenmill_train package (it imports only argparse here).
+
+    The engine never needs it, so a missing package leaves every other command working; the two commands
+    then explain what to install instead of failing with a traceback."""
+    try:
+        from tokenmill_train import add_distill_parser, add_train_parser
+    except ModuleNotFoundError as exc:
+        if exc.name != "tokenmill_train":
+            raise  # the package is there but broken: that traceback is the useful message
+        for name in ("train", "distill"):
+            # No option prefix: every argument (--data, --help, ...) is swallowed, so the hint is what prints.
+            stub = sub.add_parser(name, help=f"(needs the tokenmill_train package: {TRAINING_INSTALL_HINT})",
+                                  prefix_chars="\0", add_help=False)
+            stub.add_argument("args", nargs="*")
+            stub.set_defaults(func=lambda args, name=name: _training_missing(name))
+        return
     add_train_parser(sub)
     add_distill_parser(sub)
-    return parser
+
+
+def _training_missing(command: str) -> None:
+    raise TokenmillError(f"`tokenmill {command}` needs the training package tokenmill_train, which is not "
+                         f"importable here; {TRAINING_INSTALL_HINT}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,13 @@ class ThinkingConfig:
     end: str = "</think>"
     wrap_up: str = ""
 
+    def __post_init__(self) -> None:
+        # An empty tag is found everywhere: every prompt would open thinking and every text would close it.
+        for name in ("start", "end"):
+            tag = getattr(self, name)
+            if not isinstance(tag, str) or not tag:
+                raise InvalidRequestError(f"thinking.{name}", f"must be a non-empty string, got {tag!r}")
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -79,13 +79,11 @@ class LLM:
         if tokenizer is None:
             raise InvalidRequestError("messages", "this checkpoint has no tokenizer, so it cannot chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts: list[PromptInput] = []
-        for conversation in conversations:
-            text = tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
-            )
-            # The template already carries BOS and friends; encoding must not add them twice.
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        kwargs = chat_template_kwargs or {}
+        prompts: list[PromptInput] = [
+            tokenizer.render_chat(c, add_generation_prompt=add_generation_prompt, **kwargs).prompt()
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params)
 
     def _add(self, prompt: PromptInput, params: SamplingParams) -> str:

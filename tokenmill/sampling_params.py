@@ -42,6 +42,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Hard reasoning budget: after this many tokens inside a thinking section the engine forces
     # `thinking_end_token_ids` (e.g. a short wrap-up message and "</think>"), so the answer always comes.
+    # Left empty, the three fields below are filled by the engine from its tokenizer and EngineConfig.thinking.
     thinking_token_budget: int | None = None
     thinking_start_token_id: int | None = None
     thinking_end_token_ids: list[int] = field(default_factory=list)
@@ -104,10 +105,8 @@ class SamplingParams:
             self.structured_outputs.validate()
         if self.thinking_token_budget is not None:
             _check_int("thinking_token_budget", self.thinking_token_budget, 0, None)
-            if not self.thinking_end_token_ids:
-                raise InvalidRequestError(
-                    "thinking_token_budget", "needs thinking_end_token_ids: the tokens that close the thinking section"
-                )
+        for t in self.thinking_end_token_ids:
+            _check_int("thinking_end_token_ids", t, 0, None)
 
 
 def _check_int(name: str, value: object, low: int | None, high: int | None) -> None:

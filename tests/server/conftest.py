@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
+from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig, ThinkingConfig
 from tokenmill.engine.async_engine import AsyncLLMEngine
-from tokenmill.engine.reasoning import ReasoningConfig
+from tokenmill.engine.engine import LLMEngine
 from tokenmill.server.app import build_app
 
 API_KEY = "test-key"
@@ -62,12 +63,11 @@ def stop_server(live: LiveServer) -> None:
     live.thread.join(timeout=30)
 
 
-def make_engine(model_dir: Path, max_queue: int | None = None):
-    from tokenmill.llm import LLM
-
-    llm = LLM(str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=64,
-              max_num_batched_tokens=512, num_kv_blocks=1024, seed=0)
-    return AsyncLLMEngine(llm.engine, max_queue=max_queue)
+def make_engine(model_dir: Path, max_queue: int | None = None, thinking: ThinkingConfig = ThinkingConfig()):
+    config = EngineConfig(model=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0,
+                          cache=CacheConfig(num_kv_blocks=1024),
+                          scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512), thinking=thinking)
+    return AsyncLLMEngine(LLMEngine(config), max_queue=max_queue)
 
 
 def _make_checkpoint(path: Path) -> Path:
@@ -109,11 +109,12 @@ def server(model_dir: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def think_servers(think_model_dir: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    """Two apps over one engine: no wrap-up and no default budget; a wrap-up message and a default budget 4."""
+    """Two servers: no wrap-up and no default budget; a wrap-up message (the engine's) and a default budget 4."""
     engine = make_engine(think_model_dir)
     plain = start_server(build_app(engine, MODEL, reasoning_parser="think"), engine)
-    wrapped = start_server(build_app(engine, MODEL, reasoning_parser="think", default_thinking_budget=4,
-                                     reasoning=ReasoningConfig(wrap_up=WRAP_UP)), engine)
+    wrapping_engine = make_engine(think_model_dir, thinking=ThinkingConfig(wrap_up=WRAP_UP))
+    wrapped = start_server(build_app(wrapping_engine, MODEL, reasoning_parser="think", default_thinking_budget=4),
+                           wrapping_engine)
     yield plain, wrapped
     stop_server(wrapped)
     stop_server(plain)

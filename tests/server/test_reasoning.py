@@ -6,16 +6,11 @@ import random
 
 import pytest
 
-from tokenmill.engine.reasoning import (
-    ReasoningConfig,
-    StreamingReasoningParser,
-    count_reasoning_tokens,
-    parse_reasoning,
-    prompt_opens_reasoning,
-    thinking_tokens,
-)
+from tokenmill.config import ThinkingConfig
+from tokenmill.engine.thinking import prompt_opens_thinking, thinking_tokens
+from tokenmill.server.reasoning import StreamingReasoningParser, count_reasoning_tokens, parse_reasoning
 
-CFG = ReasoningConfig()
+CFG = ThinkingConfig()
 
 
 @pytest.mark.parametrize(
@@ -55,7 +50,7 @@ def test_every_random_split_of_a_stream_gives_the_final_split():
 
 
 def test_custom_tags_and_dropped_specials():
-    cfg = ReasoningConfig(start="[T]", end="[/T]")
+    cfg = ThinkingConfig(start="[T]", end="[/T]")
     assert parse_reasoning("[T]why<|x|>[/T]so<|x|>", cfg, drop=["<|x|>"]) == ("why", "so")
     # With special tokens kept for the tags, stray tags vanish as skip_special_tokens would make them.
     assert parse_reasoning("hi[T]a[/T]", cfg, drop=["<|x|>"]) == ("", "hia")
@@ -73,7 +68,7 @@ def test_custom_tags_and_dropped_specials():
     ],
 )
 def test_prompt_that_opens_reasoning(prompt, opens):
-    assert prompt_opens_reasoning(prompt, CFG) is opens
+    assert prompt_opens_thinking(prompt, CFG) is opens
 
 
 class _Tok:
@@ -87,7 +82,7 @@ class _Tok:
 
 
 def test_thinking_tokens_put_the_wrap_up_before_the_end_tag():
-    tokens = thinking_tokens(_Tok(), ReasoningConfig(wrap_up="ok"))
+    tokens = thinking_tokens(_Tok(), ThinkingConfig(wrap_up="ok"))
     assert tokens.start_token_id == 5
     assert tokens.end_token_ids == [100 + ord("o"), 100 + ord("k"), 6]
     assert tokens.end_tag_ids == [6]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.training.test_train import TINY, cli, write_toy_corpus
-from tokenmill.training.checkpoint_io import load_hf_model
-from tokenmill.training.distill import kd_loss, measure_acceptance, speculate_greedy
+from tokenmill_train.checkpoint_io import load_hf_model
+from tokenmill_train.distill import kd_loss, measure_acceptance, speculate_greedy
 
 DISTILL_STEPS = 30
 
@@ -106,7 +106,7 @@ def test_distilled_draft_acceptance_is_sane_and_speculation_is_exact(pair: dict)
 
 
 def test_untrained_draft_accepts_less_than_distilled(pair: dict) -> None:
-    from tokenmill.training.model import LlamaForCausalLM
+    from tokenmill_train.model import LlamaForCausalLM
 
     target, distilled = load_hf_model(pair["target"]), load_hf_model(pair["draft"])
     torch.manual_seed(0)
@@ -117,8 +117,8 @@ def test_untrained_draft_accepts_less_than_distilled(pair: dict) -> None:
 
 
 def test_draft_starts_as_the_target_with_middle_layers_skipped(pair: dict) -> None:
-    from tokenmill.training.distill import init_draft_from_target, spread_layers
-    from tokenmill.training.model import LlamaForCausalLM, ModelConfig
+    from tokenmill_train.distill import init_draft_from_target, spread_layers
+    from tokenmill_train.model import LlamaForCausalLM, ModelConfig
 
     assert spread_layers(1, 8) == [0] and spread_layers(2, 8) == [0, 7] and spread_layers(3, 5) == [0, 2, 4]
     target = load_hf_model(pair["target"])

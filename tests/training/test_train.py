@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tokenmill.training import add_distill_parser, add_train_parser
-from tokenmill.training.checkpoint_io import load_hf_model, save_hf_checkpoint
-from tokenmill.training.corpus import PackedLoader, gather_files, pack_rows, read_corpus, split_holdout
-from tokenmill.training.model import LlamaForCausalLM, ModelConfig
-from tokenmill.training.tokenizer_train import BOS, EOS, IM_END, IM_START, PAD, train_tokenizer
+from tokenmill.utils.text_files import gather_files, read_corpus
+from tokenmill_train import add_distill_parser, add_train_parser
+from tokenmill_train.checkpoint_io import load_hf_model, save_hf_checkpoint
+from tokenmill_train.corpus import PackedLoader, pack_rows, split_holdout
+from tokenmill_train.model import LlamaForCausalLM, ModelConfig
+from tokenmill_train.tokenizer_train import BOS, EOS, IM_END, IM_START, PAD, train_tokenizer
 
 TINY = ["--vocab-size", "300", "--hidden-size", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
         "--intermediate-size", "128", "--context-length", "64", "--batch-size", "8", "--lr", "3e-3",

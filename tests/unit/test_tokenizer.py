@@ -187,6 +187,15 @@ def test_chat_template_matches_transformers(pair) -> None:
             assert ours.apply_chat_template(conv, add_generation_prompt=gen) == expected
 
 
+def test_rendered_chat_ids_match_transformers_without_a_second_bos(pair) -> None:
+    ours, ref = pair
+    conv = CONVERSATIONS[0]
+    chat = ours.render_chat(conv)
+    assert chat.text == ours.apply_chat_template(conv)
+    assert chat.token_ids == ref.apply_chat_template(conv, add_generation_prompt=True)["input_ids"]
+    assert chat.prompt() == {"prompt": chat.text, "prompt_token_ids": chat.token_ids}
+
+
 def test_content_part_lists_are_flattened_for_string_templates(pair) -> None:
     ours, ref = pair
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]

@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.utils.text_files import gather_files, read_corpus
 
 PromptMaker = Callable[[random.Random, int], list[int]]  # (rng, length) -> prompt token ids
 
@@ -21,9 +22,7 @@ def random_prompts(vocab_size: int) -> PromptMaker:
 def text_prompts(tokenizer: Tokenizer, paths: Sequence[str], extensions: Sequence[str] = (".py",)) -> PromptMaker:
     """Prompts cut from the given files (or files under the given folders): a random document long enough,
     then a random window of `length` tokens in it."""
-    from tokenmill.training.corpus import gather_files, read_corpus
-
-    corpus = read_corpus(gather_files(paths, extensions))
+    corpus = read_corpus(gather_files(paths, extensions, option="--prompt-files"))
     docs = [ids for ids in (tokenizer.encode(d.text, add_special_tokens=False) for d in corpus.documents) if ids]
     if not docs:
         raise ValueError(f"--prompt-files: no readable text with extensions {list(extensions)} in {list(paths)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -16,6 +17,8 @@ from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
 from tokenmill.engine.output_builder import RequestGroup
+from tokenmill.engine.prompt_checks import check_prompt_length
+from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.outputs import RequestOutput
@@ -81,18 +84,22 @@ class LLMEngine:
         for token in token_ids:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise InvalidRequestError("prompt_token_ids", f"token ids must be integers in [0, {vocab}), got {token!r}")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt",
-                f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len}: "
-                f"the prompt plus at least one generated token must fit",
-            )
+        check_prompt_length(len(token_ids), self.max_model_len)
         return text, list(token_ids)
+
+    @functools.cached_property
+    def thinking_tokens(self) -> ThinkingTokens | None:
+        """config.thinking's tags as this tokenizer's ids (None without a tokenizer), derived once."""
+        return None if self.tokenizer is None else thinking_tokens(self.tokenizer, self.config.thinking)
+
+    def _with_thinking_ids(self, params: SamplingParams, text: str | None, token_ids: list[int]) -> SamplingParams:
+        return with_thinking_ids(params, self.thinking_tokens, self.config.thinking, self.tokenizer, text, token_ids)
 
     def validate_request(self, prompt: PromptInput, params: SamplingParams) -> None:
         """Everything add_request checks, without queueing: lets a batch be checked before any of it runs."""
         params.validate()
-        self.tokenize_prompt(prompt)
+        text, token_ids = self.tokenize_prompt(prompt)
+        self._with_thinking_ids(params, text, token_ids)
         if params.structured_outputs is not None:
             self._structured_compiler().compile(params.structured_outputs)
 
@@ -105,7 +112,7 @@ class LLMEngine:
         text, token_ids = self.tokenize_prompt(prompt)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this checkpoint has none")
-        params = replace(params, eos_token_ids=self.eos_token_ids)
+        params = replace(self._with_thinking_ids(params, text, token_ids), eos_token_ids=self.eos_token_ids)
         if params.structured_outputs is not None:
             # Compile now (cached per schema) so a bad schema is the caller's error, not the step loop's.
             self._structured_compiler().compile(params.structured_outputs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jinja2
 from tokenizers import AddedToken
@@ -51,6 +51,17 @@ def _added_token(value: Any, special: bool = True) -> AddedToken:
             special=bool(value.get("special", special)),
         )
     return AddedToken(content, special=special, normalized=False)
+
+
+class RenderedChat(NamedTuple):
+    """A conversation rendered by the chat template: its text and that text's token ids."""
+
+    text: str
+    token_ids: list[int]
+
+    def prompt(self) -> dict[str, Any]:
+        """The engine's prompt input: the text travels along for the output and the thinking tags."""
+        return {"prompt": self.text, "prompt_token_ids": list(self.token_ids)}
 
 
 def _load_json(path: Path) -> Any:
@@ -273,3 +284,12 @@ class Tokenizer:
             raise InvalidRequestError("messages", f"chat template blocked an unsafe operation: {e}") from None
         except Exception as e:  # a template bug or an input shape the template cannot handle
             raise InvalidRequestError("messages", f"chat template failed to render: {type(e).__name__}: {e}") from None
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
+                    **template_kwargs: Any) -> RenderedChat:
+        """The chat prompt as text and token ids: how LLM.chat, `tokenmill chat` and the server render one."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                        chat_template=chat_template, **template_kwargs)
+        # The template already wrote BOS and friends; encoding must not add them a second time.
+        return RenderedChat(text, self.encode(text, add_special_tokens=False))

@@ -13,10 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
-from tokenmill.engine.reasoning import ReasoningConfig, tokenizer_has_think_tokens
 from tokenmill.server.errors import APIError, error_body, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.reasoning import tokenizer_has_think_tokens
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_common import ServerState, init_reasoning_tokens
 from tokenmill.server.serving_completions import create_completion
@@ -83,16 +83,17 @@ def build_app(
     default_thinking_budget: int | None = None,
     reasoning_parser: str = "auto",
     tool_call_parser: str | None = None,
-    reasoning: ReasoningConfig | None = None,
     drain_timeout_s: float = 10.0,
 ) -> FastAPI:
     """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
-    'none' never does, 'auto' does when the tokenizer has both tags as tokens."""
+    'none' never does, 'auto' does when the tokenizer has both tags as tokens. The tags, the wrap-up text
+    and their token ids are the engine's (EngineConfig.thinking), so parsing and the budget agree."""
     if reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {reasoning_parser!r}")
     if default_thinking_budget is not None and default_thinking_budget < 0:
         raise ValueError(f"thinking token budget must be >= 0, got {default_thinking_budget}")
-    config = reasoning or ReasoningConfig()
+    engine = async_engine.engine
+    config = engine.config.thinking
     tokenizer = async_engine.tokenizer
     enabled = reasoning_parser == "think" or (
         reasoning_parser == "auto" and tokenizer is not None and tokenizer_has_think_tokens(tokenizer, config))
@@ -100,7 +101,8 @@ def build_app(
         engine=async_engine,
         model_name=served_model_name,
         metrics=ServerMetrics(async_engine.stats, served_model_name),
-        reasoning=config,
+        thinking_config=config,
+        thinking=engine.thinking_tokens,  # derived here, before the engine thread starts
         reasoning_enabled=enabled,
         default_thinking_budget=default_thinking_budget,
         tool_call_parser=tool_call_parser,

@@ -132,7 +132,7 @@ def sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     skip_special_tokens: bool | None = None,
-    thinking: dict[str, Any] | None = None,
+    thinking_token_budget: int | None = None,
     structured: StructuredOutputParams | None = None,
 ) -> SamplingParams:
     """SamplingParams for one prompt: max_tokens is capped so that prompt + output fit the context."""
@@ -160,6 +160,6 @@ def sampling_params(
         skip_special_tokens=request.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         structured_outputs=structured,
-        **(thinking or {}),
+        thinking_token_budget=thinking_token_budget,  # the engine adds the tag ids
     )
 

@@ -9,12 +9,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
-from tokenmill.engine.reasoning import StreamingReasoningParser, count_reasoning_tokens, prompt_opens_reasoning
+from tokenmill.engine.prompt_checks import check_prompt_length
+from tokenmill.engine.thinking import prompt_opens_thinking
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, sampling_params
+from tokenmill.server.reasoning import StreamingReasoningParser, count_reasoning_tokens
 from tokenmill.server.serving_tools import ToolPlan, template_messages
 from tokenmill.server.structured_request import structured_outputs
 from tokenmill.server.serving_common import (
@@ -22,7 +24,6 @@ from tokenmill.server.serving_common import (
     ServerState,
     add_all,
     chat_logprobs,
-    check_prompt_length,
     merge_streams,
     new_id,
     run_until_done,
@@ -38,7 +39,7 @@ class _ChatPlan:
         self.state = state
         self.tools = tools
         self.use_parser = state.reasoning_enabled
-        self.starts_in_reasoning = prompt_opens_reasoning(prompt_text, state.reasoning)
+        self.starts_in_reasoning = prompt_opens_thinking(prompt_text, state.thinking_config)
         # Special-token tags vanish from decoded text; keep special tokens and let the parser drop the others.
         self.keep_specials = self.use_parser and state.tags_are_skipped_specials and body.skip_special_tokens
         self.keep_specials = self.keep_specials or (tools.keeps_special_tokens and body.skip_special_tokens)
@@ -46,7 +47,7 @@ class _ChatPlan:
 
     def parser(self) -> StreamingReasoningParser:
         drop = self.state.other_specials if self.keep_specials else []
-        return StreamingReasoningParser(self.state.reasoning, self.starts_in_reasoning, drop)
+        return StreamingReasoningParser(self.state.thinking_config, self.starts_in_reasoning, drop)
 
     def split(self, text: str) -> tuple[str | None, str]:
         if not self.use_parser:
@@ -78,22 +79,19 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                                       "or guided_* constraints")
         structured = forced
     messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=body.add_generation_prompt, tools=tools.template_tools,
-        **(body.chat_template_kwargs or {})
-    )
-    # The template already carries BOS and friends; encoding must not add them twice.
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    check_prompt_length(len(ids), state.engine.max_model_len, "messages")
-    plan = _ChatPlan(state, body, text, tools)
+    chat = tokenizer.render_chat(messages, add_generation_prompt=body.add_generation_prompt,
+                                 tools=tools.template_tools, **(body.chat_template_kwargs or {}))
+    check_prompt_length(len(chat.token_ids), state.engine.max_model_len, "messages")
+    plan = _ChatPlan(state, body, chat.text, tools)
     params = sampling_params(
-        body, max_tokens=body.requested_max_tokens(), prompt_len=len(ids), max_model_len=state.engine.max_model_len,
-        logprobs=plan.num_logprobs, skip_special_tokens=False if plan.keep_specials else None,
-        thinking=state.thinking_params(body.thinking_token_budget, text),
+        body, max_tokens=body.requested_max_tokens(), prompt_len=len(chat.token_ids),
+        max_model_len=state.engine.max_model_len, logprobs=plan.num_logprobs,
+        skip_special_tokens=False if plan.keep_specials else None,
+        thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
         structured=structured,
     )
     request_id = new_id("chatcmpl")
-    streams = await add_all(state, request_id, [{"prompt": text, "prompt_token_ids": ids}], [params])
+    streams = await add_all(state, request_id, [chat.prompt()], [params])
     trackers = [state.metrics.tracker()]
     if body.stream:
         return StreamingResponse(_stream(state, body, plan, request_id, streams, trackers),

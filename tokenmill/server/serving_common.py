@@ -1,4 +1,4 @@
-"""What completions and chat share: server state, thinking-budget params, request lifecycle, SSE, logprobs."""
+"""What completions and chat share: server state, request lifecycle, SSE, logprobs."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ from typing import Any
 
 from fastapi import Request
 
+from tokenmill.config import ThinkingConfig
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
-from tokenmill.engine.reasoning import (
-    ReasoningConfig,
-    ThinkingTokens,
-    prompt_opens_reasoning,
-    thinking_tokens,
-)
+from tokenmill.engine.thinking import ThinkingTokens
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import LogprobsDict, RequestOutput
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import RequestTracker, ServerMetrics
@@ -33,12 +28,13 @@ class ServerState:
     engine: AsyncLLMEngine
     model_name: str
     metrics: ServerMetrics
-    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
+    # The engine's thinking tags (EngineConfig.thinking) and their ids in its tokenizer (None without one).
+    thinking_config: ThinkingConfig
+    thinking: ThinkingTokens | None
     reasoning_enabled: bool = False  # split <think> into reasoning_content in chat responses
     default_thinking_budget: int | None = None
     tool_call_parser: str | None = None  # None: guessed from the chat template
     # Derived from the tokenizer once, at startup.
-    thinking: ThinkingTokens | None = None
     tags_are_skipped_specials: bool = False  # the tags vanish from text unless special tokens are kept
     other_specials: list[str] = field(default_factory=list)  # then removed by the parser instead
     created: int = field(default_factory=lambda: int(time.time()))
@@ -55,29 +51,18 @@ class ServerState:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            type_="not_found_error", param="model", code="model_not_found")
 
-    def thinking_params(self, budget: int | None, prompt_text: str | None) -> dict[str, Any]:
-        """SamplingParams fields for a hard thinking budget (empty when the request has none)."""
-        budget = self.default_thinking_budget if budget is None else budget
-        if budget is None:
-            return {}
-        if self.thinking is None or not self.thinking.end_token_ids:
-            raise InvalidRequestError("thinking_token_budget", "this model's tokenizer cannot encode the end tag "
-                                      f"{self.reasoning.end!r}")
-        return {
-            "thinking_token_budget": budget,
-            "thinking_start_token_id": self.thinking.start_token_id,
-            "thinking_end_token_ids": list(self.thinking.end_token_ids),
-            "starts_in_thinking": prompt_opens_reasoning(prompt_text, self.reasoning),
-        }
+    def thinking_budget(self, budget: int | None) -> int | None:
+        """The request's thinking budget, else the server's default; the engine derives the tag ids."""
+        return self.default_thinking_budget if budget is None else budget
 
 
 def init_reasoning_tokens(state: ServerState) -> None:
-    """Precompute tag token ids and which special-token strings the parser must drop."""
+    """Precompute which special-token strings the parser must drop when the tags are special tokens."""
     tokenizer = state.engine.tokenizer
     if tokenizer is None:
         return
-    state.thinking = thinking_tokens(tokenizer, state.reasoning)
-    tag_ids = [tokenizer.token_to_id(state.reasoning.start), tokenizer.token_to_id(state.reasoning.end)]
+    tags = state.thinking_config
+    tag_ids = [tokenizer.token_to_id(tags.start), tokenizer.token_to_id(tags.end)]
     state.tags_are_skipped_specials = any(i is not None and tokenizer.is_skipped_special(i) for i in tag_ids)
     if state.tags_are_skipped_specials:
         specials = [i for i in range(tokenizer.vocab_size) if tokenizer.is_skipped_special(i) and i not in tag_ids]
@@ -166,15 +151,6 @@ async def add_all(state: ServerState, base_id: str, prompts: list[dict[str, Any]
             stream.abort()
         raise
     return streams
-
-
-def check_prompt_length(num_tokens: int, max_model_len: int, field_name: str) -> None:
-    if num_tokens >= max_model_len:
-        raise InvalidRequestError(
-            field_name,
-            f"the prompt has {num_tokens} tokens, but this model's context (max_model_len) is {max_model_len} "
-            "tokens: the prompt plus at least one generated token must fit",
-        )
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -20,7 +21,6 @@ from tokenmill.server.serving_common import (
     SSE_DONE,
     ServerState,
     add_all,
-    check_prompt_length,
     completion_logprobs,
     merge_streams,
     new_id,
@@ -50,7 +50,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         params.append(sampling_params(
             body, max_tokens=body.max_tokens, prompt_len=len(ids), max_model_len=engine.max_model_len,
             logprobs=body.logprobs, prompt_logprobs=echo_logprobs,
-            thinking=state.thinking_params(body.thinking_token_budget, text),
+            thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
             structured=structured,
         ))
         prompts.append({"prompt": text, "prompt_token_ids": ids})

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from tokenmill.training.model import LlamaForCausalLM, ModelConfig
-from tokenmill.training.tokenizer_train import write_tokenizer_files
+from tokenmill_train.model import LlamaForCausalLM, ModelConfig
+from tokenmill_train.tokenizer_train import write_tokenizer_files
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_DIRNAME = "checkpoints"

@@ -16,17 +16,11 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from tokenmill.training import checkpoint_io as ckpt
-from tokenmill.training.corpus import (
-    PackedLoader,
-    gather_files,
-    pack_rows,
-    read_corpus,
-    split_holdout,
-    tokenize_and_join,
-)
-from tokenmill.training.model import LlamaForCausalLM, ModelConfig
-from tokenmill.training.tokenizer_train import BOS, EOS, PAD, special_ids, train_tokenizer
+from tokenmill.utils.text_files import gather_files, read_corpus
+from tokenmill_train import checkpoint_io as ckpt
+from tokenmill_train.corpus import PackedLoader, pack_rows, split_holdout, tokenize_and_join
+from tokenmill_train.model import LlamaForCausalLM, ModelConfig
+from tokenmill_train.tokenizer_train import BOS, EOS, PAD, special_ids, train_tokenizer
 
 Log = Callable[[str], None]
 

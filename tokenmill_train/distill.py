@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenmill.training import checkpoint_io as ckpt
-from tokenmill.training.corpus import PackedLoader
-from tokenmill.training.model import LlamaForCausalLM, ModelConfig
-from tokenmill.training.tokenizer_train import load_tokenizer
-from tokenmill.training.trainer import (
+from tokenmill_train import checkpoint_io as ckpt
+from tokenmill_train.corpus import PackedLoader
+from tokenmill_train.model import LlamaForCausalLM, ModelConfig
+from tokenmill_train.tokenizer_train import load_tokenizer
+from tokenmill_train.trainer import (
     Log,
     autocast,
     lr_lambda,

@@ -1,7 +1,7 @@
 """Measure xgrammar against llguidance on the same grammars and tokenizers; the figures behind
 docs/structured_output.md.
 
-    python -m tokenmill.structured.compare_backends [--walks 50] [--big-vocab 128000] [--backend-only]
+    python -m tokenmill.bench.grammar_backends [--walks 50] [--big-vocab 128000] [--backend-only]
 
 The comparison needs both libraries (`pip install llguidance jsonschema` and `pip install --no-deps
 xgrammar apache-tvm-ffi`, so pip keeps the CPU torch). Each library is driven through its own low-level
@@ -370,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sizes = [build_synthetic_tokenizer(Path(tmp) / "small", 1000)] + ([big] if big is not None else [])
         _print_table("tokenmill backend (llguidance), nested schema",
                      [measure_backend(t, args.big_walks * 2, args.cap) for t in sizes])
+
 
 if __name__ == "__main__":
     main()

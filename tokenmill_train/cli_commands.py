@@ -64,11 +64,11 @@ def _run(kind: str, ns: argparse.Namespace) -> None:
 
     try:
         if kind == "train":
-            from tokenmill.training.trainer import TrainArgs, train
+            from tokenmill_train.trainer import TrainArgs, train
 
             train(TrainArgs(**_pick(ns, dataclasses.fields(TrainArgs))))
         else:
-            from tokenmill.training.distill import DistillArgs, distill
+            from tokenmill_train.distill import DistillArgs, distill
 
             distill(DistillArgs(**_pick(ns, dataclasses.fields(DistillArgs))))
     except (ValueError, FileNotFoundError) as e:

@@ -1,29 +1,15 @@
 """Split a model's `<think>…</think>` section from its answer, for final texts and for streamed deltas.
 
-Pure Python (no torch): the server uses it to fill `reasoning_content`, and the same module builds the
-token ids the engine forces when a request's thinking budget is spent.
+Pure Python (no torch): the server uses it to fill `reasoning_content` and count reasoning tokens. The tags
+are the engine's (`EngineConfig.thinking`), the same ones the engine derives thinking-budget ids from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
-DEFAULT_START = "<think>"
-DEFAULT_END = "</think>"
-
-
-@dataclass(frozen=True)
-class ReasoningConfig:
-    """How a model marks its reasoning. `wrap_up` is text forced before the end tag when the budget runs out."""
-
-    start: str = DEFAULT_START
-    end: str = DEFAULT_END
-    wrap_up: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.start or not self.end:
-            raise ValueError("reasoning start and end tags must be non-empty strings")
+from tokenmill.config import ThinkingConfig
 
 
 class StreamingReasoningParser:
@@ -34,7 +20,7 @@ class StreamingReasoningParser:
     when special tokens had to stay in the text so that special-token tags are visible).
     """
 
-    def __init__(self, config: ReasoningConfig, starts_in_reasoning: bool = False, drop: Sequence[str] = ()) -> None:
+    def __init__(self, config: ThinkingConfig, starts_in_reasoning: bool = False, drop: Sequence[str] = ()) -> None:
         self.config = config
         self.in_reasoning = starts_in_reasoning
         # The section opens at most once; after it closes everything is content.
@@ -102,7 +88,7 @@ class StreamingReasoningParser:
 
 
 def parse_reasoning(
-    text: str, config: ReasoningConfig, starts_in_reasoning: bool = False, drop: Sequence[str] = ()
+    text: str, config: ThinkingConfig, starts_in_reasoning: bool = False, drop: Sequence[str] = ()
 ) -> tuple[str, str]:
     """(reasoning_content, content) of a complete output text."""
     parser = StreamingReasoningParser(config, starts_in_reasoning, drop)
@@ -111,44 +97,11 @@ def parse_reasoning(
     return r1 + r2, c1 + c2
 
 
-def prompt_opens_reasoning(prompt_text: str | None, config: ReasoningConfig) -> bool:
-    """True when the rendered prompt ends inside an open thinking section (e.g. '...assistant\\n<think>\\n')."""
-    if not prompt_text:
-        return False
-    start = prompt_text.rfind(config.start)
-    if start < 0 or prompt_text.rfind(config.end) > start:
-        return False
-    # Only whitespace may follow the opening tag: a tag quoted earlier in a message does not count.
-    return not prompt_text[start + len(config.start) :].strip()
-
-
 class _TokenizerLike(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
     def token_to_id(self, token: str) -> int | None: ...
 
 
-@dataclass(frozen=True)
-class ThinkingTokens:
-    """What SamplingParams needs to enforce a thinking budget for one tokenizer."""
-
-    start_token_id: int | None
-    end_token_ids: list[int] = field(default_factory=list)
-    end_tag_ids: list[int] = field(default_factory=list)
-
-
-def thinking_tokens(tokenizer: _TokenizerLike, config: ReasoningConfig) -> ThinkingTokens:
-    """Token ids of the start tag (when it is one token) and of the wrap-up message + end tag."""
-    start_id = tokenizer.token_to_id(config.start)
-    if start_id is None:
-        start_ids = tokenizer.encode(config.start, add_special_tokens=False)
-        start_id = start_ids[0] if len(start_ids) == 1 else None
-    end_tag_ids = tokenizer.encode(config.end, add_special_tokens=False)
-    wrap_ids = tokenizer.encode(config.wrap_up, add_special_tokens=False) if config.wrap_up else []
-    return ThinkingTokens(start_id, wrap_ids + end_tag_ids, end_tag_ids)
-
-
-def tokenizer_has_think_tokens(tokenizer: _TokenizerLike, config: ReasoningConfig) -> bool:
+def tokenizer_has_think_tokens(tokenizer: _TokenizerLike, config: ThinkingConfig) -> bool:
     """Both tags are single tokens of the vocabulary: the model was trained to think with them."""
     return tokenizer.token_to_id(config.start) is not None and tokenizer.token_to_id(config.end) is not None
 
