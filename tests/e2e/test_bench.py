@@ -27,9 +27,10 @@ def test_latency_recipe_reports_the_bandwidth_ceiling(tiny_path, batch_size):
     result = run_latency(engine, input_len=16, output_len=8, batch_size=batch_size, runs=2)
     assert len(result.runs_tok_per_s) == 2 and result.tok_per_s > 0
     assert result.bandwidth_kind == "read" and result.bandwidth_gb_per_s > 0
-    assert result.bytes_per_step == weight_bytes_per_step(engine.model, batch_size) + batch_size * kv_bytes_per_sequence(
-        engine.model, 16 + 4, torch.float32)
-    assert result.ceiling_tok_per_s == pytest.approx(batch_size * result.bandwidth_gb_per_s * 1e9 / result.bytes_per_step)
+    kv_bytes = kv_bytes_per_sequence(engine.model, 16 + 8 // 2, torch.float32)  # mid-output context
+    assert result.bytes_per_step == weight_bytes_per_step(engine.model, batch_size) + batch_size * kv_bytes
+    ceiling = batch_size * result.bandwidth_gb_per_s * 1e9 / result.bytes_per_step
+    assert result.ceiling_tok_per_s == pytest.approx(ceiling)
     assert result.pct_of_ceiling == pytest.approx(100 * result.tok_per_s / result.ceiling_tok_per_s)
     assert result.achieved_gb_per_s == pytest.approx(result.bytes_per_step * result.tok_per_s / batch_size / 1e9)
     assert not engine.has_unfinished_requests()

@@ -105,7 +105,10 @@ def kv_bytes_per_sequence(model: nn.Module, context_len: int, dtype: torch.dtype
     total = 0
     for layer in model.attention_layers():
         cache = getattr(layer, "kv_cache", None)
-        element = cache.element_size() if isinstance(cache, torch.Tensor) else torch.empty((), dtype=dtype).element_size()
+        if isinstance(cache, torch.Tensor):
+            element = cache.element_size()
+        else:
+            element = torch.empty((), dtype=dtype).element_size()
         total += 2 * context_len * layer.num_kv_heads * layer.head_dim * element
     return total
 
