@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tokenmill.bench.recipes import run_latency, run_throughput
 from tokenmill.cli import main
@@ -18,11 +19,20 @@ def tiny_path(tmp_path_factory) -> str:
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), max_position_embeddings=512))
 
 
-def test_latency_recipe_reports_sol_fraction(tiny_path):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_latency_recipe_reports_the_bandwidth_ceiling(tiny_path, batch_size):
+    from tokenmill.bench.roofline import kv_bytes_per_sequence, weight_bytes_per_step
+
     engine = LLMEngine(EngineConfig(model=tiny_path, dtype="float32"))
-    result = run_latency(engine, input_len=16, output_len=8, runs=2)
+    result = run_latency(engine, input_len=16, output_len=8, batch_size=batch_size, runs=2)
     assert len(result.runs_tok_per_s) == 2 and result.tok_per_s > 0
-    assert result.pct_of_sol == pytest.approx(100 * result.tok_per_s / result.sol_tok_per_s)
+    assert result.bandwidth_kind == "read" and result.bandwidth_gb_per_s > 0
+    kv_bytes = kv_bytes_per_sequence(engine.model, 16 + 8 // 2, torch.float32)  # mid-output context
+    assert result.bytes_per_step == weight_bytes_per_step(engine.model, batch_size) + batch_size * kv_bytes
+    ceiling = batch_size * result.bandwidth_gb_per_s * 1e9 / result.bytes_per_step
+    assert result.ceiling_tok_per_s == pytest.approx(ceiling)
+    assert result.pct_of_ceiling == pytest.approx(100 * result.tok_per_s / result.ceiling_tok_per_s)
+    assert result.achieved_gb_per_s == pytest.approx(result.bytes_per_step * result.tok_per_s / batch_size / 1e9)
     assert not engine.has_unfinished_requests()
 
 
@@ -37,14 +47,48 @@ def test_throughput_recipe_counts_tokens_and_preemptions(tiny_path):
     assert engine.kv_manager.num_used_blocks == 0
 
 
+def _printed_rows(text: str) -> dict[str, str]:
+    """The printed table's rows: two-space indent, name, two or more spaces, value."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("  ") and "  " in line.strip():
+            name, value = line.strip().split("  ", 1)
+            rows[name] = value.strip()
+    return rows
+
+
+def _number(value: str) -> float:
+    return float(value.replace(",", "").rstrip("x"))
+
+
 def test_bench_command_with_random_weights_from_a_config(tiny_path, tmp_path, capsys):
     out = tmp_path / "result.json"
     code = main(["bench", "latency", "--model-config", f"{tiny_path}/config.json", "--dtype", "float32",
                  "--input-len", "8", "--output-len", "4", "--runs", "1", "--device", "cpu", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["recipe"] == "latency" and report["result"]["output_len"] == 4
-    assert "pct_of_sol" in capsys.readouterr().out
+    result = report["result"]
+    assert report["recipe"] == "latency" and result["output_len"] == 4
+    assert result["pct_of_ceiling"] == pytest.approx(100 * result["tok_per_s"] / result["ceiling_tok_per_s"])
+    rows = _printed_rows(capsys.readouterr().out)
+    assert _number(rows["ceiling tok/s"]) == pytest.approx(result["ceiling_tok_per_s"], rel=1e-3)
+    assert _number(rows["% of ceiling"]) == pytest.approx(result["pct_of_ceiling"], rel=1e-3, abs=1e-3)
+    assert not any(key.startswith("sol") for key in result)
+
+
+def test_transformers_peer_runs_at_the_same_batch_size(tiny_path, tmp_path, capsys):
+    out = tmp_path / "peer.json"
+    code = main(["bench", "latency", "--model", tiny_path, "--dtype", "float32", "--input-len", "8",
+                 "--output-len", "5", "--batch-size", "3", "--runs", "1", "--device", "cpu",
+                 "--peer", "transformers", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    peer = report["peer_transformers"]
+    assert (peer["batch_size"], peer["input_len"], peer["output_len"]) == (3, 8, 5)
+    assert peer["tok_per_s"] > 0 and len(peer["runs_tok_per_s"]) == 1
+    assert peer["tokenmill_over_transformers"] == pytest.approx(report["result"]["tok_per_s"] / peer["tok_per_s"])
+    rows = _printed_rows(capsys.readouterr().out)
+    assert _number(rows["tokenmill / transformers"]) == pytest.approx(peer["tokenmill_over_transformers"], abs=0.01)
 
 
 def test_structured_compare_interleaves_pairs_and_reports_overhead(tiny_path, tmp_path):

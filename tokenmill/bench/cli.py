@@ -83,11 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         rows += spec_rows(stats)
         report["spec_decoding"] = {k: v for k, v in stats.items() if k.startswith("spec_")}
         if args.peer == "transformers" and args.recipe == "latency":
-            peer = time_transformers_generate(engine.config.model, engine.config.load_format, engine.dtype,
-                                              engine.device, args.input_len, args.output_len, args.seed)
-            report["peer_transformers_tok_per_s"] = peer
-            rows.append(("transformers tok/s", f"{peer:,.1f}"))
-            rows.append(("tokenmill / transformers", f"{result.tok_per_s / peer:.2f}x"))
+            rows += _transformers_rows(args, report, engine.config.model, engine.config.load_format, engine)
     _print_rows(args.recipe + (" (structured compare)" if args.structured == "compare" else ""), rows)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2))
@@ -161,35 +157,18 @@ def _cmd_spec_compare(args: argparse.Namespace) -> None:
         Path(args.json_path).write_text(json.dumps(report, indent=2))
 
 
-def time_transformers_generate(
-    model_path: str, load_format: str, dtype: torch.dtype, device: torch.device, input_len: int, output_len: int, seed: int
-) -> float:
-    """Decode tok/s of transformers greedy generate at batch 1 on the same weights (or shape, if random)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _transformers_rows(args: argparse.Namespace, report: dict[str, Any], model_path: str, load_format: str,
+                       engine: Any) -> list[tuple[str, str]]:
+    """--peer transformers: its decode tok/s at the same batch and lengths, into the report and the table."""
+    from tokenmill.bench.transformers_peer import time_transformers_generate
 
-    if load_format == "random":
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    model = model.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, input_len), generator=generator).to(device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=output_len, max_new_tokens=output_len)
-    with torch.no_grad():
-        model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
-        first = _timed(lambda: model.generate(ids, **{**kwargs, "min_new_tokens": 1, "max_new_tokens": 1}), device)
-        total = _timed(lambda: model.generate(ids, **kwargs), device)
-    return (output_len - 1) / max(total - first, 1e-9)
-
-
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    peer = time_transformers_generate(model_path, load_format, engine.dtype, engine.device, args.input_len,
+                                      args.output_len, args.batch_size, args.runs, args.seed)
+    # No decode to compare when --output-len is 1.
+    ratio = report["result"]["tok_per_s"] / peer.tok_per_s if peer.tok_per_s > 0 else None
+    report["peer_transformers"] = {**asdict(peer), "tokenmill_over_transformers": ratio}
+    return [("transformers tok/s", f"{peer.tok_per_s:,.1f}"), ("transformers ttft_s", f"{peer.ttft_s:.3f}"),
+            ("tokenmill / transformers", "-" if ratio is None else f"{ratio:.2f}x")]
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,0 +1,1 @@
+"""Benchmark harnesses that run tokenmill beside its peers (scripts, not part of the installed package)."""
