@@ -83,10 +83,9 @@ class ThinkingConfig:
 
     def __post_init__(self) -> None:
         # An empty tag is found everywhere: every prompt would open thinking and every text would close it.
-        for name in ("start", "end"):
-            tag = getattr(self, name)
+        for setting, tag in (("reasoning_start", self.start), ("reasoning_end", self.end)):
             if not isinstance(tag, str) or not tag:
-                raise InvalidRequestError(f"thinking.{name}", f"must be a non-empty string, got {tag!r}")
+                raise ConfigError(setting, f"must be a non-empty tag, got {tag!r}")
 
 
 @dataclass(frozen=True)
@@ -110,11 +109,6 @@ class EngineConfig:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
-        # Empty tags would match everywhere: the budget would force nothing and the parser split nothing.
-        if not self.thinking.start:
-            raise ConfigError("reasoning_start", "must be a non-empty tag, got ''")
-        if not self.thinking.end:
-            raise ConfigError("reasoning_end", "must be a non-empty tag, got ''")
         _positive("block_size", self.cache.block_size)
         if self.cache.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.cache.num_kv_blocks)

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from tokenmill.models.loader import TORCH_DTYPES
 from tokenmill_train.model import LlamaForCausalLM, ModelConfig
 from tokenmill_train.tokenizer_train import write_tokenizer_files
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_DIRNAME = "checkpoints"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -72,8 +72,8 @@ def save_hf_checkpoint(
     With `tokenizer_dir` (a draft distilled from a target), the target's tokenizer files are copied verbatim
     so the pair shares ids, special tokens and chat template exactly.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"--save-dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"--save-dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -83,7 +83,7 @@ def save_hf_checkpoint(
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     tensors = {
-        name: t.detach().to("cpu", _DTYPES[dtype]).contiguous()
+        name: t.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
         for name, t in model.state_dict().items()
         # A tied head shares the embedding's storage; safetensors refuses shared tensors, and HF re-ties.
         if not (cfg.tie_word_embeddings and name == "lm_head.weight")

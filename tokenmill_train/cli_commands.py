@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from tokenmill.config import DTYPES
+
 _DEVICE_HELP = "auto (cuda if available), cpu, or cuda[:N]"
-_DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def _add_optim_args(p: argparse.ArgumentParser, *, lr: float, warmup: int, weigh
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=eval_every, help="steps between held-out evaluations (0: end only)")
     p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--save-dtype", default="auto", choices=_DTYPE_CHOICES,
+    p.add_argument("--save-dtype", default="auto", choices=DTYPES,
                    help="dtype of model.safetensors (auto: bfloat16 on CUDA, float32 on CPU)")
 
 

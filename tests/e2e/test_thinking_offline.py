@@ -8,7 +8,7 @@ import pytest
 
 from tokenmill.config import CacheConfig, EngineConfig, ThinkingConfig
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import ConfigError, InvalidRequestError
 from tokenmill.llm import LLM
 from tokenmill.sampling_params import SamplingParams
 
@@ -94,5 +94,5 @@ def test_a_budget_without_a_tokenizer_names_the_field(checkpoint_dir, tmp_path):
 
 
 def test_empty_thinking_tags_are_refused():
-    with pytest.raises(InvalidRequestError, match="thinking.end"):
+    with pytest.raises(ConfigError, match="reasoning_end"):
         ThinkingConfig(end="")

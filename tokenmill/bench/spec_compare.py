@@ -87,7 +87,7 @@ def run_spec_compare(
 
 
 def _speculator_view(engine: LLMEngine) -> dict[str, dict]:
-    speculator = engine.runner.speculator
+    speculator = engine.worker.drafter
     if speculator is None:
         return {}
     draft = speculator.draft_step_times.points if speculator.draft_step_times is not None else []

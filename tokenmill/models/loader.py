@@ -15,7 +15,8 @@ from tokenmill.models.arch_config import ArchConfig, read_arch_config
 from tokenmill.models.registry import model_class_for
 from tokenmill.utils.progress import ProgressBar
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The one table from dtype names (config.DTYPES, less "auto") to torch dtypes.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Buffers some checkpoints carry that the model recomputes itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -24,10 +25,10 @@ def resolve_dtype(dtype: torch.dtype | str, arch: ArchConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return _DTYPES.get(str(arch.torch_dtype).replace("torch.", ""), torch.float32)
-    if dtype not in _DTYPES:
+        return TORCH_DTYPES.get(str(arch.torch_dtype).replace("torch.", ""), torch.float32)
+    if dtype not in TORCH_DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not supported (use auto, float32, bfloat16 or float16)")
-    return _DTYPES[dtype]
+    return TORCH_DTYPES[dtype]
 
 
 def load_model(

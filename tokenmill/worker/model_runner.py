@@ -1,4 +1,4 @@
-"""Owns the model's forward pass over the persistent input batch; nothing about requests or sampling.
+"""Owns the persistent input buffers and the model's forward pass; nothing about requests or sampling.
 
 This is the part a CUDA graph will wrap: persistent input buffers in, hidden states out. With `compile`,
 the model forward runs through torch.compile (inductor) with dynamic token counts; attention stays an
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from tokenmill.attention.metadata import forward_context
-from tokenmill.worker.input_batch import StepInputs
+from tokenmill.core.sched_io import SchedulerOutput
+from tokenmill.worker.input_batch import InputBatch, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +24,22 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: nn.Module, compile_model: bool = False) -> None:
         self.model = model
+        self.input_batch: InputBatch | None = None  # sized with the KV pool (allocate_inputs)
         self.compiled = compile_model
         self._forward = model.forward
         if compile_model:
             # Freezing lets inductor treat weights as constants and prepack them for its GEMM kernels.
             self._forward = torch.compile(model.forward, dynamic=True, options={"freezing": True})
         self.compile_seconds = 0.0
+
+    def allocate_inputs(self, max_num_tokens: int, max_blocks_per_request: int, block_size: int,
+                        device: torch.device) -> None:
+        self.input_batch = InputBatch(max_num_tokens, max_blocks_per_request, block_size, device)
+
+    def prepare(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        """The step's inputs, written into the persistent buffers."""
+        assert self.input_batch is not None, "allocate_inputs() must run first"
+        return self.input_batch.prepare(scheduler_output)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -31,7 +31,7 @@ from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
 from tokenmill.worker import sampling
 from tokenmill.worker.drafter import Drafter, DraftRequest
 from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
-from tokenmill.worker.input_batch import InputBatch, StepInputs
+from tokenmill.worker.input_batch import StepInputs
 from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block, check_pool_holds_context
 from tokenmill.worker.model_runner import ModelRunner
 from tokenmill.worker.step_timer import time_forward
@@ -62,7 +62,6 @@ class Worker:
         self.grammar_backend: GrammarBackend | None = None
         self.grammar_masks: GrammarMasks | None = None
         self.runner = ModelRunner(self.model, self.compile)
-        self.input_batch: InputBatch | None = None
         self.num_blocks = 0
         self._last_decode_step: tuple[int, int] | None = None  # (decoding requests, tokens) of a decode-only step
 
@@ -91,7 +90,7 @@ class Worker:
         allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.dtype, self.device,
                            attention_backend(self.device))
         max_blocks = -(-(self.max_model_len + self.num_lookahead_tokens) // block_size)
-        self.input_batch = InputBatch(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
+        self.runner.allocate_inputs(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
         if self.compile:
             self.runner.warm_up(self._warm_up_steps())
         if self.drafter is not None:
@@ -117,8 +116,7 @@ class Worker:
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        assert self.input_batch is not None, "init_cache() must run before execute()"
-        inputs = self.input_batch.prepare(scheduler_output)
+        inputs = self.runner.prepare(scheduler_output)
         plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
         grammar = self._start_grammar_masks(scheduler_output, plain)
         prepared = time.perf_counter()
@@ -150,14 +148,15 @@ class Worker:
         self._last_decode_step = None
         for new in scheduler_output.new_requests:
             self.states[new.req_id] = self._new_state(new)
-        assert self.input_batch is not None
+        input_batch = self.runner.input_batch
+        assert input_batch is not None, "init_cache() must run before execute()"
         for req_id in scheduler_output.finished_req_ids:
             self.states.pop(req_id, None)
-            self.input_batch.remove(req_id)
+            input_batch.remove(req_id)
             if self.drafter is not None:
                 self.drafter.finished(req_id)
         for req_id in scheduler_output.resumed_req_ids:
-            self.input_batch.reset_blocks(req_id)
+            input_batch.reset_blocks(req_id)
             if self.drafter is not None:
                 self.drafter.resumed(req_id)
 
@@ -250,10 +249,11 @@ class Worker:
         """Synthetic steps of the shapes serving will see (a prefill chunk, a decode), to compile early.
 
         They write KV into the first blocks before any request owns them."""
-        assert self.input_batch is not None
+        input_batch = self.runner.input_batch
+        assert input_batch is not None
         chunk_len = min(64, self.config.scheduler.max_num_batched_tokens, self.max_model_len - 1)
         table = list(range(-(-chunk_len // self.config.cache.block_size) + 1))
         for req_id, length in (("warm-up-prefill", chunk_len), ("warm-up-decode", 1)):
             chunk = ScheduledChunk(req_id, [0] * length, 0, table, sample=True)
-            yield self.input_batch.prepare(SchedulerOutput(chunks=[chunk]))
-            self.input_batch.remove(req_id)
+            yield input_batch.prepare(SchedulerOutput(chunks=[chunk]))
+            input_batch.remove(req_id)
