@@ -135,7 +135,10 @@ def sampling_params(
     thinking: dict[str, Any] | None = None,
     structured: StructuredOutputParams | None = None,
 ) -> SamplingParams:
-    """SamplingParams for one prompt: max_tokens is capped so that prompt + output fit the context."""
+    """SamplingParams for one prompt: max_tokens is capped so that prompt + output fit the context.
+
+    A streamed request gets delta outputs (each SSE chunk is built from what is new); a non-streamed one
+    gets its whole result once, when it finishes."""
     room = max_model_len - prompt_len
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError("max_tokens", f"must be >= 1, got {max_tokens}")
@@ -160,6 +163,7 @@ def sampling_params(
         skip_special_tokens=request.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         structured_outputs=structured,
+        output_kind="delta" if request.stream else "final_only",
         **(thinking or {}),
     )
 
