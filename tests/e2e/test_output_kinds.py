@@ -113,3 +113,19 @@ def test_output_kind_is_validated():
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(output_kind="stream")
     assert info.value.field == "output_kind" and "final_only" in str(info.value)
+
+
+def test_deltas_with_speculative_decoding_hold_every_token_a_step_accepted(checkpoint_dir):
+    llm = LLM(model=str(checkpoint_dir("llama")), dtype="float32", max_model_len=512,
+              speculative_method="ngram", num_speculative_tokens=3, speculative_adaptive=False)
+    # A repetitive prompt gives the n-gram lookup drafts that the model accepts now and then.
+    prompt = {"prompt_token_ids": make_prompts(lengths=[12], seed=4)[0] * 6}
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, logprobs=0)
+    final = llm.generate(prompt, params)[0].outputs[0]
+    deltas = list(llm.stream(prompt, params))
+    sizes = [len(d.outputs[0].token_ids) for d in deltas]
+    assert sum(sizes) == 60 and max(sizes) > 1, sizes  # some step delivered several tokens at once
+    assert all(len(d.outputs[0].logprobs) == n for d, n in zip(deltas, sizes))
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == final.token_ids
+    assert "".join(d.outputs[0].text for d in deltas) == final.text
+    assert deltas[-1].outputs[0].spec_decoding == final.spec_decoding
