@@ -53,15 +53,15 @@ def _sampling_params(args: argparse.Namespace):
 def _stream(llm, prompt, params) -> tuple[str, int, float]:
     """Print the text as it is generated; return (text, tokens generated, seconds)."""
     start = time.perf_counter()
-    text = ""
+    pieces: list[str] = []
     num_tokens = 0
-    for output in llm.stream(prompt, params):
-        completion = output.outputs[0]
-        sys.stdout.write(completion.text[len(text) :])
-        sys.stdout.flush()
-        text = completion.text
-        num_tokens = len(completion.token_ids)
-    return text, num_tokens, time.perf_counter() - start
+    for output in llm.stream(prompt, params):  # deltas: each output holds only the new text and ids
+        for completion in output.outputs:
+            sys.stdout.write(completion.text)
+            sys.stdout.flush()
+            pieces.append(completion.text)
+            num_tokens += len(completion.token_ids)
+    return "".join(pieces), num_tokens, time.perf_counter() - start
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tokenmill.engine.engine import LLMEngine, PromptInput
@@ -32,12 +33,16 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for all prompts together; outputs come back in prompt order."""
+        """Generate for all prompts together; outputs come back in prompt order, each the whole result.
+
+        Requests run as output_kind "final_only" (whatever the params say): the engine builds each
+        output once, when its request finishes."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         # Validate everything before queueing anything, so one bad prompt leaves no orphans behind.
         for prompt, params in zip(prompt_list, params_list):
             self.engine.validate_request(prompt, params)
+        params_list = [replace(p, output_kind="final_only") for p in params_list]
         request_ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
@@ -54,18 +59,17 @@ class LLM:
         return [finished[r] for r in request_ids]
 
     def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that changed it, the last one finished."""
-        request_id = self._add(prompt, sampling_params or SamplingParams())
-        done = False
-        try:
-            while not done:
-                for output in self.engine.step():
-                    if output.request_id == request_id:
-                        done = output.finished
-                        yield output
-        finally:
-            if not done:
-                self.engine.abort_request(request_id)
+        """Yield the request's output as deltas, after every step that produced something new.
+
+        Each output carries only what is new since the previous one (output_kind "delta", whatever the
+        params say): per changed sample its text delta, new token_ids, new logprobs entries, and its
+        finish_reason once it finishes. The prompt fields come in the first output only; the last output
+        has finished=True. Concatenating the deltas of a sample (or `tokenmill.outputs.merge_deltas`) gives
+        what `generate` returns. Streaming n tokens costs O(n) in all.
+        """
+        request_id = str(next(self._ids))
+        params = replace(sampling_params or SamplingParams(), output_kind="delta")
+        yield from stream_request(self.engine, request_id, prompt, params)
 
     def chat(
         self,
@@ -90,6 +94,23 @@ class LLM:
         request_id = str(next(self._ids))
         self.engine.add_request(request_id, prompt, params)
         return request_id
+
+
+def stream_request(engine: LLMEngine, request_id: str, prompt: PromptInput,
+                   params: SamplingParams) -> Iterator[RequestOutput]:
+    """Add one request and step the engine until it finishes, yielding its outputs (as params.output_kind
+    says); leaving early aborts it. Outputs of other requests in the engine are dropped."""
+    engine.add_request(request_id, prompt, params)
+    done = False
+    try:
+        while not done:
+            for output in engine.step():
+                if output.request_id == request_id:
+                    done = output.finished
+                    yield output
+    finally:
+        if not done:
+            engine.abort_request(request_id)
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:

@@ -11,6 +11,11 @@ from tokenmill.structured.params import StructuredOutputParams
 MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP_STRINGS = 32
+# What each of a request's outputs carries (vLLM calls this RequestOutputKind):
+#   cumulative  everything so far, after every step that changed the request;
+#   delta       only what is new since the request's previous output (prompt fields in the first one);
+#   final_only  nothing until the request finishes, then the whole result once.
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class SamplingParams:
     # Structured output: a JSON schema / JSON object / regex / choice / grammar the output must match,
     # enforced by a token mask at every step.
     structured_outputs: StructuredOutputParams | None = None
+    output_kind: str = "cumulative"  # one of OUTPUT_KINDS; LLM.generate / LLM.stream set their own
     # Filled by the engine: the checkpoint's EOS ids (config + generation_config).
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -103,6 +109,10 @@ class SamplingParams:
             if not isinstance(self.structured_outputs, StructuredOutputParams):
                 raise InvalidRequestError("structured_outputs", "must be a StructuredOutputParams")
             self.structured_outputs.validate()
+        if self.output_kind not in OUTPUT_KINDS:
+            raise InvalidRequestError(
+                "output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}"
+            )
         if self.thinking_token_budget is not None:
             _check_int("thinking_token_budget", self.thinking_token_budget, 0, None)
         for t in self.thinking_end_token_ids:

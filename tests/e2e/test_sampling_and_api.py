@@ -100,13 +100,16 @@ def test_prompt_logprobs_match_transformers(llm, checkpoint_dir):
         assert len(entry) in (2, 3)
 
 
-def test_streaming_yields_growing_text_that_ends_as_generate(llm):
+def test_streaming_yields_deltas_that_add_up_to_generate(llm):
+    # LLM.stream yields deltas (it used to yield cumulative outputs): one new token per step here.
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     final = llm.generate("Hello", params)[0].outputs[0]
-    texts = [o.outputs[0].text for o in llm.stream("Hello", params)]
-    assert len(texts) == 16
-    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))
-    assert texts[-1] == final.text
+    outputs = list(llm.stream("Hello", params))
+    assert len(outputs) == 16
+    assert all(len(o.outputs[0].token_ids) == 1 for o in outputs)
+    assert "".join(o.outputs[0].text for o in outputs) == final.text
+    assert [t for o in outputs for t in o.outputs[0].token_ids] == final.token_ids
+    assert [o.finished for o in outputs] == [False] * 15 + [True]
 
 
 def test_chat_renders_the_template(llm):

@@ -1,5 +1,7 @@
 """A model-free stand-in for LLMEngine: deterministic tokens, real block accounting, optional failures.
 
+Token k of every request is k, its text " k"; outputs follow the request's output_kind.
+
 It lets the AsyncLLMEngine's threading, cancellation, queue limit and error paths be tested exactly and
 fast, without depending on model code.
 """
@@ -66,9 +68,15 @@ class FakeEngine:
         for request_id, (prompt, params, generated) in list(self.requests.items()):
             generated.append(len(generated) + 1)
             finished = len(generated) >= (params.max_tokens or 1)
-            completion = CompletionOutput(0, " ".join(map(str, generated)), list(generated),
-                                          finish_reason="length" if finished else None)
-            outputs.append(RequestOutput(request_id, None, prompt, [completion], finished=finished))
+            reason = "length" if finished else None
+            if params.output_kind == "delta":  # token k's text is " k" (no space before the first)
+                text = f"{' ' if len(generated) > 1 else ''}{generated[-1]}"
+                first = len(generated) == 1
+                completion = CompletionOutput(0, text, [generated[-1]], finish_reason=reason)
+                outputs.append(RequestOutput(request_id, None, prompt if first else [], [completion], finished))
+            elif params.output_kind == "cumulative" or finished:
+                completion = CompletionOutput(0, " ".join(map(str, generated)), list(generated), finish_reason=reason)
+                outputs.append(RequestOutput(request_id, None, prompt, [completion], finished=finished))
             if finished:
                 del self.requests[request_id]
         return outputs

@@ -150,3 +150,63 @@ def test_shutdown_drains_then_aborts_what_is_left():
     assert short_outputs[-1].outputs[0].finish_reason == "length"
     assert long_outputs[-1].finished and long_outputs[-1].outputs[0].finish_reason == "abort"
     assert fake.aborted == ["long"]
+
+
+def test_a_slow_consumer_gets_queued_deltas_merged_into_one():
+    fake = FakeEngine()
+    fake._gate.clear()  # hold the loop until the consumer is slow on purpose
+
+    async def main():
+        engine = AsyncLLMEngine(fake)
+        stream = await engine.add_request("d", [7, 8], SamplingParams(max_tokens=6, output_kind="delta"))
+        fake._gate.set()
+        await _wait_for(lambda: not fake.requests)  # all 6 steps ran before we read anything
+        outputs = [o async for o in stream]
+        await engine.shutdown(1.0)
+        return outputs
+
+    outputs = run(main())
+    assert len(outputs) == 1 and outputs[0].finished
+    merged = outputs[0].outputs[0]
+    assert merged.text == "1 2 3 4 5 6" and merged.token_ids == [1, 2, 3, 4, 5, 6]
+    assert merged.finish_reason == "length" and outputs[0].prompt_token_ids == [7, 8]
+
+
+def test_delta_streams_add_up_and_final_only_answers_once():
+    async def main():
+        engine = AsyncLLMEngine(FakeEngine(step_delay_s=0.005))
+        deltas = [o async for o in engine.generate("d", [1], SamplingParams(max_tokens=5, output_kind="delta"))]
+        finals = [o async for o in engine.generate("f", [1], SamplingParams(max_tokens=5, output_kind="final_only"))]
+        await engine.shutdown(1.0)
+        return deltas, finals
+
+    deltas, finals = run(main())
+    assert "".join(o.outputs[0].text for o in deltas) == "1 2 3 4 5"
+    assert [t for o in deltas for t in o.outputs[0].token_ids] == [1, 2, 3, 4, 5]
+    assert len(finals) == 1 and finals[0].outputs[0].token_ids == [1, 2, 3, 4, 5]
+
+
+def test_shutdown_ends_a_delta_stream_with_an_empty_abort_and_fails_a_final_only_request():
+    fake = FakeEngine(step_delay_s=0.02)
+
+    async def main():
+        engine = AsyncLLMEngine(fake)
+        delta = await engine.add_request("d", [1], SamplingParams(max_tokens=100000, output_kind="delta"))
+        final = await engine.add_request("f", [1], SamplingParams(max_tokens=100000, output_kind="final_only"))
+        await _wait_for(lambda: fake.num_steps >= 3)
+        received = [await delta.__anext__()]  # some deltas went out before the shutdown
+        shutdown = asyncio.create_task(engine.shutdown(drain_timeout_s=0.1))
+        received += [o async for o in delta]
+        with pytest.raises(EngineOverloadedError, match="before this request finished"):
+            async for _ in final:
+                pass
+        await shutdown
+        return received
+
+    received = run(main())
+    last = received[-1]
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    # The abort repeats nothing that went out before (it may arrive merged with the last queued delta).
+    ids = [t for o in received for t in o.outputs[0].token_ids]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) >= 3
+    assert "".join(o.outputs[0].text for o in received) == " ".join(map(str, ids))

@@ -8,7 +8,12 @@ import pytest
 
 from tokenmill.config import ThinkingConfig
 from tokenmill.engine.thinking import prompt_opens_thinking, thinking_tokens
-from tokenmill.server.reasoning import StreamingReasoningParser, count_reasoning_tokens, parse_reasoning
+from tokenmill.server.reasoning import (
+    ReasoningTokenCounter,
+    StreamingReasoningParser,
+    count_reasoning_tokens,
+    parse_reasoning,
+)
 
 CFG = ThinkingConfig()
 
@@ -93,3 +98,31 @@ def test_count_reasoning_tokens_on_ids():
     assert count_reasoning_tokens([1, 2, 6, 9], [6], True, 5) == 2
     assert count_reasoning_tokens([1, 2, 3], [6], True, 5) == 3
     assert count_reasoning_tokens([1, 2, 3], [6], False, 5) == 0
+
+
+def _reference_count(ids: list[int], end: list[int], starts_in: bool, start: int | None) -> int:
+    """The rule on a whole id list, written plainly: from after the first start id to the first end tag."""
+    begin = 0
+    if not starts_in:
+        if start is None or start not in ids:
+            return 0
+        begin = ids.index(start) + 1
+    for i in range(begin, len(ids) - len(end) + 1):
+        if end and ids[i : i + len(end)] == end:
+            return i - begin
+    return len(ids) - begin
+
+
+def test_reasoning_counter_fed_in_any_chunks_counts_like_the_whole_list():
+    rng = random.Random(1)
+    for _ in range(500):
+        ids = [rng.randrange(1, 6) for _ in range(rng.randrange(0, 30))]
+        end = [rng.randrange(1, 6) for _ in range(rng.randrange(0, 3))]
+        starts_in, start = rng.random() < 0.5, rng.choice([None, 1, 2])
+        counter = ReasoningTokenCounter(end, starts_in, start)
+        position = 0
+        while position < len(ids):
+            step = rng.randrange(1, 5)
+            counter.feed(ids[position : position + step])
+            position += step
+        assert counter.count == _reference_count(ids, end, starts_in, start), (ids, end, starts_in, start)

@@ -21,12 +21,12 @@ from tokenmill.errors import ConfigError
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser("bench", help="latency / throughput benchmarks (see BENCHMARKS.md)")
-    bench.add_argument("recipe", choices=["latency", "throughput"])
+    bench = subparsers.add_parser("bench", help="latency / throughput / stream benchmarks (see BENCHMARKS.md)")
+    bench.add_argument("recipe", choices=["latency", "throughput", "stream"])
     EngineArgs.add_cli_args(bench)  # --seed seeds the engine and the recipes' prompts alike
     bench.add_argument("--model-config", help="a config.json: model shape only, random weights (instead of --model)")
     bench.add_argument("--input-len", type=int, default=128)
-    bench.add_argument("--output-len", type=int, default=256)
+    bench.add_argument("--output-len", type=int, default=None, help="default: 256, or 2000 for stream")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--num-prompts", type=int, default=256)
@@ -46,6 +46,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--speculative-compare", default=None, metavar="METHODS",
                        help="latency: compare these speculative methods (comma-separated, e.g. ngram,draft) with "
                             "no speculation, one engine each, on the same prompts in rotating order; --runs rounds")
+    bench.add_argument("--window", type=int, default=None,
+                       help="stream: compare the per-token time of the first and the last WINDOW decode tokens "
+                            "(default: 100)")
     bench.add_argument("--json", dest="json_path", default=None, help="write the full result here")
     bench.set_defaults(func=cmd_bench)
 
@@ -53,6 +56,13 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from tokenmill.bench.recipes import as_rows, run_latency, run_throughput, spec_rows
 
+    if args.recipe == "stream":
+        from tokenmill.bench.stream import DEFAULT_OUTPUT_LEN, DEFAULT_WINDOW
+
+        args.output_len = DEFAULT_OUTPUT_LEN if args.output_len is None else args.output_len
+        args.window = DEFAULT_WINDOW if args.window is None else args.window
+    elif args.output_len is None:
+        args.output_len = 256
     if args.structured == "compare" and args.recipe != "latency":
         raise SystemExit("error: --structured compare runs with the latency recipe only")
     if args.speculative_compare is not None:
@@ -67,6 +77,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
             result = run_structured_overhead(engine, args.input_len, args.output_len, args.batch_size, args.pairs,
                                              args.seed, args.temperature, prompts)
+        elif args.recipe == "stream":
+            from tokenmill.bench.stream import run_stream
+
+            result = run_stream(engine, args.input_len, args.output_len, args.window, args.seed, prompts)
         elif args.recipe == "latency":
             result = run_latency(engine, args.input_len, args.output_len, args.batch_size, args.runs, args.seed,
                                  args.structured, args.temperature, prompts)

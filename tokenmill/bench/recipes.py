@@ -63,8 +63,9 @@ def bench_params(max_tokens: int, structured: str = "none", temperature: float =
         from tokenmill.structured.params import StructuredOutputParams
 
         constraint = StructuredOutputParams(json=BENCH_JSON_SCHEMA)
+    # Deltas: each step's outputs cost O(new tokens), so output building never grows with the context.
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
-                          structured_outputs=constraint)
+                          structured_outputs=constraint, output_kind="delta")
 
 
 def default_temperature(structured: str, temperature: float | None) -> float:
@@ -83,7 +84,8 @@ def time_one_batch(
 
     Decode is timed like llama-batched-bench's S_TG: from the end of the step after which every request has
     its first token, so no prefill is inside it; TTFT is the time until then (at batch 1, the request's TTFT).
-    Fresh prompts every call (random ids unless `prompts` is given), so no call is helped by the prefix cache."""
+    Fresh prompts every call (random ids unless `prompts` is given), so no call is helped by the prefix cache.
+    Tokens are counted from delta outputs, as `bench_params` asks for."""
     make = prompts or random_prompts(engine.arch.vocab_size)
     for i in range(batch_size):
         engine.add_request(f"{tag}-{i}", {"prompt_token_ids": make(rng, input_len)}, params)
@@ -94,8 +96,9 @@ def time_one_batch(
     tokens_before_decode = 0
     while engine.has_unfinished_requests():
         outputs = engine.step()
-        for output in outputs:
-            generated[output.request_id] = len(output.outputs[0].token_ids)
+        for output in outputs:  # delta outputs: every token in them is new
+            count = sum(len(c.token_ids) for c in output.outputs)
+            generated[output.request_id] = generated.get(output.request_id, 0) + count
         if all_started_at is None and sum(1 for n in generated.values() if n > 0) == batch_size:
             all_started_at = time.perf_counter()
             tokens_before_decode = sum(generated.values())

@@ -2,7 +2,8 @@
 
 Only the loop thread ever touches the LLMEngine. Callers talk to it through a command queue (add, abort),
 applied between steps, and receive outputs on a per-request asyncio queue fed with
-`loop.call_soon_threadsafe`. Outputs are cumulative, so a slow consumer may skip to the newest one.
+`loop.call_soon_threadsafe`. A slow consumer gets the outputs queued meanwhile as one: the newest of
+cumulative outputs, or the merge of delta outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.errors import TokenmillError
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput, merge_deltas
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the loop only needs the engine's methods; keeps this module light to import
@@ -38,9 +39,19 @@ class RequestFailedError(TokenmillError):
 class _Stream:
     request_id: str
     loop: asyncio.AbstractEventLoop
+    kind: str = "cumulative"  # the request's SamplingParams.output_kind
+    n: int = 1
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
-    last: RequestOutput | None = None  # newest output sent (loop thread only), to finish it on abort
+    # Loop thread only, to finish the request on abort: the newest output sent, and (delta) the samples
+    # whose finish already went out.
+    last: RequestOutput | None = None
+    finished_samples: set[int] = field(default_factory=set)
     added_at: float = field(default_factory=time.monotonic)
+
+    def record(self, output: RequestOutput) -> None:
+        self.last = output
+        if self.kind == "delta":
+            self.finished_samples.update(c.index for c in output.outputs if c.finished)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -50,7 +61,7 @@ class _Stream:
 
 
 class RequestStream:
-    """Async iterator over one request's cumulative outputs; leaving it early aborts the request."""
+    """Async iterator over one request's outputs (of its output_kind); leaving it early aborts the request."""
 
     def __init__(self, engine: "AsyncLLMEngine", stream: _Stream) -> None:
         self._engine = engine
@@ -65,18 +76,21 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         try:
-            item = await self._stream.queue.get()
-            # Coalesce: outputs are cumulative, so only the newest queued one matters.
-            while not self._stream.queue.empty() and not isinstance(item, BaseException):
-                item = self._stream.queue.get_nowait()
+            items = [await self._stream.queue.get()]
+            # Coalesce what queued up meanwhile (an error ends the stream, so it wins).
+            while not self._stream.queue.empty() and not isinstance(items[-1], BaseException):
+                items.append(self._stream.queue.get_nowait())
         except BaseException:
             self.abort()  # cancelled (client went away): free the request's KV blocks
             raise
-        if isinstance(item, BaseException):
+        last = items[-1]
+        if isinstance(last, BaseException):
             self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+            raise last
+        # Cumulative outputs: the newest holds everything. Deltas: each holds a part, so all are merged.
+        output = merge_deltas(items) if self._stream.kind == "delta" else last  # type: ignore[arg-type]
+        self.finished = output.finished
+        return output
 
     def abort(self) -> None:
         if not self.finished:
@@ -132,7 +146,7 @@ class AsyncLLMEngine:
         self.start()
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[None] = loop.create_future()
-        stream = _Stream(request_id, loop)
+        stream = _Stream(request_id, loop, kind=params.output_kind, n=params.n)
         self._send("add", (stream, prompt, params, accepted))
         try:
             await accepted
@@ -144,7 +158,7 @@ class AsyncLLMEngine:
     async def generate(
         self, request_id: str, prompt: PromptInput, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative outputs; stopping early (or cancellation) aborts it."""
+        """Yield the request's outputs (as params.output_kind says); stopping early (or cancellation) aborts it."""
         stream = await self.add_request(request_id, prompt, params)
         try:
             async for output in stream:
@@ -192,7 +206,7 @@ class AsyncLLMEngine:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
                     continue
-                stream.last = output
+                stream.record(output)
                 stream.put(output)
                 if output.finished:
                     del self._streams[output.request_id]
@@ -272,8 +286,16 @@ class AsyncLLMEngine:
 
 
 def _aborted(stream: _Stream) -> RequestOutput | BaseException:
-    """A final output for a request ended by shutdown: what it had so far, finish_reason 'abort'."""
+    """A final output for a request ended by shutdown, finish_reason 'abort' (an error when none can be made)."""
     if stream.last is None:
-        return EngineOverloadedError("the server shut down before this request started")
+        # final_only requests send nothing before they finish: no partial result exists to return.
+        when = "finished" if stream.kind == "final_only" else "started"
+        return EngineOverloadedError(f"the server shut down before this request {when}")
+    if stream.kind == "delta":
+        # Everything generated already went out: the abort adds only the finish of each running sample.
+        outputs = [CompletionOutput(i, "", [], finish_reason="abort")
+                   for i in range(stream.n) if i not in stream.finished_samples]
+        return RequestOutput(stream.request_id, None, [], outputs, finished=True,
+                             num_cached_tokens=stream.last.num_cached_tokens)
     outputs = [o if o.finished else replace(o, finish_reason="abort") for o in stream.last.outputs]
     return replace(stream.last, outputs=outputs, finished=True)

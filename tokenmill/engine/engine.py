@@ -163,7 +163,7 @@ class LLMEngine:
     # ---- the loop -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return an output for every request group that changed."""
+        """Run one scheduler step; return an output for every request group that changed, as its output_kind asks."""
         started = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         scheduler_output.prev_step_seconds = self._last_step_seconds
@@ -189,7 +189,9 @@ class LLMEngine:
             self.scheduler.finish_requests(stopped_by_text, RequestStatus.FINISHED_STOPPED)
         outputs = []
         for group in changed.values():
-            outputs.append(group.to_output())
+            output = group.make_output()  # None when the request's output_kind asks for nothing yet
+            if output is not None:
+                outputs.append(output)
             if group.finished:
                 del self._groups[group.request_id]
                 for child_id in group.child_ids():

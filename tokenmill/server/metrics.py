@@ -95,7 +95,7 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Latency and token accounting for one engine request, fed its cumulative outputs."""
+    """Latency and token accounting for one engine request, fed its delta (or single final_only) outputs."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
@@ -108,20 +108,29 @@ class RequestTracker:
         if self.done:
             return
         now = time.perf_counter()
-        total = sum(len(c.token_ids) for c in output.outputs)
-        if total > self.num_tokens:
+        new = sum(len(c.token_ids) for c in output.outputs)
+        if new:
             if self.last is None:
-                self.metrics.ttft.observe(now - self.arrival)
+                self.metrics.ttft.observe(self._time_to_first_token(output, now))
                 self.metrics.prompt_tokens.inc(len(output.prompt_token_ids))
             else:
                 self.metrics.itl.observe(now - self.last)
-            self.metrics.generation_tokens.inc(total - self.num_tokens)
-            self.num_tokens, self.last = total, now
+            self.metrics.generation_tokens.inc(new)
+            self.num_tokens, self.last = self.num_tokens + new, now
+        # Each sample's finish comes in exactly one output (deltas list only the samples that changed).
+        for completion in output.outputs:
+            if completion.finish_reason is not None:
+                self.metrics.requests.labels(self.metrics.model, completion.finish_reason).inc()
         if output.finished:
             self.done = True
             self.metrics.e2e.observe(now - self.arrival)
-            for completion in output.outputs:
-                self.metrics.requests.labels(self.metrics.model, completion.finish_reason or "abort").inc()
+
+    def _time_to_first_token(self, output: RequestOutput, now: float) -> float:
+        engine_times = output.metrics
+        if output.finished and "first_token_time" in engine_times:
+            # The first output is the final one (final_only): the engine stamped when the first token came.
+            return engine_times["first_token_time"] - engine_times["arrival_time"]
+        return now - self.arrival
 
     def abandon(self) -> None:
         """The client left (or the server stopped) before the request finished: count it as aborted."""

@@ -135,7 +135,10 @@ def sampling_params(
     thinking_token_budget: int | None = None,
     structured: StructuredOutputParams | None = None,
 ) -> SamplingParams:
-    """SamplingParams for one prompt: max_tokens is capped so that prompt + output fit the context."""
+    """SamplingParams for one prompt: max_tokens is capped so that prompt + output fit the context.
+
+    A streamed request gets delta outputs (each SSE chunk is built from what is new); a non-streamed one
+    gets its whole result once, when it finishes."""
     room = max_model_len - prompt_len
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError("max_tokens", f"must be >= 1, got {max_tokens}")
@@ -161,5 +164,6 @@ def sampling_params(
         include_stop_str_in_output=request.include_stop_str_in_output,
         structured_outputs=structured,
         thinking_token_budget=thinking_token_budget,  # the engine adds the tag ids
+        output_kind="delta" if request.stream else "final_only",
     )
 

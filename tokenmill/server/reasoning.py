@@ -6,6 +6,7 @@ are the engine's (`EngineConfig.thinking`), the same ones the engine derives thi
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -109,17 +110,41 @@ def tokenizer_has_think_tokens(tokenizer: _TokenizerLike, config: ThinkingConfig
 def count_reasoning_tokens(token_ids: Sequence[int], end_tag_ids: Sequence[int], starts_in_reasoning: bool,
                            start_token_id: int | None) -> int:
     """Tokens inside the thinking section (tags excluded), counted on ids so no re-tokenization is needed."""
-    ids = list(token_ids)
-    begin = 0
-    if not starts_in_reasoning:
-        if start_token_id is None or start_token_id not in ids:
-            return 0
-        begin = ids.index(start_token_id) + 1
-    n = len(end_tag_ids)
-    for i in range(begin, len(ids) - n + 1):
-        if n and ids[i : i + n] == list(end_tag_ids):
-            return i - begin
-    return len(ids) - begin
+    counter = ReasoningTokenCounter(end_tag_ids, starts_in_reasoning, start_token_id)
+    counter.feed(token_ids)
+    return counter.count
+
+
+class ReasoningTokenCounter:
+    """count_reasoning_tokens fed ids as they stream, O(len(end tag)) per id: streamed usage needs no id list.
+
+    The section opens at the first start token (or at once when the prompt opened it) and closes at the
+    first complete end tag after that."""
+
+    def __init__(self, end_tag_ids: Sequence[int], starts_in_reasoning: bool, start_token_id: int | None) -> None:
+        self._end = list(end_tag_ids)
+        self._start = start_token_id
+        self._opened = starts_in_reasoning
+        self._closed = False
+        self._inside = 0  # ids since the section opened, the end tag's own included while it completes
+        self._recent: collections.deque[int] = collections.deque(maxlen=max(len(self._end), 1))
+
+    def feed(self, token_ids: Sequence[int]) -> None:
+        for token_id in token_ids:
+            if self._closed:
+                return
+            if not self._opened:
+                self._opened = self._start is not None and token_id == self._start
+                continue
+            self._inside += 1
+            self._recent.append(token_id)
+            if self._end and len(self._recent) == len(self._end) and list(self._recent) == self._end:
+                self._inside -= len(self._end)
+                self._closed = True
+
+    @property
+    def count(self) -> int:
+        return self._inside
 
 
 def _earliest(text: str, markers: Sequence[str]) -> tuple[int, str] | None:

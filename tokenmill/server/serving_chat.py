@@ -16,7 +16,7 @@ from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, sampling_params
-from tokenmill.server.reasoning import StreamingReasoningParser, count_reasoning_tokens
+from tokenmill.server.reasoning import ReasoningTokenCounter, StreamingReasoningParser
 from tokenmill.server.serving_tools import ToolPlan, template_messages
 from tokenmill.server.structured_request import structured_outputs
 from tokenmill.server.serving_common import (
@@ -58,11 +58,15 @@ class _ChatPlan:
         return r1 + r2, c1 + c2
 
     def reasoning_tokens(self, completion: CompletionOutput) -> int:
+        counter = self.reasoning_counter()
+        counter.feed(completion.token_ids)
+        return counter.count
+
+    def reasoning_counter(self) -> ReasoningTokenCounter:
         thinking = self.state.thinking
-        if thinking is None:
-            return 0
-        return count_reasoning_tokens(completion.token_ids, thinking.end_tag_ids, self.starts_in_reasoning,
-                                      thinking.start_token_id)
+        if thinking is None:  # no tokenizer-derived tags: nothing is counted as reasoning
+            return ReasoningTokenCounter([], False, None)
+        return ReasoningTokenCounter(thinking.end_tag_ids, self.starts_in_reasoning, thinking.start_token_id)
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
@@ -129,12 +133,12 @@ def _response(state: ServerState, plan: _ChatPlan, request_id: str, output: Requ
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPlan, request_id: str,
                   streams: list[RequestStream], trackers: list[RequestTracker]) -> AsyncIterator[str]:
+    # The outputs are deltas: the parsers consume them as they come; usage needs totals, so keep counters.
     parsers = [plan.parser() for _ in range(body.n)]
     tool_streams = [plan.tools.streamer() for _ in range(body.n)]
-    sent_text = [0] * body.n
-    sent_tokens = [0] * body.n
-    done = [False] * body.n
-    final: RequestOutput | None = None
+    reasoning_counters = [plan.reasoning_counter() for _ in range(body.n)]
+    prompt_tokens: int | None = None
+    completion_tokens = cached_tokens = 0
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
         return sse({"id": request_id, "object": "chat.completion.chunk", "created": state.created,
@@ -146,15 +150,14 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPl
             yield chunk(index, {"role": "assistant", "content": ""})
         async for _, output in merge_streams(streams):
             trackers[0].observe(output)
-            final = output
+            if prompt_tokens is None:
+                prompt_tokens = len(output.prompt_token_ids)  # the first output carries the prompt
+            cached_tokens = output.num_cached_tokens
             for completion in output.outputs:
                 index = completion.index
-                if done[index]:
-                    continue
-                delta_text = completion.text[sent_text[index]:]
-                new_ids = completion.token_ids[sent_tokens[index]:]
-                entries = list(completion.logprobs or [])[sent_tokens[index]:]
-                sent_text[index], sent_tokens[index] = len(completion.text), len(completion.token_ids)
+                delta_text, new_ids = completion.text, completion.token_ids
+                completion_tokens += len(new_ids)
+                reasoning_counters[index].feed(new_ids)
                 if plan.use_parser:
                     reasoning, content = parsers[index].feed(delta_text)
                     if completion.finished:
@@ -175,8 +178,7 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPl
                         fragments += rest
                 logprobs = None
                 if plan.num_logprobs is not None and new_ids:
-                    logprobs = {"content": chat_logprobs(new_ids, entries, plan.num_logprobs)}
-                done[index] = completion.finished
+                    logprobs = {"content": chat_logprobs(new_ids, completion.logprobs or [], plan.num_logprobs)}
                 # The first fragment shares the chunk with reasoning and logprobs; tool-call fragments
                 # each go in their own chunk, as OpenAI streams them.
                 if fragments:
@@ -186,13 +188,11 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPl
                     yield chunk(index, delta, logprobs, finish_reason if last <= 0 else None)
                 for position, fragment in enumerate(fragments[1:], start=1):
                     yield chunk(index, fragment, None, finish_reason if position == last else None)
-        if body.include_usage and final is not None:
-            completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-            reasoning_tokens = sum(plan.reasoning_tokens(c) for c in final.outputs) if plan.use_parser else None
+        if body.include_usage and prompt_tokens is not None:
+            reasoning_tokens = sum(c.count for c in reasoning_counters) if plan.use_parser else None
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": state.created,
                        "model": state.model_name, "choices": [],
-                       "usage": usage(len(final.prompt_token_ids), completion_tokens, final.num_cached_tokens,
-                                      reasoning_tokens)})
+                       "usage": usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)})
     except Exception as exc:  # after the 200 went out, errors travel as an SSE event
         yield stream_error_event(exc)
     finally:

@@ -109,12 +109,13 @@ def _response(state: ServerState, body: CompletionRequest, request_id: str,
 
 async def _stream(state: ServerState, body: CompletionRequest, request_id: str, streams: list[RequestStream],
                   trackers: list[RequestTracker]) -> AsyncIterator[str]:
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
-    done: set[int] = set()
+    # The outputs are deltas: each chunk is built from what is new; usage needs totals, so keep counters.
+    echo: dict[int, str] = {}  # per prompt, from its first output (the one that carries the prompt)
+    started: set[int] = set()  # choice indexes whose first chunk went out (it carries the echo)
     prompt_tokens: dict[int, int] = {}
-    completion_tokens: dict[int, int] = {}
     cached: dict[int, int] = {}
+    completion_tokens = 0
+    decode = _decode_one(state)
 
     def chunk(choices: list[dict[str, Any]]) -> str:
         return sse({"id": request_id, "object": "text_completion", "created": state.created,
@@ -123,32 +124,27 @@ async def _stream(state: ServerState, body: CompletionRequest, request_id: str, 
     try:
         async for prompt_index, output in merge_streams(streams):
             trackers[prompt_index].observe(output)
-            prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+            if prompt_index not in prompt_tokens:
+                prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+                echo[prompt_index] = _echo_text(state, output) if body.echo else ""
             cached[prompt_index] = output.num_cached_tokens
             for completion in output.outputs:
                 index = prompt_index * body.n + completion.index
-                if index in done:
-                    continue
-                text = completion.text[sent_text.get(index, 0):]
-                new_ids = completion.token_ids[sent_tokens.get(index, 0):]
-                if index not in sent_text and body.echo:
-                    text = _echo_text(state, output) + text
-                if not text and not new_ids and not completion.finished:
+                text = completion.text
+                if index not in started:
+                    started.add(index)
+                    text = echo[prompt_index] + text
+                completion_tokens += len(completion.token_ids)
+                if not text and not completion.token_ids and not completion.finished:
                     continue
                 logprobs = None
                 if body.logprobs is not None:
-                    start = sent_tokens.get(index, 0)
-                    entries = list(completion.logprobs or [])[start:]
-                    logprobs = completion_logprobs(new_ids, entries, body.logprobs, decode=_decode_one(state))
-                sent_text[index] = len(completion.text)
-                sent_tokens[index] = len(completion.token_ids)
-                completion_tokens[index] = len(completion.token_ids)
-                if completion.finished:
-                    done.add(index)
+                    logprobs = completion_logprobs(completion.token_ids, completion.logprobs or [], body.logprobs,
+                                                   decode=decode)
                 yield chunk([{"index": index, "text": text, "logprobs": logprobs,
                               "finish_reason": completion.finish_reason}])
         if body.include_usage:
-            total = usage(sum(prompt_tokens.values()), sum(completion_tokens.values()), sum(cached.values()))
+            total = usage(sum(prompt_tokens.values()), completion_tokens, sum(cached.values()))
             yield sse({"id": request_id, "object": "text_completion", "created": state.created,
                        "model": state.model_name, "choices": [], "usage": total})
     except Exception as exc:  # after the 200 went out, errors travel as an SSE event
