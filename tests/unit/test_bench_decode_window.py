@@ -16,7 +16,8 @@ from tokenmill.sampling_params import SamplingParams
 
 class StaggeredEngine:
     """Each step takes one second of a fake clock, prefills one waiting request (its first token) and gives
-    every request already started one more token: prefill of late requests overlaps others' decode."""
+    every request already started one more token: prefill of late requests overlaps others' decode. Outputs
+    are deltas."""
 
     def __init__(self, clock: list[float]) -> None:
         self.clock = clock
@@ -42,7 +43,8 @@ class StaggeredEngine:
         outputs = []
         for request_id, tokens in list(self.running.items()):
             done = len(tokens) == self.max_tokens[request_id]
-            outputs.append(RequestOutput(request_id, None, [], [CompletionOutput(0, "", list(tokens))], finished=done))
+            # Delta outputs, as bench_params asks for: the one token this step added.
+            outputs.append(RequestOutput(request_id, None, [], [CompletionOutput(0, "", tokens[-1:])], finished=done))
             if done:
                 del self.running[request_id]
         return outputs
