@@ -130,3 +130,31 @@ def test_unsupported_rope_scaling_is_named(llama_path, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="yarn"):
         load_model(path)
+
+
+def test_fused_layers_hold_the_checkpoint_shards_in_order(llama_path):
+    """q/k/v and gate/up load into one weight each, row shards in the order of the packed-module map."""
+    model, _ = load_model(llama_path, dtype=torch.float32)
+    tensors = load_file(llama_path / "model.safetensors")
+    attention = model.model.layers[1].self_attn
+    expected = torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(attention.qkv_proj.weight, expected)
+    mlp = model.model.layers[1].mlp
+    expected = torch.cat([tensors[f"model.layers.1.mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    assert torch.equal(mlp.gate_up_proj.weight, expected)
+
+
+def test_prepacked_bfloat16_weights_compute_exactly_what_plain_ones_do(llama_path, tmp_path):
+    from tokenmill.layers.linear import UnquantizedLinearMethod
+
+    plain, _ = load_model(llama_path, dtype="bfloat16")
+    packed, _ = load_model(llama_path, dtype="bfloat16", quant=UnquantizedLinearMethod(prepack_cpu=True))
+    layer, reference = packed.model.layers[0].mlp.gate_up_proj, plain.model.layers[0].mlp.gate_up_proj
+    assert layer.prepacked and not reference.prepacked
+    x = torch.randn(5, layer.input_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert torch.equal(layer(x), reference(x))
+    assert packed.lm_head.prepacked  # llama's own LM head
+    tied, _ = load_model(make_checkpoint("qwen3", tmp_path / "tied"), dtype="bfloat16",
+                         quant=UnquantizedLinearMethod(prepack_cpu=True))
+    assert tied.lm_head.prepacked and tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert not tied.model.embed_tokens.weight.is_mkldnn  # lookups read the plain matrix; the head packs a copy

@@ -23,8 +23,10 @@ class AttentionBackend(ABC):
         """Shape of one layer's paged KV cache tensor."""
 
     @abstractmethod
-    def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, device: torch.device) -> Any:
-        """What every layer of the step needs beyond the metadata itself; built once per step."""
+    def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
+                   device: torch.device) -> Any:
+        """What every layer of the step needs beyond the metadata itself (for a pool of num_blocks blocks);
+        built once per step."""
 
     @abstractmethod
     def forward(
@@ -41,9 +43,10 @@ class AttentionBackend(ABC):
 
         Stores key/value in kv_cache at metadata.slot_mapping first."""
 
-    def plan_for(self, metadata: AttentionMetadata, sliding_window: int | None, device: torch.device) -> Any:
-        key = (self.name, sliding_window)
+    def plan_for(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
+                 device: torch.device) -> Any:
+        key = (self.name, sliding_window, num_blocks)
         plan = metadata.plans.get(key)
         if plan is None:
-            plan = metadata.plans[key] = self.build_plan(metadata, sliding_window, device)
+            plan = metadata.plans[key] = self.build_plan(metadata, sliding_window, num_blocks, device)
         return plan

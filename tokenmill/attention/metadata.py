@@ -29,9 +29,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V is written
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
     block_size: int
-    # Host copies (numpy), so the CPU path never syncs with the device to read lengths.
+    # Host copies (numpy), so the CPU path never syncs with the device to read them.
     seq_lens: np.ndarray  # [num_seqs] int64: context length after this step
     query_start_loc: np.ndarray  # [num_seqs + 1] int64
+    block_tables_host: np.ndarray  # block_tables on the host
     # What every layer would otherwise rebuild from the above (masks, gather indices): the first layer of
     # the step fills it, the others reuse it. Keyed by the backend and its per-layer options.
     plans: dict[Any, Any] = field(default_factory=dict)
@@ -103,4 +104,5 @@ def build_attention_metadata(
         block_size=block_size,
         seq_lens=starts + lens,
         query_start_loc=np.concatenate(([0], np.cumsum(lens))).astype(np.int64),
+        block_tables_host=tables,
     )

@@ -35,7 +35,8 @@ class _ShortBatch:
     seqs: list[int]
     max_q: int
     max_len: int
-    tables: torch.Tensor  # [S, n] block ids covering max_len
+    page_rows: torch.Tensor  # rows of the cache's page view: every sequence's n blocks of keys, then of values
+    page_range: tuple[int, int] | None  # (first block, count): one sequence on consecutive blocks, read in place
     rows: torch.Tensor | None  # [S, max_q] query rows, right-aligned per sequence; None: a plain reshape
     mask: torch.Tensor | None  # [S, 1, max_q, max_len] or None when every query sees its whole context
     query_span: tuple[int, int]  # flat query rows covered when rows is None
@@ -55,6 +56,9 @@ class _Plan:
     short: _ShortBatch | None
     long: list[_LongSeq]
     whole_step_short: bool  # every query of the step is in `short`, in order: its output is the step's
+    # The whole step is one query of one sequence whose blocks are consecutive (batch-1 decode): its context
+    # is the flat cache's tokens [start, start + length), attended in place with a handful of ops.
+    single: tuple[int, int] | None = None
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -74,7 +78,14 @@ class TorchAttentionBackend(AttentionBackend):
         sliding_window: int | None,
     ) -> torch.Tensor:
         store_kv(key, value, kv_cache, metadata.slot_mapping)
-        plan: _Plan = self.plan_for(metadata, sliding_window, query.device)
+        plan: _Plan = self.plan_for(metadata, sliding_window, kv_cache.shape[1], query.device)
+        if plan.single is not None:
+            start, length = plan.single
+            context = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1]).narrow(1, start, length)
+            # 4-d inputs: CPU SDPA takes its flash kernel for them (3-d ones fall to a path 2.5x slower).
+            attended = _sdpa(query.transpose(0, 1)[None], context[0].transpose(0, 1)[None],
+                             context[1].transpose(0, 1)[None], None, scale)
+            return attended[0].transpose(0, 1)
         if plan.whole_step_short:
             assert plan.short is not None
             return _attend_short(query, kv_cache, plan.short, scale)
@@ -93,7 +104,8 @@ class TorchAttentionBackend(AttentionBackend):
             _write_short(out, _attend_short(query, kv_cache, plan.short, scale), plan.short, metadata)
         return out
 
-    def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, device: torch.device) -> _Plan:
+    def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
+                   device: torch.device) -> _Plan:
         starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
         query_lens = np.diff(starts)
         short: list[int] = []
@@ -107,20 +119,30 @@ class TorchAttentionBackend(AttentionBackend):
             fresh = query_len == seq_len and (sliding_window is None or sliding_window >= seq_len)
             mask = None if fresh else _causal_mask(torch.tensor([seq_len]), query_len, seq_len, sliding_window, device)[0]
             long.append(_LongSeq(i, int(starts[i]), int(starts[i + 1]), fresh, mask))
-        batch = _short_batch(metadata, short, sliding_window, device) if short else None
+        batch = _short_batch(metadata, short, sliding_window, num_blocks, device) if short else None
         whole = batch is not None and not long and batch.rows is None and batch.query_span == (0, int(starts[-1]))
-        return _Plan(batch, long, whole)
+        single = None
+        if whole and batch is not None and batch.page_range is not None and batch.max_q == 1 and batch.mask is None:
+            single = (batch.page_range[0] * metadata.block_size, batch.max_len)
+        return _Plan(batch, long, whole, single)
 
 
 def _short_batch(
-    metadata: AttentionMetadata, seqs: list[int], sliding_window: int | None, device: torch.device
+    metadata: AttentionMetadata, seqs: list[int], sliding_window: int | None, num_blocks: int, device: torch.device
 ) -> _ShortBatch:
     starts = metadata.query_start_loc
     seq_lens = metadata.seq_lens[seqs]
     query_lens = (starts[np.asarray(seqs) + 1] - starts[seqs])
     max_len, max_q = int(seq_lens.max()), int(query_lens.max())
     block_size = metadata.block_size
-    tables = metadata.block_tables[seqs, : -(-max_len // block_size)]
+    num_pages = -(-max_len // block_size)
+    tables = metadata.block_tables[seqs, :num_pages]
+    rows_of_pages = page_rows(tables, num_blocks)
+    page_range = None
+    if len(seqs) == 1:  # a lone sequence on consecutive blocks (the usual batch-1 decode) needs no gather
+        row = metadata.block_tables_host[seqs[0], :num_pages]
+        if int(row[-1]) - int(row[0]) == num_pages - 1 and bool((np.diff(row) == 1).all()):
+            page_range = (int(row[0]), num_pages)
     first, last = int(starts[seqs[0]]), int(starts[seqs[-1] + 1])
     adjacent = bool((query_lens == max_q).all()) and last - first == max_q * len(seqs)
     rows = None
@@ -133,21 +155,25 @@ def _short_batch(
     mask = None
     if needs_mask:
         mask = _causal_mask(torch.from_numpy(seq_lens), max_q, max_len, sliding_window, device)[:, None]
-    return _ShortBatch(seqs, max_q, max_len, tables, rows, mask, (first, last))
+    return _ShortBatch(seqs, max_q, max_len, rows_of_pages, page_range, rows, mask, (first, last))
 
 
 def _attend_short(query: torch.Tensor, kv_cache: torch.Tensor, batch: _ShortBatch, scale: float) -> torch.Tensor:
     """[S * max_q, H, D] attention of the short-query sequences, each padded to the longest context."""
     num_seqs, heads, head_dim = len(batch.seqs), query.shape[1], query.shape[2]
-    pages = kv_cache[:, batch.tables]  # [2, S, n, block_size, kvh, d]: the one gather of the step's context
-    pages = pages.view(2, num_seqs, -1, kv_cache.shape[-2], kv_cache.shape[-1])[:, :, : batch.max_len]
-    key, value = pages[0].transpose(1, 2), pages[1].transpose(1, 2)  # [S, kvh, L, d]
+    if batch.page_range is not None:
+        first_block, count = batch.page_range
+        pages = kv_cache[:, first_block : first_block + count]  # a view: the blocks are already in order
+    else:
+        pages = gather_pages(kv_cache, batch.page_rows)
+    pages = pages.reshape(2, num_seqs, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    key, value = pages[0, :, : batch.max_len].transpose(1, 2), pages[1, :, : batch.max_len].transpose(1, 2)
     if batch.rows is None:
         first, last = batch.query_span
         q = query[first:last].view(num_seqs, batch.max_q, heads, head_dim)
     else:
         q = query[batch.rows]  # [S, max_q, H, D]
-    attended = _sdpa(q.transpose(1, 2), key.to(q.dtype), value.to(q.dtype), batch.mask, scale)  # [S, H, max_q, D]
+    attended = _sdpa(q.transpose(1, 2), key, value, batch.mask, scale)  # [S, H, max_q, D]
     return attended.transpose(1, 2).reshape(num_seqs * batch.max_q, heads, head_dim)
 
 
@@ -163,11 +189,23 @@ def _write_short(out: torch.Tensor, attended: torch.Tensor, batch: _ShortBatch, 
         out[int(starts[i]) : int(starts[i + 1])] = attended[j, batch.max_q - count :]
 
 
+def page_rows(block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Rows of the [2 * num_blocks, page] view of a cache holding the keys, then the values, of these blocks."""
+    flat = block_tables.reshape(-1)
+    return torch.cat((flat, flat + num_blocks))
+
+
+def gather_pages(kv_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The pages at `rows` (page_rows) as [2, len(rows) // 2 * block_size, kvh, d]: one row-wise copy, which
+    runs several times faster on CPU than advanced indexing of the 5-d cache (docs/perf.md)."""
+    pages = kv_cache.view(kv_cache.shape[0] * kv_cache.shape[1], -1).index_select(0, rows)
+    return pages.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+
+
 def _gather_one(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [kvh, seq_len, d] of one sequence, gathered from its pages."""
-    block_size = kv_cache.shape[2]
-    pages = kv_cache[:, block_table[: -(-seq_len // block_size)]]
-    pages = pages.reshape(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])[:, :seq_len]
+    blocks = block_table[: -(-seq_len // kv_cache.shape[2])]
+    pages = gather_pages(kv_cache, page_rows(blocks, kv_cache.shape[1]))[:, :seq_len]
     return pages[0].transpose(0, 1), pages[1].transpose(0, 1)
 
 

@@ -53,4 +53,5 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     """Write keys/values [T, kv_heads, head_dim] to their slots of a [2, blocks, block_size, kv_heads,
     head_dim] cache (slot = block * block_size + offset)."""
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
-    flat.index_copy_(1, slot_mapping, torch.stack((key, value)).to(kv_cache.dtype))
+    pair = torch.stack((key, value))
+    flat.index_copy_(1, slot_mapping, pair if pair.dtype == kv_cache.dtype else pair.to(kv_cache.dtype))

@@ -50,15 +50,22 @@ class UnquantizedLinearMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         weight = layer.weight
-        if (self.prepack_cpu and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-                and not layer.weight_is_shared and torch.backends.mkldnn.is_available()):
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        if not (self.prepack_cpu and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+                and torch.backends.mkldnn.is_available()):
+            return
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        if layer.weight_is_shared:
+            # A tied LM head: the embedding still looks rows up in the plain matrix, so the packed one is a
+            # copy (one more vocab x hidden matrix of memory, for the largest matmul of a small model's step).
+            layer.packed_weight = packed
+        else:
             layer.weight = nn.Parameter(packed, requires_grad=False)
-            layer.prepacked = True
+            layer.packed_weight = layer.weight
+        layer.prepacked = True
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if layer.prepacked:
-            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
         return F.linear(x, layer.weight, layer.bias)
 
 
@@ -85,6 +92,7 @@ class LinearBase(nn.Module):
         self.shards = {name: (offset, size) for name, offset, size in zip(names, offsets, self.output_sizes)}
         self.weight_is_shared = False  # tied to another module's weight: never repacked in place
         self.prepacked = False
+        self.packed_weight: torch.Tensor | None = None  # the weight in the kernel's layout, when prepacked
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, dtype, device)
 

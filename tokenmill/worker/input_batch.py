@@ -107,6 +107,7 @@ class InputBatch:
             block_size=self.block_size,
             seq_lens=seq_lens,
             query_start_loc=np.concatenate(([0], cu_query)),
+            block_tables_host=tables,
         )
         return StepInputs(
             input_ids=self._view("input_ids", num_tokens),

@@ -45,7 +45,8 @@ class Worker:
                  show_progress: bool = False) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.compile = default_compile(self.device) if config.compile is None else config.compile
+        num_params = _count_params(config)
+        self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
         quant = UnquantizedLinearMethod(prepack_cpu=not self.compile)
         self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
@@ -257,3 +258,14 @@ class Worker:
             chunk = ScheduledChunk(req_id, [0] * length, 0, table, sample=True)
             yield input_batch.prepare(SchedulerOutput(chunks=[chunk]))
             input_batch.remove(req_id)
+
+
+def _count_params(config: EngineConfig) -> int:
+    """The checkpoint's parameter count from its config alone (the compile decision precedes loading)."""
+    from tokenmill.models.arch_config import read_arch_config
+
+    arch = read_arch_config(config.model)
+    attention = arch.hidden_size * arch.head_dim * (2 * arch.num_heads + 2 * arch.num_kv_heads)
+    mlp = 3 * arch.hidden_size * arch.intermediate_size
+    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    return arch.num_layers * (attention + mlp) + embeddings
