@@ -6,7 +6,7 @@ thinking budget) before sampling or verification, so drafting, verifying and pla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -84,7 +84,7 @@ def verify_drafts(
 
 def prompt_logprobs(
     chunks: Sequence[ScheduledChunk], states: dict[str, SamplingState], hidden: torch.Tensor,
-    compute_logits: object, output: ModelRunnerOutput,
+    compute_logits: Callable[[torch.Tensor], torch.Tensor], output: ModelRunnerOutput,
 ) -> None:
     """Logprobs of prompt tokens start_pos+1 .. for chunks that asked; position p predicts token p+1."""
     offset = 0
@@ -96,7 +96,7 @@ def prompt_logprobs(
             end = min(chunk.start_pos + length, len(prompt) - 1)
             count = end - chunk.start_pos
             if count > 0:
-                logits = compute_logits(hidden[offset : offset + count])  # type: ignore[operator]
+                logits = compute_logits(hidden[offset : offset + count])
                 targets = torch.tensor(prompt[chunk.start_pos + 1 : end + 1], device=logits.device)
                 entries = compute_logprobs(logits, targets, state.params.prompt_logprobs or 0)
                 output.prompt_logprobs.setdefault(chunk.req_id, []).extend(entries)
