@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,8 +27,10 @@ class ModelRunner:
         self.input_batch: InputBatch | None = None  # sized with the KV pool (allocate_inputs)
         self.compiled = compile_model
         self._forward = model.forward
+        self._logits = model.compute_logits
         if compile_model:
             self._forward = compile_forward(model)
+            self._logits = compile_forward(model.compute_logits)
         self.compile_seconds = 0.0
 
     def allocate_inputs(self, max_num_tokens: int, max_blocks_per_request: int, block_size: int,
@@ -55,7 +57,7 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """float32 logits of the rows that sample (every row when inputs.logits_indices is None)."""
         rows = hidden if inputs.logits_indices is None else hidden[inputs.logits_indices]
-        return self.model.compute_logits(rows)
+        return self._logits(rows)
 
     @torch.inference_mode()
     def warm_up(self, inputs: Iterable[StepInputs]) -> None:
@@ -70,7 +72,7 @@ class ModelRunner:
             logger.info("torch.compile of the model forward took %.1f s", self.compile_seconds)
 
 
-def compile_forward(model: nn.Module) -> nn.Module:
+def compile_forward(model: nn.Module | Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """torch.compile (inductor) of the model, dynamic in the number of tokens.
 
     On the CPU (measured in docs/perf.md): freezing makes the weights constants that inductor prepacks;
@@ -81,7 +83,8 @@ def compile_forward(model: nn.Module) -> nn.Module:
     import torch._inductor.config as inductor_config
 
     options: dict[str, object] = {}
-    if next(model.parameters()).device.type == "cpu":
+    module = model if isinstance(model, nn.Module) else model.__self__  # a bound method of the model
+    if next(module.parameters()).device.type == "cpu":
         inductor_config.freezing = True
         inductor_config.cpp_wrapper = True
         options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
