@@ -90,8 +90,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         report = {"recipe": args.recipe, "structured": args.structured, "temperature": args.temperature,
                   "prompts": args.prompt_files or "random token ids",
                   "device": _device_name(engine.device), "dtype": str(engine.dtype),
-                  "startup_s": startup_s, "result": asdict(result)}
-        rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}")]
+                  "startup_s": startup_s, "compiled": engine.worker.compile,
+                  "compile_s": engine.worker.compile_seconds, "result": asdict(result)}
+        rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}"),
+                ("compiled", f"yes, {report['compile_s']:.1f} s of the start-up" if engine.worker.compile else "no")]
         rows += as_rows(result)
         stats = engine.stats()
         rows += spec_rows(stats)

@@ -12,6 +12,7 @@ state from the first step it sees the request until the scheduler reports it fin
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,6 +59,7 @@ class Worker:
                                                f"({self.arch.max_position_embeddings})")
         # Speculative decoding comes as a factory (the engine's), so this module never imports it.
         self.drafter = drafter_factory(self.device, self.arch.vocab_size) if drafter_factory is not None else None
+        self.show_progress = show_progress
         self.sampler = Sampler(global_seed=config.seed, device=self.device)
         self.states: dict[str, SamplingState] = {}
         self.grammar_backend: GrammarBackend | None = None
@@ -93,7 +95,11 @@ class Worker:
         max_blocks = -(-(self.max_model_len + self.num_lookahead_tokens) // block_size)
         self.runner.allocate_inputs(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
         if self.compile:
+            if self.show_progress:
+                print("compiling the model forward (torch.compile, once per start) ...", file=sys.stderr, flush=True)
             self.runner.warm_up(self._warm_up_steps())
+            if self.show_progress:
+                print(f"compiled in {self.runner.compile_seconds:.1f} s", file=sys.stderr, flush=True)
         if self.drafter is not None:
             self.drafter.init_cache(num_blocks, block_size)
             scheduler = self.config.scheduler
