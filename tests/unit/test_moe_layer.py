@@ -103,3 +103,16 @@ def test_weight_loader_places_per_expert_and_fused_tensors():
         experts.weight_loader(experts.down_proj, gate, "1")
     with pytest.raises(ModelLoadError, match="no shard '8.gate'"):
         experts.weight_loader(experts.gate_up_proj, gate, "8.gate")
+
+
+def test_compiles_without_graph_breaks_and_computes_the_same():
+    """Under torch.compile the expert loop is one opaque custom op, so the graph is whole (fullgraph)."""
+    block = make_block(False, weights_in_model_dtype=True)
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        for num_tokens in (3, 17):
+            x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(num_tokens))
+            before = block.experts.expert_calls
+            actual = compiled(x)
+            assert block.experts.expert_calls > before  # the op ran the layer's experts, counted
+            torch.testing.assert_close(actual, block(x), rtol=1e-5, atol=1e-5)
