@@ -76,3 +76,18 @@ def test_sparse_layers_follow_the_config(overrides, sparse, tmp_path):
     assert [isinstance(layer.mlp, SparseMoeBlock) for layer in model.model.layers] == sparse
     dense = next((layer.mlp for layer in model.model.layers if not isinstance(layer.mlp, SparseMoeBlock)), None)
     assert dense is None or dense.gate_up_proj.output_size == 2 * arch.intermediate_size
+
+
+def test_a_config_without_experts_or_with_too_many_per_token_is_named(per_expert, tmp_path):
+    import json
+
+    path = tmp_path / "copy"
+    shutil.copytree(per_expert["mixtral"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, num_experts_per_tok=9)))
+    with pytest.raises(ModelLoadError, match=r"num_experts_per_tok \(9\) must be between 1 and .* \(8\)"):
+        load_model(path)
+    del config["num_local_experts"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="MixtralForCausalLM is a mixture of experts.*num_local_experts"):
+        load_model(path)

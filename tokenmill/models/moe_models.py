@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import QuantMethod
 from tokenmill.layers.moe import EXPERT_PARTS, MIXTRAL_EXPERT_PARTS, SparseMoeBlock
 from tokenmill.models.arch_config import ArchConfig
@@ -19,6 +20,9 @@ from tokenmill.models.llama import LlamaForCausalLM, dense_mlp
 def _moe_or_dense(config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device,
                   quant: QuantMethod | None, part_names: Sequence[str], renormalize: bool,
                   weights_in_model_dtype: bool) -> nn.Module:
+    if config.num_experts == 0:
+        raise ModelLoadError(f"config.json: {config.architecture} is a mixture of experts, but the config names no "
+                             "experts (num_local_experts or num_experts)")
     if not config.moe_layers[layer_index]:
         return dense_mlp(config, layer_index, dtype, device, quant)
     # Experts are unquantized whatever `quant` says: quantization methods cover 2-d linear layers only.
