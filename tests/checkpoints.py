@@ -10,7 +10,7 @@ import torch
 
 from tokenmill.tools.tiny_tokenizer import BOS, EOS, build_tiny_tokenizer
 
-FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=512,
@@ -26,7 +26,7 @@ _COMMON: dict[str, Any] = dict(
 
 
 def _config(family: str, num_layers: int, overrides: dict[str, Any]):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     kw = dict(_COMMON, num_hidden_layers=num_layers)
     if family == "llama":
@@ -51,6 +51,14 @@ def _config(family: str, num_layers: int, overrides: dict[str, Any]):
         cls, kw = Qwen2Config, dict(kw, tie_word_embeddings=False)
     elif family == "qwen3":
         cls, kw = Qwen3Config, dict(kw, head_dim=16, tie_word_embeddings=True)
+    elif family == "mixtral":
+        cls = MixtralConfig
+        kw = dict(kw, num_local_experts=8, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False)
+    elif family == "qwen3_moe":
+        # Layer 0 sparse, layer 1 dense (mlp_only_layers); top-k weights not renormalized (the default).
+        cls = Qwen3MoeConfig
+        kw = dict(kw, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                  decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=True)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     kw.update(overrides)

@@ -69,7 +69,7 @@ def test_chunked_prompt_over_the_cache_matches(family, family_models):
     assert relative_error(torch.cat(logits), reference_logits(reference, ids)) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"])
 def test_two_sequences_in_one_flat_batch_match(family, family_models):
     ours, reference = family_models(family)
     generator = torch.Generator().manual_seed(2)
@@ -83,10 +83,11 @@ def test_two_sequences_in_one_flat_batch_match(family, family_models):
     assert relative_error(logits[15:], reference_logits(reference, b)[5:]) < 1e-4
 
 
-def test_mistral_sliding_window_matches(tmp_path):
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_sliding_window_matches(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path = make_checkpoint("mistral", tmp_path / "sw", sliding_window=64)
+    path = make_checkpoint(family, tmp_path / "sw", sliding_window=64)
     ours, arch = load_model(path, dtype=torch.float32)
     assert arch.sliding_window == 64
     allocate_kv_caches(ours.attention_layers(), 32, BLOCK, torch.float32, torch.device("cpu"))
@@ -98,3 +99,17 @@ def test_mistral_sliding_window_matches(tmp_path):
     # The window matters: without it the late positions differ.
     ours.attention_layers()[0].sliding_window = None
     assert relative_error(run_chunks(ours, [(ids, 0, list(range(19)))])[-1:], expected[-1:]) > 1e-3
+
+
+def test_qwen3_moe_every_second_layer_sparse_with_renormalized_routing_matches(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_checkpoint("qwen3_moe", tmp_path / "step2", decoder_sparse_step=2, mlp_only_layers=[],
+                           norm_topk_prob=True)
+    ours, arch = load_model(path, dtype=torch.float32)
+    assert arch.moe_layers == (False, True) and arch.norm_topk_prob
+    allocate_kv_caches(ours.attention_layers(), 32, BLOCK, torch.float32, torch.device("cpu"))
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(8, 512, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = torch.cat([run_chunks(ours, [(ids[s : s + 50], s, list(range(8)))]) for s in range(0, 120, 50)])
+    assert relative_error(logits, reference_logits(reference, ids)) < 1e-4

@@ -89,3 +89,19 @@ def test_read_buffer_is_well_past_the_cache_within_bounds():
     assert read_buffer_bytes(480 << 20) == 1920 << 20  # this machine's reported L3
     assert read_buffer_bytes(1 << 30) == MAX_READ_BUFFER
     assert read_buffer_bytes(None) == MAX_READ_BUFFER
+
+
+def test_weight_bytes_of_experts_count_only_the_experts_a_step_routes_to(tmp_path):
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    h, v, i, experts, top_k = 64, 512, 32, 8, 2
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": v, "hidden_size": h,
+        "intermediate_size": i, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_local_experts": experts, "num_experts_per_tok": top_k, "tie_word_embeddings": True,
+    }))
+    model, _ = load_model(folder, dtype="float32", load_format="random")
+    attention = h * h + 2 * h * (h // 2) + h * h
+    rest = attention + experts * h + 2 * h + h + v * h  # router, layer norms, final norm, tied head/table
+    for batch, read in ((1, 2), (3, 6), (8, 8)):
+        assert weight_bytes_per_step(model, batch) == 4 * (rest + read * 3 * h * i)

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tokenmill.layers.moe import SparseMoeBlock
+
 # A streaming read through a buffer k times the last-level cache finds at most ~1/k of it still cached
 # (less under LRU), so 4x keeps the cache's help under a few percent. Bounds: 256 MiB is already far past
 # any desktop's L3; 2 GiB caps the cost (about 1 s to fill and read on 2 cores) on machines, like this
@@ -89,11 +91,19 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int = 256 << 20, rep
 def weight_bytes_per_step(model: nn.Module, batch_size: int = 1) -> int:
     """Weight bytes one decode step reads: every parameter once, by its real storage size (so packed or
     int8 weights count what they are), except the embedding table, of which one row per token is read.
-    A tied LM head reads the whole table once, which covers the rows."""
+    A tied LM head reads the whole table once, which covers the rows. A mixture-of-experts layer reads only
+    the experts its tokens route to: top-k of them at batch 1; for a batch this counts min(experts,
+    batch x top-k), as if its tokens picked different experts (routing is not known before the step)."""
+    experts_read = {id(param): (block.experts.num_experts, min(block.experts.num_experts, batch_size * block.top_k))
+                    for block in model.modules() if isinstance(block, SparseMoeBlock)
+                    for param in block.experts.parameters()}
     total = 0
     for name, param in model.named_parameters():  # tied parameters come once
         if name.endswith("embed_tokens.weight") and not _lm_head_is_embedding(model):
             total += batch_size * param[0].numel() * param.element_size()
+        elif id(param) in experts_read:
+            num_experts, read = experts_read[id(param)]
+            total += param.numel() // num_experts * read * param.element_size()
         else:
             total += param.numel() * param.element_size()
     return total

@@ -6,6 +6,8 @@ so float32 logits match transformers to rounding. A fast kernel beside these mus
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,53 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation on a fused [T, 2 * I] gate/up projection: silu(gate) * up -> [T, I]."""
     half = gate_up.shape[-1] // 2
     return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: (weights [T, k] float32, expert ids [T, k]). Softmax over all experts in float32, keep
+    the k largest, and divide by their sum when `renormalize` (then it equals a softmax over the k logits,
+    Mixtral's definition; Qwen3-MoE renormalizes only with norm_topk_prob)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    on_expert: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """SwiGLU experts on stacked weights: hidden [T, H], gate_up [E, 2I, H], down [E, H, I], top-k weights and
+    ids [T, k] -> [T, H], each token the weighted sum of its k experts' outputs.
+
+    Token-expert pairs are sorted by expert, so each active expert runs one matmul over all its tokens (the
+    Python loop is over experts, never tokens); `on_expert(expert, num_tokens)` is called per expert matmul.
+    Each pair's output is multiplied by its weight in the weights' dtype and cast back before the sum, the
+    reference's rounding order.
+    """
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of_pair = order // top_k
+    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()  # the one host sync
+    grouped = hidden.index_select(0, token_of_pair)
+    outputs = torch.empty_like(grouped)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        outputs[rows] = F.linear(silu_and_mul(F.linear(grouped[rows], gate_up[expert])), down[expert])
+        if on_expert is not None:
+            on_expert(expert, count)
+        start += count
+    weighted = (outputs * topk_weights.reshape(-1, 1).index_select(0, order)).to(hidden.dtype)
+    return torch.zeros_like(hidden).index_add_(0, token_of_pair, weighted)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -38,6 +38,12 @@ class ArchConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
+    # Mixtures of experts (0 experts: a dense model).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
+    moe_layers: tuple[bool, ...] = ()  # per layer: a sparse MoE block (else the dense MLP)
 
 
 def read_config_json(model_path: str | Path) -> dict[str, Any]:
@@ -84,7 +90,7 @@ def parse_arch_config(config: dict[str, Any], source: str = "config.json") -> Ar
     is_qwen2 = model_type == "qwen2" or architecture == "Qwen2ForCausalLM"
     sliding_window = config.get("sliding_window")
     sliding_layers = tuple(False for _ in range(num_layers))
-    if model_type == "mistral" and sliding_window:
+    if model_type in ("mistral", "mixtral") and sliding_window:
         sliding_layers = tuple(True for _ in range(num_layers))
     elif config.get("use_sliding_window") and sliding_window:
         layer_types = config.get("layer_types") or []
@@ -115,12 +121,34 @@ def parse_arch_config(config: dict[str, Any], source: str = "config.json") -> Ar
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=True if is_qwen2 else bool(config.get("attention_bias", False)),
         o_bias=False if is_qwen2 else bool(config.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3" or architecture == "Qwen3ForCausalLM",
+        qk_norm=model_type in ("qwen3", "qwen3_moe") or architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         sliding_window=int(sliding_window) if sliding_window else None,
         sliding_layers=sliding_layers,
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=tuple(int(e) for e in eos_ids),
         torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+        **_moe_fields(config, num_layers, source),
+    )
+
+
+def _moe_fields(config: dict[str, Any], num_layers: int, source: str) -> dict[str, Any]:
+    """Expert counts and which layers are sparse: every layer (Mixtral), or every decoder_sparse_step-th
+    layer except mlp_only_layers (Qwen3-MoE), as transformers decides."""
+    num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    if num_experts == 0:
+        return {}
+    top_k = int(config.get("num_experts_per_tok") or 0)
+    if not 0 < top_k <= num_experts:
+        raise ModelLoadError(f"{source}: num_experts_per_tok ({top_k}) must be between 1 and the number of "
+                             f"experts ({num_experts})")
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+        norm_topk_prob=bool(config.get("norm_topk_prob", True)),
+        moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
     )
 
 

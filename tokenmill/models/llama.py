@@ -7,6 +7,8 @@ attention reads the step's layout from the forward context.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -62,14 +64,24 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+# Builds a layer's MLP: (config, layer index, dtype, device, quant) -> module of [T, hidden] -> [T, hidden].
+# Families whose MLP differs (mixtures of experts) pass their own; the rest of the layer is shared.
+MlpFactory = Callable[[ArchConfig, int, torch.dtype, torch.device, QuantMethod | None], nn.Module]
+
+
+def dense_mlp(config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device,
+              quant: QuantMethod | None) -> nn.Module:
+    return LlamaMLP(config, dtype, device, quant)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device,
-                 quant: QuantMethod | None) -> None:
+                 quant: QuantMethod | None, make_mlp: MlpFactory = dense_mlp) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = LlamaAttention(config, layer_index, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(config, dtype, device, quant)
+        self.mlp = make_mlp(config, layer_index, dtype, device, quant)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +96,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None) -> None:
+    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None,
+                 make_mlp: MlpFactory = dense_mlp) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device, quant) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device, quant, make_mlp)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                       config.max_position_embeddings, dtype, device)
@@ -108,12 +122,15 @@ class LlamaForCausalLM(nn.Module):
         "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
         "gate_up_proj": [("gate_proj", "gate"), ("up_proj", "up")],
     }
+    # Checkpoint name pieces spelled differently from this model's module names: old -> new.
+    checkpoint_renames: dict[str, str] = {}
+    make_mlp: MlpFactory = staticmethod(dense_mlp)
 
     def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device,
                  quant: QuantMethod | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype, device, quant)
+        self.model = LlamaModel(config, dtype, device, quant, self.make_mlp)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, False, dtype, device, quant)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

@@ -118,7 +118,33 @@ def _checkpoint_targets(model: nn.Module) -> dict[str, tuple[str, str | None]]:
                 targets[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (name, shard)
         else:
             targets[name] = (name, None)
+    # Layers whose checkpoint parts depend on the config (a tensor per expert) name them themselves.
+    for module_name, module in model.named_modules():
+        parts = getattr(module, "checkpoint_parts", None)
+        if parts is not None:
+            for part, (leaf, shard) in parts().items():
+                targets[f"{module_name}.{part}"] = (f"{module_name}.{leaf}", shard)
+    # Other spellings of the model's module names (its checkpoint_renames, old -> new) load the same.
+    for old, new in getattr(model, "checkpoint_renames", {}).items():
+        for name, target in list(targets.items()):
+            if new in name:
+                targets[name.replace(new, old)] = target
     return targets
+
+
+def _missing_tensors(targets: dict[str, tuple[str, str | None]], loaded: set[tuple[str, str | None]]) -> list[str]:
+    """Names of the checkpoint tensors no loaded one stood for. A parameter is complete when it was loaded
+    whole or shard by shard (stacked experts take either layout; a fused layer, each of its parts)."""
+    names: dict[str, dict[str | None, str]] = {}
+    for name, (param, shard) in targets.items():
+        names.setdefault(param, {}).setdefault(shard, name)  # the first spelling names it in errors
+    missing: list[str] = []
+    for param, by_shard in names.items():
+        if (param, None) in loaded:
+            continue
+        parts = {shard: name for shard, name in by_shard.items() if shard is not None} or by_shard
+        missing.extend(name for shard, name in parts.items() if (param, shard) not in loaded)
+    return missing
 
 
 def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
@@ -133,7 +159,7 @@ def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool 
     params = dict(model.named_parameters())
     targets = _checkpoint_targets(model)
     tied = getattr(getattr(model, "lm_head", None), "weight_is_shared", False)
-    needed = set(targets)
+    loaded: set[tuple[str, str | None]] = set()
     by_file: dict[Path, list[str]] = {}
     for name, file in index.items():
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -157,9 +183,10 @@ def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool 
                     getattr(param, "weight_loader", _copy_whole)(param, tensor, shard)
                 except ModelLoadError as exc:
                     raise ModelLoadError(f"{file.name}: tensor {name!r}: {exc}") from exc
-                needed.discard(name)
+                loaded.add(target)
                 bar.update()
     bar.close()
+    needed = sorted(_missing_tensors(targets, loaded))
     if needed:
-        missing = ", ".join(sorted(needed)[:5]) + (" ..." if len(needed) > 5 else "")
+        missing = ", ".join(needed[:5]) + (" ..." if len(needed) > 5 else "")
         raise ModelLoadError(f"{model_path}: checkpoint lacks {len(needed)} tensor(s) the model needs: {missing}")

@@ -6,12 +6,15 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.moe_models import MixtralForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -273,5 +273,7 @@ def _count_params(config: EngineConfig) -> int:
     arch = read_arch_config(config.model)
     attention = arch.hidden_size * arch.head_dim * (2 * arch.num_heads + 2 * arch.num_kv_heads)
     mlp = 3 * arch.hidden_size * arch.intermediate_size
+    moe = arch.num_experts * arch.hidden_size * (3 * arch.moe_intermediate_size + 1)  # experts + router rows
     embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-    return arch.num_layers * (attention + mlp) + embeddings
+    sparse = sum(arch.moe_layers)
+    return arch.num_layers * attention + (arch.num_layers - sparse) * mlp + sparse * moe + embeddings
