@@ -64,13 +64,14 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 
 def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Normal(0, std) matrices, unit norms, zero biases, generated on the model's device."""
+    """Normal(0, std) matrices, identity norms, zero biases, generated on the model's device."""
     generator_device = next(model.parameters()).device
     generator = torch.Generator(device=generator_device).manual_seed(seed)
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                param.fill_(getattr(modules[name.rpartition(".")[0]], "identity_weight", 1.0))
             elif name.endswith(".bias"):
                 param.zero_()
             else:
@@ -107,7 +108,8 @@ def _open(file: Path):  # -> safetensors handle
 
 
 def _checkpoint_targets(model: nn.Module) -> dict[str, tuple[str, str | None]]:
-    """Checkpoint tensor name -> (parameter name, shard), through the model's packed-module map."""
+    """Checkpoint tensor name -> (parameter name, shard), through the model's packed-module map. A fused
+    parameter also takes its own name, whole: checkpoints that already fuse it (Phi-3's qkv_proj) load as is."""
     targets: dict[str, tuple[str, str | None]] = {}
     packed: dict[str, list[tuple[str, str]]] = getattr(model, "packed_modules", {})
     for name, _ in model.named_parameters():
@@ -116,9 +118,28 @@ def _checkpoint_targets(model: nn.Module) -> dict[str, tuple[str, str | None]]:
         if module_name in packed:
             for part, shard in packed[module_name]:
                 targets[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (name, shard)
-        else:
-            targets[name] = (name, None)
+        targets[name] = (name, None)
     return targets
+
+
+def _missing_tensors(targets: dict[str, tuple[str, str | None]], loaded: set[str]) -> list[str]:
+    """Checkpoint names still needed: a parameter is complete once its whole tensor or all its shards loaded."""
+    shards_of: dict[str, list[str]] = {}
+    for checkpoint_name, (param_name, shard) in targets.items():
+        if shard is not None:
+            shards_of.setdefault(param_name, []).append(checkpoint_name)
+    missing = []
+    for param_name in dict.fromkeys(param for param, _ in targets.values()):
+        shards = shards_of.get(param_name, [])
+        if param_name in loaded or (shards and all(name in loaded for name in shards)):
+            continue
+        if not shards:
+            missing.append(param_name)
+        elif any(name in loaded for name in shards):
+            missing.extend(name for name in shards if name not in loaded)
+        else:
+            missing.append(f"{param_name} (or {', '.join(shards)})")
+    return missing
 
 
 def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
@@ -133,7 +154,7 @@ def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool 
     params = dict(model.named_parameters())
     targets = _checkpoint_targets(model)
     tied = getattr(getattr(model, "lm_head", None), "weight_is_shared", False)
-    needed = set(targets)
+    loaded: set[str] = set()
     by_file: dict[Path, list[str]] = {}
     for name, file in index.items():
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -157,9 +178,10 @@ def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool 
                     getattr(param, "weight_loader", _copy_whole)(param, tensor, shard)
                 except ModelLoadError as exc:
                     raise ModelLoadError(f"{file.name}: tensor {name!r}: {exc}") from exc
-                needed.discard(name)
+                loaded.add(name)
                 bar.update()
     bar.close()
+    needed = _missing_tensors(targets, loaded)
     if needed:
         missing = ", ".join(sorted(needed)[:5]) + (" ..." if len(needed) > 5 else "")
         raise ModelLoadError(f"{model_path}: checkpoint lacks {len(needed)} tensor(s) the model needs: {missing}")
