@@ -10,7 +10,7 @@ import torch
 
 from tokenmill.tools.tiny_tokenizer import BOS, EOS, build_tiny_tokenizer
 
-FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3"]
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=512,
@@ -26,7 +26,7 @@ _COMMON: dict[str, Any] = dict(
 
 
 def _config(family: str, num_layers: int, overrides: dict[str, Any]):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     kw = dict(_COMMON, num_hidden_layers=num_layers)
     if family == "llama":
@@ -51,6 +51,10 @@ def _config(family: str, num_layers: int, overrides: dict[str, Any]):
         cls, kw = Qwen2Config, dict(kw, tie_word_embeddings=False)
     elif family == "qwen3":
         cls, kw = Qwen3Config, dict(kw, head_dim=16, tie_word_embeddings=True)
+    elif family == "phi3":
+        # Fused qkv_proj / gate_up_proj tensors, RoPE on 3/4 of each head (as Phi-4-mini), a window on every layer.
+        cls = Phi3Config
+        kw = dict(kw, tie_word_embeddings=False, partial_rotary_factor=0.75, sliding_window=48, pad_token_id=0)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     kw.update(overrides)

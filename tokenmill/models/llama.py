@@ -1,7 +1,9 @@
-"""The Llama family: Llama (incl. Llama-3.1 RoPE scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+"""The Llama family: Llama (incl. Llama-3.1 RoPE scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm),
+Phi-3 (checkpoints with q/k/v and gate/up already fused; partial rotary; a sliding window on every layer).
 
 q/k/v and gate/up are fused into one matmul each; `packed_modules` tells the loader which checkpoint
-tensors are row shards of them, so checkpoints load by name. The model sees flat token tensors only;
+tensors are row shards of them, so checkpoints load by name (a checkpoint that already fuses them, as
+Phi-3's do, loads into the fused weights whole). The model sees flat token tensors only;
 attention reads the step's layout from the forward context.
 """
 
@@ -90,7 +92,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device, quant) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
-                                      config.max_position_embeddings, dtype, device)
+                                      config.max_position_embeddings, dtype, device, config.partial_rotary_factor)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
