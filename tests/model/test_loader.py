@@ -119,8 +119,8 @@ def test_unknown_architecture_lists_the_supported_ones(llama_path, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = ["FalconForCausalLM"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*Phi3ForCausalLM.*"
-                                             "Qwen3ForCausalLM"):
+    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*Gemma2ForCausalLM.*"
+                                             "Gemma3ForCausalLM.*Phi3ForCausalLM.*Qwen3ForCausalLM"):
         load_model(path)
 
 
@@ -188,3 +188,21 @@ def test_already_fused_tensors_load_whole(llama_path, tmp_path):
     with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.gate_up_proj\.weight \(or .*gate_proj"):
         load_model(path)
 
+
+def test_gemma_random_weights_start_from_identity_norms(tmp_path):
+    """Gemma's norms scale by (1 + weight): random-weight models get zero norm weights, Llama's get ones."""
+    folder = tmp_path / "gemma-shape"
+    folder.mkdir()
+    shutil.copy(make_checkpoint("gemma2", tmp_path / "gemma2") / "config.json", folder / "config.json")
+    model, _ = load_model(folder, dtype=torch.float32, load_format="random")
+    assert torch.all(model.model.norm.weight == 0)
+    assert torch.all(model.model.layers[0].post_feedforward_layernorm.weight == 0)
+
+
+def test_gemma_with_another_activation_is_rejected_by_name(tmp_path):
+    path = make_checkpoint("gemma3", tmp_path / "gemma3")
+    config = json.loads((path / "config.json").read_text())
+    config["hidden_activation"] = "relu"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="hidden_activation 'relu'"):
+        load_model(path)

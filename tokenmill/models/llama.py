@@ -21,8 +21,12 @@ from tokenmill.models.arch_config import ArchConfig
 
 
 class LlamaAttention(nn.Module):
+    """Fused q/k/v, optional q/k norms, RoPE, paged attention, output projection. Other families reuse it with
+    their own norm class, q/k-norm choice, score scale and score soft-capping."""
+
     def __init__(self, config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device,
-                 quant: QuantMethod | None) -> None:
+                 quant: QuantMethod | None, *, norm: type[RMSNorm] = RMSNorm, qk_norm: bool | None = None,
+                 scale: float | None = None, softcap: float | None = None) -> None:
         super().__init__()
         heads, kv_heads, head_dim, hidden = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -30,10 +34,12 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(hidden, [self.q_size, self.kv_size, self.kv_size], ["q", "k", "v"],
                                      config.qkv_bias, dtype, device, quant)
         self.o_proj = ReplicatedLinear(self.q_size, hidden, config.o_bias, dtype, device, quant)
-        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
-        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
+        qk_norm = config.qk_norm if qk_norm is None else qk_norm
+        self.q_norm = norm(head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
+        self.k_norm = norm(head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
         window = config.sliding_window if config.sliding_layers[layer_index] else None
-        self.attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, sliding_window=window)
+        scale = head_dim**-0.5 if scale is None else scale
+        self.attn = Attention(heads, kv_heads, head_dim, scale, sliding_window=window, softcap=softcap)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -53,12 +59,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None) -> None:
+    """Gated MLP: fused gate/up, a gated activation (SwiGLU unless given another), down projection."""
+
+    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None,
+                 act: nn.Module | None = None) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], ["gate", "up"], False, dtype, device, quant)
         self.down_proj = ReplicatedLinear(size, config.hidden_size, False, dtype, device, quant)
-        self.act = SiluAndMul()
+        self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
