@@ -10,7 +10,7 @@ import torch
 
 from tokenmill.tools.tiny_tokenizer import BOS, EOS, build_tiny_tokenizer
 
-FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=512,
@@ -26,7 +26,8 @@ _COMMON: dict[str, Any] = dict(
 
 
 def _config(family: str, num_layers: int, overrides: dict[str, Any]):
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
     kw = dict(_COMMON, num_hidden_layers=num_layers)
     if family == "llama":
@@ -59,6 +60,22 @@ def _config(family: str, num_layers: int, overrides: dict[str, Any]):
         cls = Qwen3MoeConfig
         kw = dict(kw, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                   decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=True)
+    elif family == "phi3":
+        # Fused qkv_proj / gate_up_proj tensors, RoPE on 3/4 of each head (as Phi-4-mini), a window on every layer.
+        cls = Phi3Config
+        kw = dict(kw, tie_word_embeddings=False, partial_rotary_factor=0.75, sliding_window=48, pad_token_id=0)
+    elif family == "gemma2":
+        # Caps low enough to bite on random weights; local and global layers alternate (a 32-token window).
+        cls = Gemma2Config
+        kw = dict(kw, head_dim=16, query_pre_attn_scalar=24, sliding_window=32, attn_logit_softcapping=5.0,
+                  final_logit_softcapping=10.0, pad_token_id=0)
+    elif family == "gemma3":
+        # q/k norms, local layers on their own RoPE base, linear RoPE scaling on global layers, no caps.
+        cls = Gemma3TextConfig
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        kw = dict(kw, head_dim=16, query_pre_attn_scalar=24, sliding_window=32, layer_types=layer_types,
+                  rope_theta=100000.0, rope_local_base_freq=1000.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                  final_logit_softcapping=None, pad_token_id=0)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     kw.update(overrides)
@@ -83,6 +100,12 @@ def make_checkpoint(
             for name, param in model.named_parameters():
                 if name.endswith("bias"):
                     param.normal_(0.0, 0.1)
+    if family.startswith("gemma"):
+        # Gemma's norms scale by (1 + weight) and start at zero; make the weights matter.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.2)
     if shards > 1:
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         model.save_pretrained(out, max_shard_size=max(total // shards, 1), safe_serialization=True)

@@ -8,7 +8,7 @@ from tests.e2e.conftest import NUM_NEW_TOKENS, make_prompts
 from tokenmill import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
-FAMILIES_HERE = ["llama", "qwen3", "mixtral", "qwen3_moe"]
+FAMILIES_HERE = ["llama", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
 
 
 def greedy_ids(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:

@@ -119,7 +119,8 @@ def test_unknown_architecture_lists_the_supported_ones(llama_path, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = ["FalconForCausalLM"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*Qwen3ForCausalLM"):
+    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*Gemma2ForCausalLM.*"
+                                             "Gemma3ForCausalLM.*Phi3ForCausalLM.*Qwen3ForCausalLM"):
         load_model(path)
 
 
@@ -158,3 +159,50 @@ def test_prepacked_bfloat16_weights_compute_exactly_what_plain_ones_do(llama_pat
                          quant=UnquantizedLinearMethod(prepack_cpu=True))
     assert tied.lm_head.prepacked and tied.lm_head.weight is tied.model.embed_tokens.weight
     assert not tied.model.embed_tokens.weight.is_mkldnn  # lookups read the plain matrix; the head packs a copy
+
+
+def test_already_fused_tensors_load_whole(llama_path, tmp_path):
+    """A checkpoint that stores qkv_proj / gate_up_proj fused (as Phi-3's do) loads the same weights as the
+    split one; a fused layer missing some of its split shards names them."""
+    path = copy_of(llama_path, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    for layer in range(2):
+        prefix = f"model.layers.{layer}"
+        tensors[f"{prefix}.self_attn.qkv_proj.weight"] = torch.cat(
+            [tensors.pop(f"{prefix}.self_attn.{p}_proj.weight") for p in "qkv"])
+        tensors[f"{prefix}.mlp.gate_up_proj.weight"] = torch.cat(
+            [tensors.pop(f"{prefix}.mlp.{p}_proj.weight") for p in ("gate", "up")])
+    save_file(tensors, path / "model.safetensors")
+    fused, _ = load_model(path, dtype=torch.float32)
+    split, _ = load_model(llama_path, dtype=torch.float32)
+    for (name, a), (_, b) in zip(fused.named_parameters(), split.named_parameters()):
+        assert torch.equal(a, b), name
+
+    del tensors["model.layers.1.mlp.gate_up_proj.weight"]
+    tensors["model.layers.1.mlp.gate_proj.weight"] = torch.zeros(128, 64)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(path)
+    del tensors["model.layers.1.mlp.gate_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.gate_up_proj\.weight \(or .*gate_proj"):
+        load_model(path)
+
+
+def test_gemma_random_weights_start_from_identity_norms(tmp_path):
+    """Gemma's norms scale by (1 + weight): random-weight models get zero norm weights, Llama's get ones."""
+    folder = tmp_path / "gemma-shape"
+    folder.mkdir()
+    shutil.copy(make_checkpoint("gemma2", tmp_path / "gemma2") / "config.json", folder / "config.json")
+    model, _ = load_model(folder, dtype=torch.float32, load_format="random")
+    assert torch.all(model.model.norm.weight == 0)
+    assert torch.all(model.model.layers[0].post_feedforward_layernorm.weight == 0)
+
+
+def test_gemma_with_another_activation_is_rejected_by_name(tmp_path):
+    path = make_checkpoint("gemma3", tmp_path / "gemma3")
+    config = json.loads((path / "config.json").read_text())
+    config["hidden_activation"] = "relu"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="hidden_activation 'relu'"):
+        load_model(path)

@@ -69,7 +69,7 @@ def test_chunked_prompt_over_the_cache_matches(family, family_models):
     assert relative_error(torch.cat(logits), reference_logits(reference, ids)) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def test_two_sequences_in_one_flat_batch_match(family, family_models):
     ours, reference = family_models(family)
     generator = torch.Generator().manual_seed(2)

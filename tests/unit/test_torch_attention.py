@@ -2,7 +2,8 @@
 
 Paths: one decode on consecutive blocks (read in place), decodes gathered from scattered pages, decodes of
 different lengths (masked), draft verification (several queries), a prompt's first chunk (causal over its
-own keys) and a later chunk over the cache, mixed in one step, with and without a sliding window.
+own keys) and a later chunk over the cache, mixed in one step, with and without a sliding window, with and
+without soft-capped scores (Gemma 2), which take a plain matmul-softmax path instead of SDPA.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from tokenmill.attention.torch_backend import TorchAttentionBackend
 BLOCK, HEADS, KV_HEADS, DIM, NUM_BLOCKS = 16, 6, 2, 32, 64
 
 
-def naive(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int | None) -> torch.Tensor:
+def naive(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int | None,
+          softcap: float | None = None) -> torch.Tensor:
     """q [n, H, D] at positions start.., keys/values [L, KVH, D] of positions 0..L-1 -> [n, H, D] in float64."""
     group = HEADS // KV_HEADS
     out = torch.empty(q.shape, dtype=torch.float64)
@@ -28,13 +30,16 @@ def naive(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
             k = keys[: pos + 1, h // group].double()
             v = values[: pos + 1, h // group].double()
             scores = (k @ q[i, h].double()) / math.sqrt(DIM)
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             if window is not None:
                 scores[: max(pos + 1 - window, 0)] = float("-inf")
             out[i, h] = torch.softmax(scores, dim=0) @ v
     return out
 
 
-def run_step(chunks: list[tuple[int, int, list[int]]], window: int | None, dtype: torch.dtype, seed: int):
+def run_step(chunks: list[tuple[int, int, list[int]]], window: int | None, dtype: torch.dtype, seed: int,
+             softcap: float | None = None):
     """chunks: (start position, new tokens, block table). Returns (backend output, expected) for the step."""
     generator = torch.Generator().manual_seed(seed)
     cache = torch.zeros(2, NUM_BLOCKS, BLOCK, KV_HEADS, DIM, dtype=dtype)
@@ -52,12 +57,12 @@ def run_step(chunks: list[tuple[int, int, list[int]]], window: int | None, dtype
     v = torch.randn(total, KV_HEADS, DIM, generator=generator).to(dtype)
     metadata = build_attention_metadata([c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
                                         BLOCK, torch.device("cpu"))
-    out = TorchAttentionBackend().forward(q, k, v, cache, metadata, DIM**-0.5, window)
+    out = TorchAttentionBackend().forward(q, k, v, cache, metadata, DIM**-0.5, window, softcap)
     expected, row = [], 0
     for (start, count, _), (keys, values) in zip(chunks, history):
         all_keys = torch.cat([keys, k[row : row + count]])
         all_values = torch.cat([values, v[row : row + count]])
-        expected.append(naive(q[row : row + count], all_keys, all_values, start, window))
+        expected.append(naive(q[row : row + count], all_keys, all_values, start, window, softcap))
         row += count
     return out, torch.cat(expected)
 
@@ -73,12 +78,21 @@ STEPS = {
 }
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("name", list(STEPS))
-def test_every_path_matches_naive_attention(name: str, window: int | None) -> None:
-    out, expected = run_step(STEPS[name], window, torch.float32, seed=len(name))
+def test_every_path_matches_naive_attention(name: str, window: int | None, softcap: float | None) -> None:
+    out, expected = run_step(STEPS[name], window, torch.float32, seed=len(name), softcap=softcap)
     assert out.shape == expected.shape
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_soft_capping_changes_the_output() -> None:
+    """The cap is applied, not ignored: uncapped attention is far from the capped oracle."""
+    capped, expected = run_step(STEPS["mixed step"], None, torch.float32, seed=3, softcap=1.5)
+    plain, _ = run_step(STEPS["mixed step"], None, torch.float32, seed=3)
+    assert (capped.double() - expected).abs().max().item() < 1e-5
+    assert (plain.double() - expected).abs().max().item() > 1e-2
 
 
 def test_bfloat16_decode_stays_close() -> None:

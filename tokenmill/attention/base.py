@@ -38,10 +38,14 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """query [T, H, D], key/value [T, KVH, D] of this step's tokens -> attention output [T, H, D].
 
-        Stores key/value in kv_cache at metadata.slot_mapping first."""
+        Stores key/value in kv_cache at metadata.slot_mapping first. Scores are q.k * scale; a query sees the
+        keys of its sequence up to its own position, and only the last `sliding_window` of them when set.
+        `softcap` (Gemma 2's attn_logit_softcapping), when set, squashes each score to
+        softcap * tanh(score / softcap) before masking and softmax; None leaves scores as they are."""
 
     def plan_for(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
                  device: torch.device) -> Any:

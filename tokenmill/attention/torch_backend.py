@@ -9,6 +9,9 @@ Two kinds of work per step:
   heads), and a mask only where lengths differ or several queries per sequence need causality;
 - long queries (prefill chunks) one sequence at a time; a prompt's first chunk attends over its own
   keys and values with a causal SDPA, without reading the cache back.
+
+Soft-capped scores (Gemma 2) are not expressible with SDPA: with a softcap every path above attends
+through one plain matmul-softmax instead (`_capped_attention`), over the same pages and masks.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from tokenmill.attention.base import AttentionBackend
 from tokenmill.attention.metadata import AttentionMetadata
-from tokenmill.kernels.reference import store_kv
+from tokenmill.kernels.reference import soft_cap, store_kv
 
 # Sequences with at most this many new queries are attended in one padded batch; longer ones (prefill
 # chunks) one at a time, where padding would waste more than the loop costs.
@@ -76,6 +79,7 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         store_kv(key, value, kv_cache, metadata.slot_mapping)
         plan: _Plan = self.plan_for(metadata, sliding_window, kv_cache.shape[1], query.device)
@@ -84,24 +88,27 @@ class TorchAttentionBackend(AttentionBackend):
             context = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1]).narrow(1, start, length)
             # 4-d inputs: CPU SDPA takes its flash kernel for them (3-d ones fall to a path 2.5x slower).
             attended = _sdpa(query.transpose(0, 1)[None], context[0].transpose(0, 1)[None],
-                             context[1].transpose(0, 1)[None], None, scale)
+                             context[1].transpose(0, 1)[None], None, scale, softcap)
             return attended[0].transpose(0, 1)
         if plan.whole_step_short:
             assert plan.short is not None
-            return _attend_short(query, kv_cache, plan.short, scale)
+            return _attend_short(query, kv_cache, plan.short, scale, softcap)
         out = torch.empty_like(query)
         for item in plan.long:
             q = query[item.q_start : item.q_end].transpose(0, 1)  # [H, q, D]
             if item.fresh and key.dtype == kv_cache.dtype:
                 k = key[item.q_start : item.q_end].transpose(0, 1)
                 v = value[item.q_start : item.q_end].transpose(0, 1)
-                attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                if softcap is None:
+                    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                else:
+                    attended = _capped_attention(q, k, v, None, scale, softcap, causal=True)
             else:
                 k, v = _gather_one(kv_cache, metadata.block_tables[item.seq], int(metadata.seq_lens[item.seq]))
-                attended = _sdpa(q, k.to(q.dtype), v.to(q.dtype), item.mask, scale)
+                attended = _sdpa(q, k.to(q.dtype), v.to(q.dtype), item.mask, scale, softcap)
             out[item.q_start : item.q_end] = attended.transpose(0, 1)
         if plan.short is not None:
-            _write_short(out, _attend_short(query, kv_cache, plan.short, scale), plan.short, metadata)
+            _write_short(out, _attend_short(query, kv_cache, plan.short, scale, softcap), plan.short, metadata)
         return out
 
     def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
@@ -158,7 +165,8 @@ def _short_batch(
     return _ShortBatch(seqs, max_q, max_len, rows_of_pages, page_range, rows, mask, (first, last))
 
 
-def _attend_short(query: torch.Tensor, kv_cache: torch.Tensor, batch: _ShortBatch, scale: float) -> torch.Tensor:
+def _attend_short(query: torch.Tensor, kv_cache: torch.Tensor, batch: _ShortBatch, scale: float,
+                  softcap: float | None) -> torch.Tensor:
     """[S * max_q, H, D] attention of the short-query sequences, each padded to the longest context."""
     num_seqs, heads, head_dim = len(batch.seqs), query.shape[1], query.shape[2]
     if batch.page_range is not None:
@@ -173,7 +181,7 @@ def _attend_short(query: torch.Tensor, kv_cache: torch.Tensor, batch: _ShortBatc
         q = query[first:last].view(num_seqs, batch.max_q, heads, head_dim)
     else:
         q = query[batch.rows]  # [S, max_q, H, D]
-    attended = _sdpa(q.transpose(1, 2), key, value, batch.mask, scale)  # [S, H, max_q, D]
+    attended = _sdpa(q.transpose(1, 2), key, value, batch.mask, scale, softcap)  # [S, H, max_q, D]
     return attended.transpose(1, 2).reshape(num_seqs * batch.max_q, heads, head_dim)
 
 
@@ -222,6 +230,28 @@ def _causal_mask(
     return mask
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Scaled dot-product attention with grouped KV heads ([..., H, q, d] queries, [..., kvh, L, d] keys)."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+          softcap: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads ([..., H, q, d] queries, [..., kvh, L, d] keys).
+    Soft-capped scores take the plain path."""
+    if softcap is not None:
+        return _capped_attention(q, k, v, mask, scale, softcap, causal=False)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      softcap: float, causal: bool) -> torch.Tensor:
+    """softmax(mask(softcap * tanh(q.k * scale / softcap))) v, softmax in float32 as the reference does it.
+    `causal`: queries and keys are the same positions (a fresh prompt chunk), masked causally here.
+    Query heads are grouped per KV head ([..., kvh, group, q, d]) so keys are never copied per head."""
+    *batch, heads, num_q, dim = q.shape
+    kv_heads = k.shape[-3]
+    grouped = q.reshape(*batch, kv_heads, heads // kv_heads, num_q, dim)
+    scores = soft_cap(torch.matmul(grouped, k.unsqueeze(-3).transpose(-1, -2)) * scale, softcap)
+    if causal:
+        mask = torch.ones(num_q, k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        # [..., 1, q, L] masks gain the group axis; [q, L] ones broadcast as they are.
+        scores = scores.masked_fill(~(mask.unsqueeze(-3) if mask.dim() > 2 else mask), float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v.unsqueeze(-3)).reshape(*batch, heads, num_q, dim)

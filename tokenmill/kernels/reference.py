@@ -29,6 +29,22 @@ def add_rms_norm(
     return rms_norm(summed, weight, eps), summed
 
 
+def offset_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: scale by (1 + weight), all in float32, and cast back last (Gemma's order of rounding,
+    unlike rms_norm's cast-then-scale)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * (1.0 + weight.float())).to(x.dtype)
+
+
+def add_offset_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offset_rms_norm(x + residual), x + residual)."""
+    summed = x + residual
+    return offset_rms_norm(summed, weight, eps), summed
+
+
 def rotary_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype) -> torch.Tensor:
     """[max_positions, 2, head_dim]: cos and sin of every position, computed in float32 then cast, as the
     reference computes them per step."""
@@ -39,7 +55,11 @@ def rotary_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, dtype: torc
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX) RoPE. x [T, heads, head_dim]; cos/sin [T, 1, head_dim] in x's dtype."""
+    """Rotate-half (NeoX) RoPE. x [T, heads, head_dim]; cos/sin [T, 1, rotary_dim] in x's dtype. With
+    rotary_dim < head_dim (partial rotary) only the leading rotary_dim features turn; the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -96,6 +116,17 @@ def fused_experts(
         start += count
     weighted = (outputs * topk_weights.reshape(-1, 1).index_select(0, order)).to(hidden.dtype)
     return torch.zeros_like(hidden).index_add_(0, token_of_pair, weighted)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU's activation (Gemma) on a fused [T, 2 * I] gate/up projection: gelu_tanh(gate) * up -> [T, I]."""
+    half = gate_up.shape[-1] // 2
+    return F.gelu(gate_up[..., :half], approximate="tanh") * gate_up[..., half:]
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): squashes scores into (-cap, cap) (Gemma 2's attention and final logits)."""
+    return torch.tanh(x / cap) * cap
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -22,7 +22,8 @@ _layers: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictiona
 
 class Attention(nn.Module):
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -32,6 +33,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.softcap = softcap  # attention-score soft-capping (Gemma 2); None: plain scores
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend | None = None
         self.layer_id = next(_layer_ids)  # how the compiled graph's custom op finds this layer
@@ -50,7 +52,7 @@ class Attention(nn.Module):
         if self.kv_cache is None or self.backend is None:
             raise RuntimeError("attention layer has no KV cache bound; the worker binds it")
         out = self.backend.forward(query, key, value, self.kv_cache, get_attention_metadata(), self.scale,
-                                   self.sliding_window)
+                                   self.sliding_window, self.softcap)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
 

@@ -1,4 +1,5 @@
-"""Rotary position embedding (rotate-half / NeoX layout), with Llama-3 frequency scaling.
+"""Rotary position embedding (rotate-half / NeoX layout), with Llama-3 or linear frequency scaling and
+partial rotary (only the leading fraction of each head's features turn, as in Phi-4-mini).
 
 inv_freq and the angles are computed in float32 the way the reference does, once for every position,
 so a step only looks its positions up; float32 logits match the reference to rounding.
@@ -20,6 +21,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     if scaling is None:
         return inv_freq
     factor = float(scaling["factor"])
+    if scaling.get("rope_type") == "linear":  # positions interpolated: every frequency slowed by the factor
+        return inv_freq / factor
     low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
     high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
     old_context = float(scaling["original_max_position_embeddings"])
@@ -35,14 +38,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, partial_rotary_factor: float = 1.0) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
-        # [max_positions, 2, head_dim]: cos, sin in the model dtype (the reference casts them the same way).
+        rotary_dim = int(head_dim * partial_rotary_factor)
+        inv_freq = rope_inv_freq(rotary_dim, theta, scaling).to(device)
+        # [max_positions, 2, rotary_dim]: cos, sin in the model dtype (the reference casts them the same way).
         self.register_buffer("cos_sin", rotary_cos_sin_cache(inv_freq, max_positions, dtype), persistent=False)
 
     def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, head_dim] of the step's positions: looked up once, shared by every layer."""
+        """cos, sin [T, 1, rotary_dim] of the step's positions: looked up once, shared by every layer."""
         table = self.cos_sin[positions]
         return table[:, 0:1], table[:, 1:2]
 

@@ -1,7 +1,8 @@
 """ArchConfig: what the model code needs from a checkpoint's config.json, read without transformers.
 
-Reads both spellings of RoPE settings: transformers 5 writes `rope_parameters` (with rope_theta inside),
-older checkpoints write top-level `rope_theta` and `rope_scaling`.
+Reads both spellings of RoPE settings: transformers 5 writes `rope_parameters` (with rope_theta inside; per
+layer type for Gemma 3), older checkpoints write top-level `rope_theta`, `rope_scaling` and, for Gemma 3's
+local layers, `rope_local_base_freq`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ class ArchConfig:
     moe_intermediate_size: int = 0  # each expert's MLP width
     norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
     moe_layers: tuple[bool, ...] = ()  # per layer: a sparse MoE block (else the dense MLP)
+    hidden_act: str = "silu"
+    partial_rotary_factor: float = 1.0  # the fraction of each head's features that RoPE turns
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers when theirs differs (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power when set (Gemma)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
 
 
 def read_config_json(model_path: str | Path) -> dict[str, Any]:
@@ -79,19 +86,42 @@ def parse_arch_config(config: dict[str, Any], source: str = "config.json") -> Ar
     num_heads = int(need("num_attention_heads"))
     num_layers = int(need("num_hidden_layers"))
     rope = config.get("rope_parameters") or {}
-    rope_theta = float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    local_rope: dict[str, Any] = {}
+    if isinstance(rope.get("full_attention"), dict) or isinstance(rope.get("sliding_attention"), dict):
+        # RoPE per layer type (Gemma 3): global layers' settings are the model's, local layers' kept apart.
+        local_rope, rope = rope.get("sliding_attention") or {}, rope.get("full_attention") or {}
+    is_gemma3 = model_type == "gemma3_text"
+    rope_theta = float(config.get("rope_theta") or rope.get("rope_theta") or (1e6 if is_gemma3 else 10000.0))
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ("default", "llama3"):
-            raise ModelLoadError(f"{source}: rope scaling type {kind!r} is not supported (supported: default, llama3)")
+        if kind not in ("default", "llama3", "linear"):
+            raise ModelLoadError(
+                f"{source}: rope scaling type {kind!r} (rope_scaling / rope_parameters rope_type) is not supported "
+                "(supported: default, llama3, linear)"
+            )
         scaling = None if kind == "default" else dict(scaling, rope_type=kind)
+    if local_rope.get("rope_type", "default") != "default":
+        raise ModelLoadError(f"{source}: rope_parameters.sliding_attention rope_type {local_rope['rope_type']!r} is "
+                             "not supported (supported: default)")
+    local_theta = local_rope.get("rope_theta") or config.get("rope_local_base_freq") or (1e4 if is_gemma3 else None)
+    partial_rotary = float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+    if not 0.0 < partial_rotary <= 1.0:
+        raise ModelLoadError(f"{source}: partial_rotary_factor {partial_rotary} must be in (0, 1]")
+    if config.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{source}: use_bidirectional_attention is not supported (tokenmill generates causally)")
 
     is_qwen2 = model_type == "qwen2" or architecture == "Qwen2ForCausalLM"
     sliding_window = config.get("sliding_window")
     sliding_layers = tuple(False for _ in range(num_layers))
-    if model_type in ("mistral", "mixtral") and sliding_window:
+    if model_type in ("mistral", "mixtral", "phi3") and sliding_window:
         sliding_layers = tuple(True for _ in range(num_layers))
+    elif model_type in ("gemma2", "gemma3_text") and sliding_window:
+        # Local (sliding) and global layers interleave: layer_types, else every `pattern`-th layer is global.
+        pattern = 2 if model_type == "gemma2" else int(config.get("sliding_window_pattern") or 6)
+        layer_types = config.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                                    for i in range(num_layers)]
+        sliding_layers = tuple(t == "sliding_attention" for t in layer_types)
     elif config.get("use_sliding_window") and sliding_window:
         layer_types = config.get("layer_types") or []
         if layer_types:
@@ -127,6 +157,12 @@ def parse_arch_config(config: dict[str, Any], source: str = "config.json") -> Ar
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=tuple(int(e) for e in eos_ids),
         torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+        hidden_act=str(config.get("hidden_activation") or config.get("hidden_act") or "silu"),
+        partial_rotary_factor=partial_rotary,
+        rope_local_theta=float(local_theta) if local_theta else None,
+        query_pre_attn_scalar=_optional_float(config.get("query_pre_attn_scalar")),
+        attn_logit_softcapping=_optional_float(config.get("attn_logit_softcapping")),
+        final_logit_softcapping=_optional_float(config.get("final_logit_softcapping")),
         **_moe_fields(config, num_layers, source),
     )
 
@@ -150,6 +186,10 @@ def _moe_fields(config: dict[str, Any], num_layers: int, source: str) -> dict[st
         norm_topk_prob=bool(config.get("norm_topk_prob", True)),
         moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def read_arch_config(model_path: str | Path) -> ArchConfig:

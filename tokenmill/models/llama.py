@@ -1,7 +1,9 @@
-"""The Llama family: Llama (incl. Llama-3.1 RoPE scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+"""The Llama family: Llama (incl. Llama-3.1 RoPE scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm),
+Phi-3 (checkpoints with q/k/v and gate/up already fused; partial rotary; a sliding window on every layer).
 
 q/k/v and gate/up are fused into one matmul each; `packed_modules` tells the loader which checkpoint
-tensors are row shards of them, so checkpoints load by name. The model sees flat token tensors only;
+tensors are row shards of them, so checkpoints load by name (a checkpoint that already fuses them, as
+Phi-3's do, loads into the fused weights whole). The model sees flat token tensors only;
 attention reads the step's layout from the forward context.
 """
 
@@ -21,8 +23,12 @@ from tokenmill.models.arch_config import ArchConfig
 
 
 class LlamaAttention(nn.Module):
+    """Fused q/k/v, optional q/k norms, RoPE, paged attention, output projection. Other families reuse it with
+    their own norm class, q/k-norm choice, score scale and score soft-capping."""
+
     def __init__(self, config: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device,
-                 quant: QuantMethod | None) -> None:
+                 quant: QuantMethod | None, *, norm: type[RMSNorm] = RMSNorm, qk_norm: bool | None = None,
+                 scale: float | None = None, softcap: float | None = None) -> None:
         super().__init__()
         heads, kv_heads, head_dim, hidden = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -30,10 +36,12 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(hidden, [self.q_size, self.kv_size, self.kv_size], ["q", "k", "v"],
                                      config.qkv_bias, dtype, device, quant)
         self.o_proj = ReplicatedLinear(self.q_size, hidden, config.o_bias, dtype, device, quant)
-        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
-        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
+        qk_norm = config.qk_norm if qk_norm is None else qk_norm
+        self.q_norm = norm(head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
+        self.k_norm = norm(head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
         window = config.sliding_window if config.sliding_layers[layer_index] else None
-        self.attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, sliding_window=window)
+        scale = head_dim**-0.5 if scale is None else scale
+        self.attn = Attention(heads, kv_heads, head_dim, scale, sliding_window=window, softcap=softcap)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -53,12 +61,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None) -> None:
+    """Gated MLP: fused gate/up, a gated activation (SwiGLU unless given another), down projection."""
+
+    def __init__(self, config: ArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantMethod | None,
+                 act: nn.Module | None = None) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], ["gate", "up"], False, dtype, device, quant)
         self.down_proj = ReplicatedLinear(size, config.hidden_size, False, dtype, device, quant)
-        self.act = SiluAndMul()
+        self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -104,7 +115,7 @@ class LlamaModel(nn.Module):
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
-                                      config.max_position_embeddings, dtype, device)
+                                      config.max_position_embeddings, dtype, device, config.partial_rotary_factor)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)

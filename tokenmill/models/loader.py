@@ -64,13 +64,14 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 
 def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Normal(0, std) matrices, unit norms, zero biases, generated on the model's device."""
+    """Normal(0, std) matrices, identity norms, zero biases, generated on the model's device."""
     generator_device = next(model.parameters()).device
     generator = torch.Generator(device=generator_device).manual_seed(seed)
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                param.fill_(getattr(modules[name.rpartition(".")[0]], "identity_weight", 1.0))
             elif name.endswith(".bias"):
                 param.zero_()
             else:
@@ -107,7 +108,8 @@ def _open(file: Path):  # -> safetensors handle
 
 
 def _checkpoint_targets(model: nn.Module) -> dict[str, tuple[str, str | None]]:
-    """Checkpoint tensor name -> (parameter name, shard), through the model's packed-module map."""
+    """Checkpoint tensor name -> (parameter name, shard), through the model's packed-module map. A fused
+    parameter also takes its own name, whole: checkpoints that already fuse it (Phi-3's qkv_proj) load as is."""
     targets: dict[str, tuple[str, str | None]] = {}
     packed: dict[str, list[tuple[str, str]]] = getattr(model, "packed_modules", {})
     for name, _ in model.named_parameters():
@@ -116,8 +118,7 @@ def _checkpoint_targets(model: nn.Module) -> dict[str, tuple[str, str | None]]:
         if module_name in packed:
             for part, shard in packed[module_name]:
                 targets[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (name, shard)
-        else:
-            targets[name] = (name, None)
+        targets[name] = (name, None)  # a fused parameter also loads whole (Phi-3's qkv_proj is stored fused)
     # Layers whose checkpoint parts depend on the config (a tensor per expert) name them themselves.
     for module_name, module in model.named_modules():
         parts = getattr(module, "checkpoint_parts", None)
@@ -134,7 +135,8 @@ def _checkpoint_targets(model: nn.Module) -> dict[str, tuple[str, str | None]]:
 
 def _missing_tensors(targets: dict[str, tuple[str, str | None]], loaded: set[tuple[str, str | None]]) -> list[str]:
     """Names of the checkpoint tensors no loaded one stood for. A parameter is complete when it was loaded
-    whole or shard by shard (stacked experts take either layout; a fused layer, each of its parts)."""
+    whole or shard by shard (stacked experts take either layout; a fused layer, its fused tensor or each of
+    its parts). With nothing of a sharded parameter loaded, the error names both ways to supply it."""
     names: dict[str, dict[str | None, str]] = {}
     for name, (param, shard) in targets.items():
         names.setdefault(param, {}).setdefault(shard, name)  # the first spelling names it in errors
@@ -142,8 +144,15 @@ def _missing_tensors(targets: dict[str, tuple[str, str | None]], loaded: set[tup
     for param, by_shard in names.items():
         if (param, None) in loaded:
             continue
-        parts = {shard: name for shard, name in by_shard.items() if shard is not None} or by_shard
-        missing.extend(name for shard, name in parts.items() if (param, shard) not in loaded)
+        parts = {shard: name for shard, name in by_shard.items() if shard is not None}
+        if not parts:
+            missing.append(by_shard[None])
+        elif any((param, shard) in loaded for shard in parts):
+            missing.extend(name for shard, name in parts.items() if (param, shard) not in loaded)
+        elif None in by_shard:
+            missing.append(f"{by_shard[None]} (or {', '.join(parts.values())})")
+        else:
+            missing.extend(parts.values())
     return missing
 
 
