@@ -41,7 +41,8 @@ def permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, 2, shape[0] // num_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def make_gguf(family: str, root: Path, *, tensor_type: str = "F32", tokenizer: str = "gpt2", **overrides) -> Path:
+def make_gguf(family: str, root: Path, *, tensor_type: str = "F32", tokenizer: str = "gpt2",
+              raw_types: dict[str, str] | None = None, **overrides) -> Path:
     """A tiny random checkpoint of `family` in root/hf, written as root/gguf/model.gguf (a folder of its own:
     transformers would prefer a tokenizer.json beside the file to the file's own tokenizer)."""
     from tests.checkpoints import make_checkpoint
@@ -51,12 +52,14 @@ def make_gguf(family: str, root: Path, *, tensor_type: str = "F32", tokenizer: s
     checkpoint = make_checkpoint(family, root / "hf", **overrides)
     (root / "gguf").mkdir(parents=True, exist_ok=True)
     tok_dir = root / "sp" if tokenizer == "llama" else checkpoint
-    return write_gguf(checkpoint, tok_dir, root / "gguf" / "model.gguf", tensor_type=tensor_type, tokenizer=tokenizer)
+    return write_gguf(checkpoint, tok_dir, root / "gguf" / "model.gguf", tensor_type=tensor_type, tokenizer=tokenizer,
+                      raw_types=raw_types)
 
 
 def write_gguf(checkpoint: Path, tok_dir: Path, out_file: Path, *, tensor_type: str = "F32",
-               tokenizer: str = "gpt2") -> Path:
-    """Write `out_file` from a tiny checkpoint folder and a tokenizer folder (tokenizer.json + config)."""
+               tokenizer: str = "gpt2", raw_types: dict[str, str] | None = None) -> Path:
+    """Write `out_file` from a tiny checkpoint folder and a tokenizer folder (tokenizer.json + config);
+    `raw_types` writes the named GGUF tensors as zero bytes of another ggml type."""
     import gguf
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -84,7 +87,11 @@ def write_gguf(checkpoint: Path, tok_dir: Path, out_file: Path, *, tensor_type: 
         tensor = tensor.astype(np.float32)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = permute_rotary_rows(tensor, heads if "q_proj" in name else kv_heads)
-        if tensor.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if gguf_name(name) in (raw_types or {}):
+            raw = gguf.GGMLQuantizationType[raw_types[gguf_name(name)]]
+            zeros = np.zeros(gguf.quants.quant_shape_to_byte_shape(tensor.shape, raw), dtype=np.uint8)
+            writer.add_tensor(gguf_name(name), zeros, raw_dtype=raw)
+        elif tensor.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name(name), gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name(name), tensor)

@@ -67,7 +67,7 @@ def gguf_tensors(gguf: GGUFFile, arch: ArchConfig) -> list[NamedTensor]:
         try:
             load_dequantizer(info.type_id)
         except UnsupportedType as exc:
-            raise gguf.error(f"tensor {info.name} has type {type_name(info.type_id)}: {exc}") from exc
+            raise gguf.error(f"tensor {info.name} has type {type_name(info.type_id)}{exc}") from exc
         heads = None
         if permuted and info.name.startswith("blk.") and info.name.split(".")[2] in ("attn_q", "attn_k"):
             heads = arch.num_heads if info.name.split(".")[2] == "attn_q" else arch.num_kv_heads
