@@ -8,6 +8,7 @@ llama-architecture files, matrices in the requested ggml type (norms stay F32, a
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,9 @@ def write_gguf(checkpoint: Path, tok_dir: Path, out_file: Path, *, tensor_type: 
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
     _add_tokenizer(writer, tok_dir, tokenizer)
+    scaling = config.get("rope_scaling") or rope
+    if scaling.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(scaling, head_dim, rope.get("rope_theta", 1e4)))
 
     qtype = gguf.GGMLQuantizationType[tensor_type]
     for name, tensor in load_file(checkpoint / "model.safetensors").items():
@@ -100,6 +104,23 @@ def write_gguf(checkpoint: Path, tok_dir: Path, out_file: Path, *, tensor_type: 
     writer.write_tensors_to_file()
     writer.close()
     return out_file
+
+
+def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs for Llama-3 scaling: one divisor per frequency."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (1.0 / theta ** (i / head_dim))
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def _add_tokenizer(writer, tok_dir: Path, kind: str) -> None:

@@ -99,3 +99,18 @@ def test_chat_through_the_engine_uses_the_files_template(gguf_file):
     [output] = llm.chat([{"role": "user", "content": "Hello!"}], SamplingParams(temperature=0.0, max_tokens=4))
     assert output.prompt.startswith("<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n")
     assert len(output.outputs[0].token_ids) >= 1
+
+
+def test_llama3_rope_factors_follow_the_original_checkpoint(tmp_path):
+    """llama.cpp stores Llama-3 RoPE scaling as rope_freqs.weight (transformers' GGUF reader ignores it), so the
+    reference here is transformers on the safetensors checkpoint the file was written from."""
+    from tests.e2e.conftest import hf_greedy
+
+    path = make_gguf("llama3", tmp_path, tensor_type="F32")
+    llm = LLM(model=str(path), dtype="float32", max_model_len=512)
+    assert llm.engine.arch.rope_scaling is not None
+    prompts = make_prompts(lengths=[7, 129])
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    expected = hf_greedy(tmp_path / "hf", prompts, max_new_tokens=NEW_TOKENS)
+    assert [o.outputs[0].token_ids for o in outputs] == expected

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tokenmill.models.arch_config import ArchConfig, parse_arch_config
+from tokenmill.models.gguf.dequant import dequantize
 from tokenmill.models.gguf.reader import GGUFFile
 
 # general.architecture -> (HF architectures name, model_type); llama covers Llama, Mistral and SmolLM files.
@@ -81,15 +82,26 @@ def gguf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
             "factor": meta.get(f"{arch}.rope.scaling.factor"),
             "original_max_position_embeddings": meta.get(f"{arch}.rope.scaling.original_context_length"),
         }
-    if "rope_freqs.weight" in gguf.tensors:  # llama.cpp's form of Llama-3.1 scaling: per-frequency factors
-        raise gguf.error("per-frequency RoPE factors (tensor rope_freqs.weight, Llama 3.1-style scaling) are not "
-                         "supported yet")
+    if "rope_freqs.weight" in gguf.tensors:
+        config["rope_scaling"] = _rope_freqs(gguf, config)
     config["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
     # The end-of-turn token ends a chat reply as EOS ends the text: both stop generation.
     stops = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
     config["eos_token_id"] = list(dict.fromkeys(int(t) for t in stops if t is not None))
     config["torch_dtype"] = _natural_dtype(gguf)
     return config
+
+
+def _rope_freqs(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's form of Llama-3 RoPE scaling: no scaling keys, a tensor of one divisor per frequency."""
+    info = gguf.tensors["rope_freqs.weight"]
+    factors = dequantize(gguf.raw(info), info.type_id, info.shape).reshape(-1)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if factors.numel() != head_dim // 2:
+        raise gguf.error(f"rope_freqs.weight has {factors.numel()} factors, expected one per frequency "
+                         f"({head_dim // 2})")
+    return {"rope_type": "llama3", "factor": float(factors.max()), "inv_freq_factors": factors.tolist(),
+            "original_max_position_embeddings": config.get("max_position_embeddings")}
 
 
 def _natural_dtype(gguf: GGUFFile) -> str:

@@ -64,6 +64,8 @@ def gguf_tensors(gguf: GGUFFile, arch: ArchConfig) -> list[NamedTensor]:
     permuted = gguf.metadata.get("general.architecture") == "llama"
     out: list[NamedTensor] = []
     for info in gguf.tensors.values():
+        if info.name == "rope_freqs.weight":  # the rotary embedding's, read into the config (config.py)
+            continue
         try:
             load_dequantizer(info.type_id)
         except UnsupportedType as exc:
