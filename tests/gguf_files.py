@@ -81,7 +81,7 @@ def write_gguf(checkpoint: Path, tok_dir: Path, out_file: Path, *, tensor_type: 
     writer.add_value_length(head_dim)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
-    _add_tokenizer(writer, tok_dir, tokenizer)
+    _add_tokenizer(writer, tok_dir, tokenizer, pre="qwen2" if arch in ("qwen2", "qwen3") else "gpt-2")
     scaling = config.get("rope_scaling") or rope
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(scaling, head_dim, rope.get("rope_theta", 1e4)))
@@ -123,7 +123,7 @@ def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarra
     return np.array(factors, dtype=np.float32)
 
 
-def _add_tokenizer(writer, tok_dir: Path, kind: str) -> None:
+def _add_tokenizer(writer, tok_dir: Path, kind: str, pre: str) -> None:
     tok = json.loads((tok_dir / "tokenizer.json").read_text())
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     vocab = dict(tok["model"]["vocab"])
@@ -144,8 +144,10 @@ def _add_tokenizer(writer, tok_dir: Path, kind: str) -> None:
         writer.add_add_bos_token(True)
         writer.add_unk_token_id(ids["<unk>"])
     else:
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_types([CONTROL if t in special else NORMAL for t in tokens])
+        writer.add_tokenizer_pre(pre)  # "qwen2": split by Qwen2's regex; "gpt-2": ByteLevel's own
+        # <think> tags as user-defined tokens (matched whole, kept by decode), the way Qwen3 files mark them
+        writer.add_token_types([USER_DEFINED if t in ("<think>", "</think>") else CONTROL if t in special
+                                else NORMAL for t in tokens])
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
         writer.add_add_bos_token(False)
     for key, setter in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),

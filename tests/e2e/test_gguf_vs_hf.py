@@ -78,7 +78,7 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(family, gguf_file):
     path = gguf_file(family)
     ours = Tokenizer.from_pretrained(path)
     ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in TEXTS:
+    for text in TEXTS + ["<think>\nhmm 12345 numbers</think> done", "x  \n\n  y"]:
         ids = ref(text)["input_ids"]
         assert ours.encode(text) == ids, text
         assert ours.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False)["input_ids"]
