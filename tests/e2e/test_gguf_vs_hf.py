@@ -114,3 +114,15 @@ def test_llama3_rope_factors_follow_the_original_checkpoint(tmp_path):
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     expected = hf_greedy(tmp_path / "hf", prompts, max_new_tokens=NEW_TOKENS)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_bench_with_the_transformers_peer_reads_the_gguf_file(gguf_file, tmp_path):
+    import json
+
+    from tokenmill.cli import main
+
+    out = tmp_path / "peer.json"
+    code = main(["bench", "latency", "--model", str(gguf_file("qwen2")), "--dtype", "float32", "--input-len", "8",
+                 "--output-len", "4", "--runs", "1", "--device", "cpu", "--peer", "transformers", "--json", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text())["peer_transformers"]["tok_per_s"] > 0
