@@ -56,7 +56,8 @@ class EngineArgs:
     """The engine's settings, flat, as users name them; `create_engine_config` nests and validates them."""
 
     model: str | None = _knob(
-        None, "checkpoint folder (config.json, *.safetensors, tokenizer.json); default: models/tokenmill-py-13m",
+        None, "checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file; default: "
+        "models/tokenmill-py-13m",
         _MODEL)
     dtype: str = _knob(EngineConfig.dtype, "weight and activation dtype (auto: the checkpoint's)", _MODEL,
                        choices=DTYPES)

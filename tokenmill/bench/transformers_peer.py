@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from tokenmill.models.gguf import is_gguf_path
+
 
 @dataclass
 class PeerResult:
@@ -41,6 +43,9 @@ def time_transformers_generate(
 
     if load_format == "random":
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    elif is_gguf_path(model_path):  # transformers reads the same file
+        path = Path(model_path)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model = model.to(device).eval()

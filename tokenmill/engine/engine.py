@@ -21,6 +21,7 @@ from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.models.gguf import is_gguf_path
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.factory import build_speculator
@@ -218,7 +219,7 @@ class LLMEngine:
 
 
 def _load_tokenizer(model_path: str, required: bool) -> Tokenizer | None:
-    if not required and not (Path(model_path) / "tokenizer.json").is_file():
+    if not required and not is_gguf_path(model_path) and not (Path(model_path) / "tokenizer.json").is_file():
         return None
     return Tokenizer.from_pretrained(model_path)
 

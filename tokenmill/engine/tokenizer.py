@@ -1,4 +1,4 @@
-"""Tokenizer loading (tokenizer.json + tokenizer_config.json), special tokens and chat templates.
+"""Tokenizer loading (tokenizer.json + tokenizer_config.json, or a GGUF file), special tokens and chat templates.
 
 Wraps `tokenizers.Tokenizer` directly so the engine does not need `transformers`; the behaviour follows
 transformers 5 (`TokenizersBackend` + `apply_chat_template`), which the tests use as the reference.
@@ -22,6 +22,7 @@ from tokenmill.engine.chat_template import (
     plain_json,
 )
 from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.models.gguf import is_gguf_path
 
 # Named special tokens, in the order transformers lists them in `all_special_tokens`.
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -124,7 +125,10 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":
-        """Load tokenizer.json, tokenizer_config.json and chat_template.jinja from a checkpoint folder."""
+        """Load tokenizer.json, tokenizer_config.json and chat_template.jinja from a checkpoint folder, or the
+        tokenizer a GGUF file's metadata describes."""
+        if is_gguf_path(path):
+            return cls.from_gguf(path)
         root = Path(path)
         tok_file = root / "tokenizer.json"
         if not tok_file.is_file():
@@ -157,6 +161,14 @@ class Tokenizer:
             return cls(backend, config, template, name=str(root))
         except (KeyError, TypeError, ValueError) as e:  # malformed special-token entries
             raise ModelLoadError(f"{cfg_file}: invalid special token entry ({e})") from e
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "Tokenizer":
+        from tokenmill.models.gguf.reader import GGUFFile
+        from tokenmill.models.gguf.tokenizer import gguf_tokenizer
+
+        backend, config, template = gguf_tokenizer(GGUFFile(path))
+        return cls(backend, config, template, name=str(path))
 
     def _find_byte_tokens(self) -> frozenset[int]:
         """Ids of `<0xNN>` tokens when the model uses byte fallback (sentencepiece-style)."""

@@ -20,6 +20,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
         return inv_freq
+    if "inv_freq_factors" in scaling:  # Llama-3 scaling as a GGUF holds it: one divisor per frequency
+        return inv_freq / torch.tensor(scaling["inv_freq_factors"], dtype=torch.float32)
     factor = float(scaling["factor"])
     if scaling.get("rope_type") == "linear":  # positions interpolated: every frequency slowed by the factor
         return inv_freq / factor

@@ -1,9 +1,11 @@
-"""Load a checkpoint folder: safetensors streamed one tensor at a time, or random weights for benchmarks."""
+"""Load a checkpoint: a folder of safetensors or one GGUF file, streamed one tensor at a time through the
+parameters' weight loaders; or random weights for benchmarks."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -12,8 +14,12 @@ from torch import nn
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import QuantMethod
 from tokenmill.models.arch_config import ArchConfig, read_arch_config
+from tokenmill.models.gguf import is_gguf_path
 from tokenmill.models.registry import model_class_for
 from tokenmill.utils.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from tokenmill.models.gguf.reader import GGUFFile
 
 # The one table from dtype names (config.DTYPES, less "auto") to torch dtypes.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,6 +37,30 @@ def resolve_dtype(dtype: torch.dtype | str, arch: ArchConfig) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 
 
+class NamedTensor(NamedTuple):
+    """One checkpoint tensor to load: where it comes from (for errors), its name, and how to read it."""
+
+    where: str
+    name: str
+    read: Callable[[], torch.Tensor]
+
+
+def read_checkpoint_arch(model_path: str | Path) -> ArchConfig:
+    """The ArchConfig of a checkpoint folder (config.json) or of a GGUF file (its metadata)."""
+    return _open_checkpoint(model_path)[0]
+
+
+def _open_checkpoint(model_path: str | Path) -> tuple[ArchConfig, str, GGUFFile | None]:
+    """(architecture, the file that states it, the parsed GGUF file when the checkpoint is one)."""
+    if is_gguf_path(model_path):
+        from tokenmill.models.gguf.config import gguf_arch_config
+        from tokenmill.models.gguf.reader import GGUFFile
+
+        gguf = GGUFFile(model_path)
+        return gguf_arch_config(gguf), str(model_path), gguf
+    return read_arch_config(model_path), str(Path(model_path) / "config.json"), None
+
+
 def load_model(
     model_path: str | Path,
     dtype: torch.dtype | str = "auto",
@@ -40,15 +70,20 @@ def load_model(
     quant: QuantMethod | None = None,
 ) -> tuple[nn.Module, ArchConfig]:
     """Build the model for the checkpoint's architecture, fill its weights and ready them for its kernels."""
-    arch = read_arch_config(model_path)
-    model_cls = model_class_for(arch.architecture, source=str(Path(model_path) / "config.json"))
+    arch, source, gguf = _open_checkpoint(model_path)
+    model_cls = model_class_for(arch.architecture, source=source)
     torch_dtype = resolve_dtype(dtype, arch)
     device = torch.device(device)
     model = model_cls(arch, torch_dtype, device, quant)
     if load_format == "random":
         init_random_weights(model)
+    elif load_format == "auto" and gguf is not None:
+        from tokenmill.models.gguf.weights import gguf_tensors, one_thread
+
+        with one_thread():
+            fill_weights(model, gguf_tensors(gguf, arch), str(model_path), progress)
     elif load_format == "auto":
-        load_safetensors_weights(model, Path(model_path), progress)
+        fill_weights(model, _safetensors_tensors(Path(model_path)), str(model_path), progress)
     else:
         raise ModelLoadError(f"load_format {load_format!r} is not supported (use auto or random)")
     process_weights_after_loading(model)
@@ -163,39 +198,57 @@ def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = N
     param.data.copy_(loaded)
 
 
-def load_safetensors_weights(model: nn.Module, model_path: Path, progress: bool = False) -> None:
-    index = _tensor_index(model_path)
+def _safetensors_tensors(model_path: Path) -> list[NamedTensor]:
+    """Every tensor of the folder's safetensors files, read one at a time from its file."""
+    out: list[NamedTensor] = []
+    for file, names in _names_by_file(_tensor_index(model_path)).items():
+        handle = _open(file)
+        out.extend(NamedTensor(file.name, name, _reader(handle, file, name)) for name in names)
+    return out
+
+
+def _names_by_file(index: dict[str, Path]) -> dict[Path, list[str]]:
+    by_file: dict[Path, list[str]] = {}
+    for name, file in index.items():
+        by_file.setdefault(file, []).append(name)
+    return by_file
+
+
+def _reader(handle, file: Path, name: str) -> Callable[[], torch.Tensor]:  # handle: a safetensors file
+    def read() -> torch.Tensor:
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:
+            raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({exc})") from exc
+
+    return read
+
+
+def fill_weights(model: nn.Module, tensors: list[NamedTensor], checkpoint: str, progress: bool = False) -> None:
+    """Copy every checkpoint tensor into its parameter (or fused shard) through the parameter's weight loader;
+    every parameter must be filled."""
     params = dict(model.named_parameters())
     targets = _checkpoint_targets(model)
     tied = getattr(getattr(model, "lm_head", None), "weight_is_shared", False)
     loaded: set[tuple[str, str | None]] = set()
-    by_file: dict[Path, list[str]] = {}
-    for name, file in index.items():
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-            continue
-        by_file.setdefault(file, []).append(name)
-    bar = ProgressBar(total=sum(len(v) for v in by_file.values()), label="loading weights", enabled=progress)
+    tensors = [t for t in tensors if not (t.name.endswith(_IGNORED_SUFFIXES) or (tied and t.name == "lm_head.weight"))]
+    bar = ProgressBar(total=len(tensors), label="loading weights", enabled=progress)
     with torch.no_grad():
-        for file, names in by_file.items():
-            handle = _open(file)
-            for name in names:
-                target = targets.get(name)
-                if target is None:
-                    raise ModelLoadError(f"{file.name}: tensor {name!r} is not part of {type(model).__name__}")
-                try:
-                    tensor = handle.get_tensor(name)
-                except Exception as exc:
-                    raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({exc})") from exc
-                param_name, shard = target
-                param = params[param_name]
-                try:
-                    getattr(param, "weight_loader", _copy_whole)(param, tensor, shard)
-                except ModelLoadError as exc:
-                    raise ModelLoadError(f"{file.name}: tensor {name!r}: {exc}") from exc
-                loaded.add(target)
-                bar.update()
+        for where, name, read in tensors:
+            target = targets.get(name)
+            if target is None:
+                raise ModelLoadError(f"{where}: tensor {name!r} is not part of {type(model).__name__}")
+            param_name, shard = target
+            param = params[param_name]
+            tensor = read()  # its errors name the file already
+            try:
+                getattr(param, "weight_loader", _copy_whole)(param, tensor, shard)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{where}: tensor {name!r}: {exc}") from exc
+            loaded.add(target)
+            bar.update()
     bar.close()
     needed = sorted(_missing_tensors(targets, loaded))
     if needed:
         missing = ", ".join(needed[:5]) + (" ..." if len(needed) > 5 else "")
-        raise ModelLoadError(f"{model_path}: checkpoint lacks {len(needed)} tensor(s) the model needs: {missing}")
+        raise ModelLoadError(f"{checkpoint}: checkpoint lacks {len(needed)} tensor(s) the model needs: {missing}")

@@ -268,9 +268,9 @@ class Worker:
 
 def _count_params(config: EngineConfig) -> int:
     """The checkpoint's parameter count from its config alone (the compile decision precedes loading)."""
-    from tokenmill.models.arch_config import read_arch_config
+    from tokenmill.models.loader import read_checkpoint_arch
 
-    arch = read_arch_config(config.model)
+    arch = read_checkpoint_arch(config.model)
     attention = arch.hidden_size * arch.head_dim * (2 * arch.num_heads + 2 * arch.num_kv_heads)
     mlp = 3 * arch.hidden_size * arch.intermediate_size
     moe = arch.num_experts * arch.hidden_size * (3 * arch.moe_intermediate_size + 1)  # experts + router rows
