@@ -1,4 +1,4 @@
-"""`tokenmill generate | chat | make-tiny | bench | train | distill` — the command line."""
+"""`tokenmill generate | chat | serve | models | make-tiny | bench | train | distill` — the command line."""
 
 from __future__ import annotations
 
@@ -67,8 +67,13 @@ def _stream(llm, prompt, params) -> tuple[str, int, float]:
 def cmd_generate(args: argparse.Namespace) -> None:
     llm = _make_llm(args)
     params = _sampling_params(args)
-    sys.stdout.write(args.prompt)
-    _, num_tokens, seconds = _stream(llm, args.prompt, params)
+    if args.chat:  # the prompt is one user message, rendered by the model's chat template; print the reply
+        prompt = llm.get_tokenizer().render_chat([{"role": "user", "content": args.prompt}],
+                                                 add_generation_prompt=True).prompt()
+    else:
+        prompt = args.prompt
+        sys.stdout.write(prompt)
+    _, num_tokens, seconds = _stream(llm, prompt, params)
     print()
     print(f"[{num_tokens} tokens in {seconds:.2f} s, {num_tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
 
@@ -97,6 +102,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    from tokenmill.model_catalog import catalog_rows
+
+    rows = catalog_rows()
+    width = max(len(name) for name, _, _ in rows)
+    for name, where, description in rows:
+        print(f"{name:<{width}}  {description}\n{'':<{width}}  {where}")
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> None:
     from tokenmill.tools.tiny_checkpoint import make_tiny_checkpoint
 
@@ -108,11 +122,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """OpenAI-compatible HTTP server; SIGINT/SIGTERM drain in-flight requests for --drain-timeout, then abort."""
     import uvicorn
 
-    from tokenmill.default_model import DEFAULT_MODEL_NAME
+    from tokenmill.model_catalog import served_name
     from tokenmill.engine.async_engine import AsyncLLMEngine
     from tokenmill.server.app import build_app
 
-    served_model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    served_model_name = args.served_model_name or served_name(args.model)
     llm = _make_llm(args)
     engine = AsyncLLMEngine(llm.engine, max_queue=args.max_queue)
     app = build_app(
@@ -143,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(gen)
     _add_sampling_args(gen)
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the chat template and print the reply")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with the checkpoint's chat template")
@@ -168,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="the models known by a short name (--model NAME), and where they are")
+    models.set_defaults(func=cmd_models)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (nothing is downloaded)")
     tiny.add_argument("out", help="output folder")

@@ -22,7 +22,7 @@ from tokenmill.config import (
     SpecConfig,
     ThinkingConfig,
 )
-from tokenmill.default_model import resolve_models
+from tokenmill.model_catalog import resolve_models
 from tokenmill.errors import ConfigError
 
 _FLAG_KEY = "tokenmill_flag"

@@ -45,3 +45,14 @@ def test_bad_values_give_a_clear_error_and_exit_code(tiny, capsys):
     assert "top_p" in capsys.readouterr().err
     assert main(["generate", "--model", tiny + "-missing", "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_chat_sends_a_user_message_and_prints_the_reply(tiny, capsys):
+    from tokenmill import LLM, SamplingParams
+
+    assert main(["generate", "--model", tiny, "--chat", "--prompt", "Hello", "--max-tokens", "6", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    llm = LLM(model=tiny)
+    prompt = llm.get_tokenizer().render_chat([{"role": "user", "content": "Hello"}], add_generation_prompt=True).prompt()
+    reply = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].outputs[0].text
+    assert out == reply + "\n"

@@ -227,8 +227,15 @@ def test_a_pool_smaller_than_the_context_is_a_config_error() -> None:
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_no_model_means_the_shipped_pair(command: str, engine_config_of) -> None:
-    from tokenmill.default_model import DEFAULT_DRAFT, DEFAULT_MODEL
+def test_no_model_means_the_default_model(command: str, engine_config_of) -> None:
+    from tokenmill.model_catalog import default_model_name, resolve_model
 
-    config = engine_config_of(COMMANDS[command] + ["--speculative-method", "draft"])
-    assert (config.model, config.spec.draft_model) == (str(DEFAULT_MODEL), str(DEFAULT_DRAFT))
+    assert engine_config_of(COMMANDS[command]).model == resolve_model(default_model_name())
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_the_shipped_model_by_name_brings_its_draft(command: str, engine_config_of) -> None:
+    from tokenmill.model_catalog import SHIPPED_DRAFT, SHIPPED_MODEL
+
+    config = engine_config_of(COMMANDS[command] + ["--model", "tokenmill-py-13m", "--speculative-method", "draft"])
+    assert (config.model, config.spec.draft_model) == (str(SHIPPED_MODEL), str(SHIPPED_DRAFT))

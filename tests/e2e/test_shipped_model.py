@@ -1,4 +1,4 @@
-"""The model pair shipped in models/: it loads everywhere, matches transformers, and is the CLI's default."""
+"""The model pair shipped in models/: it loads everywhere, matches transformers, and answers to its name."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from tests.e2e.conftest import hf_greedy
 from tokenmill import LLM, SamplingParams
 from tokenmill.cli import main
-from tokenmill.default_model import DEFAULT_DRAFT, DEFAULT_MODEL, default_model_path, resolve_models
-from tokenmill.errors import ModelLoadError
+from tokenmill.model_catalog import SHIPPED_DRAFT as DEFAULT_DRAFT
+from tokenmill.model_catalog import SHIPPED_MODEL as DEFAULT_MODEL
+from tokenmill.model_catalog import resolve_models
 
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef main():\n    ", "class Stack:\n    def __init__(self):"]
 NEW_TOKENS = 32
@@ -40,8 +41,8 @@ def test_draft_model_speculation_keeps_greedy_output(llm: LLM) -> None:
     assert spec.engine.stats()["spec_acceptance_rate"] > 0.3  # a distilled draft, not noise
 
 
-def test_generate_with_no_model_prints_python(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "--prompt", "def fibonacci(n):", "--max-tokens", "48"]) == 0
+def test_generate_with_the_shipped_model_prints_python(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", "tokenmill-py-13m", "--prompt", "def fibonacci(n):", "--max-tokens", "48"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("def fibonacci(n):")
     completion = text[len("def fibonacci(n):"):]
@@ -49,14 +50,9 @@ def test_generate_with_no_model_prints_python(capsys: pytest.CaptureFixture[str]
     assert re.search(r"\b(return|if|for|while|self|def|None|in)\b", completion), "Python keywords"
 
 
-def test_default_pair_fills_in_missing_paths(tmp_path) -> None:
-    assert resolve_models(None, None, None) == (str(DEFAULT_MODEL), None)
-    assert resolve_models(None, "draft", None) == (str(DEFAULT_MODEL), str(DEFAULT_DRAFT))
+def test_the_shipped_pair_fills_in_its_draft(tmp_path) -> None:
+    assert resolve_models("tokenmill-py-13m", None, None) == (str(DEFAULT_MODEL), None)
+    assert resolve_models("tokenmill-py-13m", "draft", None) == (str(DEFAULT_MODEL), str(DEFAULT_DRAFT))
+    assert resolve_models(str(DEFAULT_MODEL), "draft", None) == (str(DEFAULT_MODEL), str(DEFAULT_DRAFT))
     assert resolve_models(str(tmp_path), "draft", None) == (str(tmp_path), None)  # no draft guessed for others
-    assert resolve_models(None, "draft", "mine") == (str(DEFAULT_MODEL), "mine")
-
-
-def test_missing_default_model_names_the_flag(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tokenmill.default_model.DEFAULT_MODEL", tmp_path / "absent")
-    with pytest.raises(ModelLoadError, match="pass --model PATH"):
-        default_model_path()
+    assert resolve_models("tokenmill-py-13m", "draft", "mine") == (str(DEFAULT_MODEL), "mine")
