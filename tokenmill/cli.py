@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from tokenmill.engine_args import EngineArgs
 from tokenmill.errors import TokenmillError
@@ -26,10 +26,15 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
 
 
-def _make_llm(args: argparse.Namespace):  # -> LLM; imported late so `--help` is instant
+def _make_llm(args: argparse.Namespace, interactive: bool = False):  # -> LLM; imported late so `--help` is instant
     from tokenmill.llm import LLM
 
-    return LLM(show_progress=True, **asdict(EngineArgs.from_cli_args(args)))
+    engine_args = EngineArgs.from_cli_args(args)
+    if interactive and engine_args.compile is None:
+        # A one-shot generate or a chat produces a few hundred tokens: compiling (a minute or more on CPU)
+        # costs more than it saves there; serve and bench keep the engine's own choice. --compile forces it.
+        engine_args = replace(engine_args, compile=False)
+    return LLM(show_progress=True, **asdict(engine_args))
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -65,7 +70,7 @@ def _stream(llm, prompt, params) -> tuple[str, int, float]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    llm = _make_llm(args)
+    llm = _make_llm(args, interactive=True)
     params = _sampling_params(args)
     if args.chat:  # the prompt is one user message, rendered by the model's chat template; print the reply
         prompt = llm.get_tokenizer().render_chat([{"role": "user", "content": args.prompt}],
@@ -79,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    llm = _make_llm(args)
+    llm = _make_llm(args, interactive=True)
     params = _sampling_params(args)
     tokenizer = llm.get_tokenizer()
     messages: list[dict[str, str]] = []

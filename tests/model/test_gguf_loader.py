@@ -60,11 +60,13 @@ def test_config_comes_from_the_metadata(llama_q8, qwen3_f32):
     assert qwen3.tie_word_embeddings  # no output.weight in the file
 
 
-def test_dtype_auto_follows_the_file(llama_q8, qwen3_f32):
+def test_dtype_auto_follows_the_file(llama_q8, qwen3_f32, tmp_path):
     model, _ = load_model(qwen3_f32)
     assert next(model.parameters()).dtype == torch.float32  # an F32 file
     model, _ = load_model(llama_q8)
-    assert next(model.parameters()).dtype == torch.bfloat16  # quantized weights load in bfloat16
+    # Quantized weights load in float32, where their dequantized values are exact (bfloat16 rounds them again).
+    assert next(model.parameters()).dtype == torch.float32
+    assert read_checkpoint_arch(make_gguf("qwen3", tmp_path, tensor_type="F16")).torch_dtype == "float16"
 
 
 def test_loading_shows_progress(llama_q8, capsys):
@@ -122,3 +124,4 @@ def test_unsupported_tensor_type(tmp_path):
     message = r"model\.gguf: tensor blk\.0\.attn_q\.weight has type Q8_1, not supported \(supported: F32, F16, "
     with pytest.raises(ModelLoadError, match=message):
         load_model(path)
+

@@ -119,13 +119,14 @@ def test_all_flags_together_reach_the_engine(command: str, engine_config_of) -> 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_compile_is_left_to_the_platform_unless_a_flag_decides(command: str, engine_config_of) -> None:
-    assert engine_config_of(COMMANDS[command] + TARGET).compile is None
+    # generate and chat run a few hundred tokens: not worth a compile unless asked for.
+    assert engine_config_of(COMMANDS[command] + TARGET).compile is (False if command in ("generate", "chat") else None)
     assert engine_config_of(COMMANDS[command] + TARGET + ["--no-compile"]).compile is False
     assert engine_config_of(COMMANDS[command] + TARGET + ["--compile"]).compile is True
 
 
 def test_command_line_defaults_build_the_default_config_on_device_auto(engine_config_of) -> None:
-    assert engine_config_of(COMMANDS["generate"] + TARGET) == EngineConfig(model="/ckpt/target", device="auto")
+    assert engine_config_of(COMMANDS["serve"] + TARGET) == EngineConfig(model="/ckpt/target", device="auto")
 
 
 def test_llm_hands_every_keyword_to_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:

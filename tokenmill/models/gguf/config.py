@@ -32,7 +32,7 @@ _FIELDS = {
     "rope.freq_base": "rope_theta",
     "context_length": "max_position_embeddings",
 }
-_GGML_F32, _GGML_F16 = 0, 1
+_GGML_F32, _GGML_F16, _GGML_BF16 = 0, 1, 30
 
 
 def gguf_architecture(gguf: GGUFFile) -> str:
@@ -105,13 +105,15 @@ def _rope_freqs(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _natural_dtype(gguf: GGUFFile) -> str:
-    """The dtype "auto" loads in: the file's float type when it has one, bfloat16 for quantized weights."""
+    """The dtype "auto" loads in: the file's float type when it has one, float32 for quantized weights (their
+    dequantized values are exact in float32; bfloat16 would round them a second time, which flips near-tied
+    greedy choices of a small model such as SmolLM2's first answer token)."""
     matrix_types = {t.type_id for t in gguf.tensors.values() if len(t.shape) == 2}
-    if matrix_types == {_GGML_F32}:
-        return "float32"
-    if matrix_types <= {_GGML_F16, _GGML_F32}:
+    if matrix_types <= {_GGML_F16, _GGML_F32} and _GGML_F16 in matrix_types:
         return "float16"
-    return "bfloat16"
+    if matrix_types <= {_GGML_BF16, _GGML_F32} and _GGML_BF16 in matrix_types:
+        return "bfloat16"
+    return "float32"
 
 
 def gguf_arch_config(gguf: GGUFFile) -> ArchConfig:
