@@ -97,7 +97,7 @@ class LLMEngine:
 
     def validate_request(self, prompt: PromptInput, params: SamplingParams) -> None:
         """Everything add_request checks, without queueing: lets a batch be checked before any of it runs."""
-        params.validate()
+        params.validate(self.arch.vocab_size)
         text, token_ids = self.tokenize_prompt(prompt)
         self._with_thinking_ids(params, text, token_ids)
         if params.structured_outputs is not None:
@@ -106,7 +106,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None) -> None:
         """Validate and queue a request; bad input raises InvalidRequestError and changes nothing."""
         params = params or SamplingParams()
-        params.validate()
+        params.validate(self.arch.vocab_size)
         if request_id in self._groups:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import EngineOverloadedError, RequestFailedError
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.body_checks import MAX_JSON_DEPTH
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up on the nesting
+            return error_response(400, f"malformed JSON body: nested deeper than the parser allows (the limit "
+                                  f"is {MAX_JSON_DEPTH} levels)", code="invalid_json")
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), type_=type_)
 

@@ -12,6 +12,7 @@ from tokenmill.engine.async_engine import RequestStream
 from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import prompt_opens_thinking
 from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.server.body_checks import check_request_body
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.errors import InvalidRequestError
@@ -70,6 +71,7 @@ class _ChatPlan:
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
+    check_request_body(body)
     state.check_model(body.model)
     body.check_unsupported()
     tokenizer = state.tokenizer
