@@ -1,6 +1,9 @@
 """AsyncLLMEngine: one LLMEngine driven by a background thread, consumed from asyncio.
 
-Only the loop thread ever touches the LLMEngine. Callers talk to it through a command queue (add, abort),
+Only the loop thread ever changes the LLMEngine. A request is first checked by the engine's stateless
+`validate_request` (tokens, sampling values, grammar compilation) on a small preparation pool, so neither
+the event loop nor the step loop waits on one request's expensive checks and a request that cannot run is
+refused before it is queued. Callers talk to the loop through a command queue (add, abort),
 applied between steps, and receive outputs on a per-request asyncio queue fed with
 `loop.call_soon_threadsafe`. A slow consumer gets the outputs queued meanwhile as one: the newest of
 cumulative outputs, or the merge of delta outputs.
@@ -10,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import RequestFailedError, TokenmillError
 from tokenmill.outputs import CompletionOutput, RequestOutput, merge_deltas
 from tokenmill.sampling_params import SamplingParams
 
@@ -26,13 +31,12 @@ if TYPE_CHECKING:  # the loop only needs the engine's methods; keeps this module
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+PREPARE_WORKERS = 4
+
 
 class EngineOverloadedError(TokenmillError):
     """The waiting queue is full (`max_queue`) or the engine is shutting down: retry later (HTTP 503)."""
-
-
-class RequestFailedError(TokenmillError):
-    """The engine raised while computing this request; the request was aborted."""
 
 
 @dataclass
@@ -118,6 +122,8 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.num_step_errors = 0
+        # Bounded: at most this many requests are being checked (tokenized, rendered, compiled) at once.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=PREPARE_WORKERS, thread_name_prefix="tokenmill-prepare")
 
     # ---- caller side (any thread / event loop) -----------------------------------------------------
 
@@ -145,6 +151,7 @@ class AsyncLLMEngine:
             raise EngineOverloadedError("the server is shutting down and accepts no new requests")
         self.start()
         loop = asyncio.get_running_loop()
+        await self.run_prepare(self.engine.validate_request, prompt, params)
         accepted: asyncio.Future[None] = loop.create_future()
         stream = _Stream(request_id, loop, kind=params.output_kind, n=params.n)
         self._send("add", (stream, prompt, params, accepted))
@@ -154,6 +161,11 @@ class AsyncLLMEngine:
             self.abort(request_id)  # the caller left before the engine answered
             raise
         return RequestStream(self, stream)
+
+    async def run_prepare(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a request's preparation (tokenizing, template rendering, grammar compiling) on the bounded
+        preparation pool, off the event loop and off the step loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, functools.partial(fn, *args))
 
     async def generate(
         self, request_id: str, prompt: PromptInput, params: SamplingParams
@@ -178,6 +190,7 @@ class AsyncLLMEngine:
         self._send("stop", None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def _send(self, kind: str, payload: Any) -> None:
         self._commands.append((kind, payload))
@@ -197,11 +210,17 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as exc:  # a bug or device error: fail these requests, keep serving new ones
+            except Exception as exc:  # a bug or device error no request owns: fail these, keep serving new ones
                 self.num_step_errors += 1
                 logger.exception("engine step failed; failing %d in-flight request(s)", len(self._streams))
-                self._fail_all(RequestFailedError(f"the engine failed while generating: {type(exc).__name__}: {exc}"))
+                # The exception text may quote one request's input: only a lone request may read it.
+                detail = f": {exc}" if len(self._streams) == 1 else ""
+                self._fail_all(RequestFailedError(f"the engine failed while generating: {type(exc).__name__}{detail}"))
                 continue
+            for request_id, error in engine.take_failures().items():
+                failed = self._streams.pop(request_id, None)
+                if failed is not None:
+                    failed.put(error)
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is None:

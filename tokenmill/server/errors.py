@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.async_engine import EngineOverloadedError, RequestFailedError
-from tokenmill.errors import InvalidRequestError
+from tokenmill.engine.async_engine import EngineOverloadedError
+from tokenmill.errors import InvalidRequestError, RequestFailedError
 from tokenmill.server.body_checks import MAX_JSON_DEPTH
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), type_="server_overloaded", code="server_overloaded")
     if isinstance(exc, RequestFailedError):
+        if exc.field is not None:  # the request's own input made it fail (e.g. its grammar): the client's error
+            return APIError(400, str(exc), param=exc.field)
         return APIError(500, str(exc), type_="server_error")
     logger.exception("unexpected error while serving a request", exc_info=exc)
     return APIError(500, f"internal server error: {type(exc).__name__}", type_="server_error")

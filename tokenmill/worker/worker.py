@@ -35,6 +35,7 @@ from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
 from tokenmill.worker.input_batch import StepInputs
 from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block, check_pool_holds_context
 from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.worker.request_failures import RequestFailures
 from tokenmill.worker.step_timer import time_forward
 
 
@@ -119,25 +120,30 @@ class Worker:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         started = time.perf_counter()
-        self._update_requests(scheduler_output)
+        # A request whose own work fails (its grammar, its state) is left out of the rest of the step and
+        # reported in output.failed; the step goes on for everyone else.
+        failures = RequestFailures()
+        self._update_requests(scheduler_output, failures)
         chunks = scheduler_output.chunks
         if not chunks:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], failed=failures.failed)
         inputs = self.runner.prepare(scheduler_output)
-        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
+        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts)
+                 if not chunks[c].num_spec_tokens and chunks[c].req_id not in failures]
         grammar = self._start_grammar_masks(scheduler_output, plain)
         prepared = time.perf_counter()
         hidden = self.runner.forward(inputs)
         forwarded = time.perf_counter()
         sampled: list[list[int]] = [[] for _ in chunks]
-        output = ModelRunnerOutput(req_ids=[c.req_id for c in chunks], sampled_token_ids=sampled)
+        output = ModelRunnerOutput(req_ids=[c.req_id for c in chunks], sampled_token_ids=sampled,
+                                   failed=failures.failed)
         if inputs.sampling_chunks:
-            self._sample(scheduler_output, inputs, hidden, plain, grammar, output)
+            self._sample(scheduler_output, inputs, hidden, plain, grammar, output, failures)
         sampling.prompt_logprobs(chunks, self.states, hidden, self.model.compute_logits, output)
         sampled_at = time.perf_counter()
         drafted = any(c.num_spec_tokens for c in chunks)
         if self.drafter is not None and inputs.sampling_chunks:
-            self._propose_drafts(scheduler_output, inputs, output)
+            self._propose_drafts(scheduler_output, inputs, output, failures)
         finished = time.perf_counter()
         if self.drafter is not None and inputs.sampling_chunks:
             self.drafter.observe_step(inputs.num_tokens, drafted, finished - started)
@@ -148,13 +154,14 @@ class Worker:
                           "execute_s": finished - started}
         return output
 
-    def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
+    def _update_requests(self, scheduler_output: SchedulerOutput, failures: RequestFailures) -> None:
         if self.drafter is not None and self._last_decode_step is not None and scheduler_output.prev_step_seconds:
             # Judged before this step drafts again: the drafter still holds what the previous step proposed.
             self.drafter.observe_decode_step(*self._last_decode_step, scheduler_output.prev_step_seconds)
         self._last_decode_step = None
         for new in scheduler_output.new_requests:
-            self.states[new.req_id] = self._new_state(new)
+            with failures.guard(new.req_id):
+                self.states[new.req_id] = self._new_state(new)
         input_batch = self.runner.input_batch
         assert input_batch is not None, "init_cache() must run before execute()"
         for req_id in scheduler_output.finished_req_ids:
@@ -192,38 +199,67 @@ class Worker:
         return None if pending is None else (pending, rows)
 
     def _sample(self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
-                plain: list[tuple[int, int]], grammar: Any, output: ModelRunnerOutput) -> None:
+                plain: list[tuple[int, int]], grammar: Any, output: ModelRunnerOutput,
+                failures: RequestFailures) -> None:
         chunks = scheduler_output.chunks
         logits = self.runner.logits(hidden, inputs)
+        plain, mask = self._resolve_grammar_masks(chunks, plain, grammar, failures)
         if plain:
             rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
             states = [self.states[chunks[c].req_id] for c, _ in plain]
-            tokens, entries = sampling.sample_plain(self.sampler, rows, states, grammar)
+            tokens, entries = sampling.sample_plain(self.sampler, rows, states, mask)
             for (chunk_index, _), state, token, entry in zip(plain, states, tokens, entries):
-                sampling.record(state, [token])
+                req_id = chunks[chunk_index].req_id
+                with failures.guard(req_id):
+                    sampling.record(state, [token])
+                if req_id in failures:
+                    continue
                 output.sampled_token_ids[chunk_index].append(token)
                 if entry is not None:
                     output.logprobs.setdefault(chunks[chunk_index].req_id, []).append(entry)
-        verifying = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if chunks[c].num_spec_tokens]
+        verifying = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts)
+                     if chunks[c].num_spec_tokens and chunks[c].req_id not in failures]
         if verifying:
             assert self.drafter is not None
             states = [self.states[chunks[c].req_id] for c, _ in verifying]
             results = sampling.verify_drafts(self.drafter, self.sampler.generator, [chunks[c] for c, _ in verifying],
                                              states, [r for _, r in verifying], logits)
             for (chunk_index, _), state, (emitted, entries) in zip(verifying, states, results):
-                sampling.record(state, emitted)
+                with failures.guard(chunks[chunk_index].req_id):
+                    sampling.record(state, emitted)
+                if chunks[chunk_index].req_id in failures:
+                    continue
                 output.sampled_token_ids[chunk_index].extend(emitted)
                 if entries:
                     output.logprobs.setdefault(chunks[chunk_index].req_id, []).extend(entries)
 
-    def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput) -> None:
+    def _resolve_grammar_masks(self, chunks: list[ScheduledChunk], plain: list[tuple[int, int]], grammar: Any,
+                               failures: RequestFailures) -> tuple[list[tuple[int, int]], Any]:
+        """The step's grammar masks as (bitmask, rows into plain); requests whose mask failed leave `plain`."""
+        if grammar is None:
+            return plain, None
+        pending, rows = grammar
+        result = pending.result()
+        if not result.failed:
+            return plain, (result.bitmask, rows)
+        for mask_row, error in result.failed.items():
+            failures.record(chunks[plain[rows[mask_row]][0]].req_id, error)
+        kept = [i for i, (c, _) in enumerate(plain) if chunks[c].req_id not in failures]
+        new_index = {old: new for new, old in enumerate(kept)}
+        mask_rows = [j for j in range(len(rows)) if j not in result.failed]
+        if not mask_rows:
+            return [plain[i] for i in kept], None
+        return [plain[i] for i in kept], (result.bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows])
+
+    def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput,
+                        failures: RequestFailures) -> None:
         """Drafts for every request that goes on decoding, returned to the scheduler for the next step."""
         assert self.drafter is not None
         candidates = []
         sampling_chunks = set(inputs.sampling_chunks)
         num_other_tokens = 0
         for index, chunk in enumerate(scheduler_output.chunks):
-            if index not in sampling_chunks:
+            if index not in sampling_chunks or chunk.req_id in failures:
                 num_other_tokens += len(chunk.token_ids)
                 continue
             state = self.states[chunk.req_id]
