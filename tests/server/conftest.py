@@ -18,6 +18,7 @@ from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig, Thinkin
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.server.app import build_app
+from tokenmill.server.http_protocol import uvicorn_config
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -47,7 +48,7 @@ def start_server(app, engine: AsyncLLMEngine) -> LiveServer:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # binding port 0 here avoids racing another process for a "free" port
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -84,6 +84,7 @@ def build_app(
     reasoning_parser: str = "auto",
     tool_call_parser: str | None = None,
     drain_timeout_s: float = 10.0,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
     'none' never does, 'auto' does when the tokenizer has both tags as tokens. The tags, the wrap-up text
@@ -106,6 +107,7 @@ def build_app(
         reasoning_enabled=enabled,
         default_thinking_budget=default_thinking_budget,
         tool_call_parser=tool_call_parser,
+        trust_request_chat_template=trust_request_chat_template,
     )
     init_reasoning_tokens(state)
 

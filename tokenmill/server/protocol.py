@@ -90,6 +90,18 @@ class CompletionRequest(_Common):
             raise InvalidRequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
+# The roles OpenAI's API defines (plus "ipython", Llama 3's tool-result role). Any other role would reach the
+# chat template as text the client chose to sit where the template writes control tokens.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+def check_roles(messages: list["ChatMessage"]) -> None:
+    for index, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{index}].role",
+                                      f"must be one of {', '.join(CHAT_ROLES)}, got {message.role[:40]!r}")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str

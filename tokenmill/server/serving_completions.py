@@ -42,7 +42,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     for raw in body.prompts():
         if isinstance(raw, str):
             text: str | None = raw
-            ids = state.tokenizer.encode(raw)
+            state.check_prompt_bytes(raw, "prompt")
+            ids = await engine.run_prepare(state.tokenizer.encode, raw)
         else:
             text, ids = None, list(raw)
         if not ids:
