@@ -17,6 +17,15 @@ DEFAULT_MODEL = MODELS_DIR / DEFAULT_MODEL_NAME
 DEFAULT_DRAFT = MODELS_DIR / f"{DEFAULT_MODEL_NAME}-draft"
 
 
+def served_name(model: str | None) -> str:
+    """The model name clients see and send: the checkpoint folder's (or file's) name, never its full path,
+    which would tell every client how the server's disk is laid out."""
+    if not model:
+        return DEFAULT_MODEL_NAME
+    name = Path(model.rstrip("/\\")).name
+    return Path(name).stem if name.endswith(".gguf") else name or DEFAULT_MODEL_NAME
+
+
 def default_model_path() -> str:
     if not (DEFAULT_MODEL / "config.json").is_file():
         raise ModelLoadError(

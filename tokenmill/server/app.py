@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
-from tokenmill.server.errors import APIError, error_body, install_error_handlers
+from tokenmill.server.errors import error_body, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.reasoning import tokenizer_has_think_tokens
@@ -68,11 +69,34 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        payload = json.dumps(error_body(f"request body is larger than the limit of {self.max_bytes} bytes",
-                                        "invalid_request_error", code="request_too_large")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _send_error(send, 413, f"request body is larger than the limit of {self.max_bytes} bytes",
+                          "invalid_request_error", "request_too_large")
+
+
+class APIKeyMiddleware:
+    """Require 'Authorization: Bearer KEY' on the protected path prefixes before the body is read."""
+
+    def __init__(self, app: ASGIApp, api_key: str, protected: tuple[str, ...]) -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                await _send_error(send, 401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                  "invalid_request_error", "invalid_api_key")
+                return
+        await self.app(scope, receive, send)
+
+
+async def _send_error(send: Send, status: int, message: str, type_: str, code: str) -> None:
+    payload = json.dumps(error_body(message, type_, code=code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def build_app(
@@ -85,10 +109,14 @@ def build_app(
     tool_call_parser: str | None = None,
     drain_timeout_s: float = 10.0,
     trust_request_chat_template: bool = False,
+    metrics_public: bool = False,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
     'none' never does, 'auto' does when the tokenizer has both tags as tokens. The tags, the wrap-up text
     and their token ids are the engine's (EngineConfig.thinking), so parsing and the budget agree."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: pass a non-empty --api-key or none at all")
     if reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {reasoning_parser!r}")
     if default_thinking_budget is not None and default_thinking_budget < 0:
@@ -121,18 +149,16 @@ def build_app(
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tokenmill = state
     install_error_handlers(app)
+    # Middleware added last runs first: hosts, then the key, then the body limit, so an unauthenticated
+    # body is never read, let alone parsed.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key is not None:
+        protected = ("/v1",) if metrics_public else ("/v1", "/metrics")
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, protected=protected)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
-    async def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                           param=None, code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
