@@ -106,12 +106,10 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """OpenAI-compatible HTTP server; SIGINT/SIGTERM drain in-flight requests for --drain-timeout, then abort."""
-    import uvicorn
-
     from tokenmill.default_model import served_name
     from tokenmill.engine.async_engine import AsyncLLMEngine
     from tokenmill.server.app import build_app
-    from tokenmill.server.http_protocol import uvicorn_config
+    from tokenmill.server.http_protocol import DrainingServer, uvicorn_config
 
     if args.api_key is not None and not args.api_key.strip():
         raise SystemExit("tokenmill serve: --api-key is empty; give a non-empty key or leave the flag out")
@@ -131,15 +129,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         metrics_public=args.metrics_public,
         allowed_hosts=args.allowed_hosts,
     )
-    # uvicorn handles the signals: it stops accepting, waits up to the graceful timeout for open
-    # requests, then cancels them (which aborts them in the engine) and runs the app's shutdown hook.
+    # uvicorn handles the signals. The engine drains first (up to --drain-timeout, then aborts the rest,
+    # whose streams end with a final "abort" event); uvicorn then waits for those responses to complete.
     config = uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=max(args.drain_timeout, 0.0),
+                            timeout_graceful_shutdown=STREAM_CLOSE_GRACE_S,
                             timeout_headers=args.timeout_headers, timeout_keep_alive=args.timeout_keep_alive)
     # After its graceful shutdown uvicorn re-raises the signal it caught; for SIGTERM that re-raise
     # lands here and ends the process with status 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.Server(config).run()
+    DrainingServer(config, drain=lambda: engine.shutdown(args.drain_timeout)).run()
+
+
+# After the engine's drain, the time uvicorn gives the aborted streams to send their final events.
+STREAM_CLOSE_GRACE_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
@@ -62,6 +63,20 @@ class GuardedH11Protocol(H11Protocol):
         self._headers_deadline = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server that drains the engine before uvicorn closes connections: requests still running at the
+    drain deadline are aborted by the engine, so their streams end with a final event (finish_reason "abort",
+    then [DONE]) and complete on their own, instead of being cut when uvicorn's graceful timeout expires."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await self._drain()
+        await super().shutdown(sockets=sockets)
 
 
 def uvicorn_config(app: Any, timeout_headers: float = DEFAULT_TIMEOUT_HEADERS_S,
