@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PREPARE_WORKERS = 4
+# Outputs a request may have waiting for its consumer. A consumer that reads at all takes everything queued
+# at once (merged), so only one that stopped reading reaches this: its request is then aborted.
+DEFAULT_MAX_UNREAD_OUTPUTS = 1024
 
 
 class EngineOverloadedError(TokenmillError):
@@ -51,6 +54,10 @@ class _Stream:
     last: RequestOutput | None = None
     finished_samples: set[int] = field(default_factory=set)
     added_at: float = field(default_factory=time.monotonic)
+    # Outputs put (loop thread) and taken (consumer): each counter has one writer, so their difference is
+    # what sits unread without a lock.
+    sent: int = 0
+    taken: int = 0
 
     def record(self, output: RequestOutput) -> None:
         self.last = output
@@ -58,9 +65,26 @@ class _Stream:
             self.finished_samples.update(c.index for c in output.outputs if c.finished)
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        self.sent += 1
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
+
+    @property
+    def unread(self) -> int:
+        return self.sent - self.taken
+
+    def overflow(self, error: BaseException) -> None:
+        """Drop what the consumer never read and leave only the error: the buffer is freed at once."""
+        def replace_all() -> None:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(error)
+
+        try:
+            self.loop.call_soon_threadsafe(replace_all)
+        except RuntimeError:
             pass
 
 
@@ -84,6 +108,7 @@ class RequestStream:
             # Coalesce what queued up meanwhile (an error ends the stream, so it wins).
             while not self._stream.queue.empty() and not isinstance(items[-1], BaseException):
                 items.append(self._stream.queue.get_nowait())
+            self._stream.taken += len(items)
         except BaseException:
             self.abort()  # cancelled (client went away): free the request's KV blocks
             raise
@@ -106,9 +131,13 @@ class RequestStream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+                 max_unread_outputs: int = DEFAULT_MAX_UNREAD_OUTPUTS) -> None:
         if max_queue is not None and max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_unread_outputs < 1:
+            raise ValueError(f"max_unread_outputs must be >= 1, got {max_unread_outputs}")
+        self.max_unread_outputs = max_unread_outputs
         self.engine = engine
         self.max_queue = max_queue
         self.tokenizer = engine.tokenizer
@@ -229,6 +258,8 @@ class AsyncLLMEngine:
                 stream.put(output)
                 if output.finished:
                     del self._streams[output.request_id]
+                elif stream.unread > self.max_unread_outputs:
+                    self._overflow(stream)
             self._refresh_stats()
         # Stopping: whatever is still in flight ends as aborted.
         for request_id in list(self._streams):
@@ -275,6 +306,15 @@ class AsyncLLMEngine:
             return
         self._streams[stream.request_id] = stream
         stream.loop.call_soon_threadsafe(answer, None)
+
+    def _overflow(self, stream: _Stream) -> None:
+        """A consumer that stopped reading: abort its request (its KV is freed) and drop its buffer."""
+        logger.warning("request %s: %d outputs unread, over the limit of %d; aborting it", stream.request_id,
+                       stream.unread, self.max_unread_outputs)
+        self._abort_one(stream.request_id, notify=False)
+        stream.overflow(RequestFailedError(
+            f"the client read none of the last {self.max_unread_outputs} outputs; the request was aborted",
+            field="stream"))
 
     def _abort_one(self, request_id: str, notify: bool) -> None:
         stream = self._streams.pop(request_id, None)

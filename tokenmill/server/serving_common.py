@@ -22,6 +22,7 @@ from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import RequestTracker, ServerMetrics
 
 DISCONNECT_POLL_S = 0.25
+MERGE_QUEUE_SIZE = 8
 
 
 @dataclass
@@ -89,16 +90,20 @@ SSE_DONE = "data: [DONE]\n\n"
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several requests' outputs as they arrive, as (prompt index, output)."""
-    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+    # Bounded: when the consumer (the HTTP response, blocked on a client that stopped reading) does not take,
+    # the pumps stop reading their streams and the engine's unread-output limit applies.
+    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue(MERGE_QUEUE_SIZE)
 
     async def pump(index: int, stream: RequestStream) -> None:
         try:
             async for output in stream:
-                queue.put_nowait((index, output))
+                await queue.put((index, output))
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait(exc)
+            await queue.put(exc)
             return
-        queue.put_nowait(None)
+        await queue.put(None)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
