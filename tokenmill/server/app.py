@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,6 +23,24 @@ from tokenmill.server.serving_common import ServerState, init_reasoning_tokens
 from tokenmill.server.serving_completions import create_completion
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+# The statuses the API answers with, in its OpenAPI schema (the body of each is server/errors.py's error_body).
+_ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+ACCESS_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "a Host header outside --allowed-hosts", **_ERROR},
+    401: {"description": "missing or wrong API key", **_ERROR},
+}
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the result, or with stream=true its server-sent events",
+          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+    **ACCESS_ERRORS,
+    400: {"description": "bad input: the error names the field and the limit", **_ERROR},
+    404: {"description": "unknown model", **_ERROR},
+    413: {"description": "body larger than --max-body-bytes", **_ERROR},
+    503: {"description": "queue full (--max-queue) or shutting down", **_ERROR},
+}
 REASONING_PARSERS = ("auto", "think", "none")
 
 
@@ -160,15 +178,15 @@ def build_app(
 
     v1 = APIRouter(prefix="/v1")
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await create_completion(state, body, request)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await create_chat_completion(state, body, request)
 
-    @v1.get("/models")
+    @v1.get("/models", responses=ACCESS_ERRORS)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": served_model_name, "object": "model", "created": state.created, "owned_by": "tokenmill",
@@ -177,13 +195,13 @@ def build_app(
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine is not running"}})
     async def health() -> Response:
         if not async_engine.is_running:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ACCESS_ERRORS)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 

@@ -100,7 +100,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(400, f"malformed JSON body: nested deeper than the parser allows (the limit "
                                   f"is {MAX_JSON_DEPTH} levels)", code="invalid_json")
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type_=type_)
+        # Keep Starlette's headers: a 405 must list the allowed methods in Allow (RFC 9110).
+        return error_response(exc.status_code, str(exc.detail), type_=type_, headers=exc.headers)
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
