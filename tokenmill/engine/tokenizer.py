@@ -122,6 +122,7 @@ class Tokenizer:
         self._decoder_special_ids = frozenset(
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         self.byte_fallback_ids = self._find_byte_tokens()
+        self._text_only: _HFTokenizer | None = None
 
     # ---- loading ---------------------------------------------------------------------------------------
 
@@ -181,6 +182,14 @@ class Tokenizer:
         # The post-processor in tokenizer.json decides BOS/EOS. transformers 5 ignores add_bos_token /
         # add_eos_token from tokenizer_config whenever tokenizer.json exists, so we do too.
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Encode with special-token strings split like any text: "<|im_end|>" written by a user stays data."""
+        if self._text_only is None:  # a private copy: the flag is per tokenizer and others encode concurrently
+            copy = _HFTokenizer.from_str(self._tok.to_str())
+            copy.encode_special_tokens = True
+            self._text_only = copy
+        return self._text_only.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -294,13 +303,17 @@ class Tokenizer:
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
-                    check_text: Callable[[str], None] | None = None, **template_kwargs: Any) -> RenderedChat:
+                    check_text: Callable[[str], None] | None = None,
+                    encode: Callable[[str], list[int]] | None = None, **template_kwargs: Any) -> RenderedChat:
         """The chat prompt as text and token ids: how LLM.chat, `tokenmill chat` and the server render one.
 
-        check_text sees the rendered text before it is tokenized (the server's byte limit)."""
+        check_text sees the rendered text before it is tokenized (the server's byte limit); encode replaces
+        the plain encoding (the server's, which keeps control tokens in user text as data)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                         chat_template=chat_template, **template_kwargs)
         if check_text is not None:
             check_text(text)
         # The template already wrote BOS and friends; encoding must not add them a second time.
+        if encode is not None:
+            return RenderedChat(text, encode(text))
         return RenderedChat(text, self.encode(text, add_special_tokens=False))

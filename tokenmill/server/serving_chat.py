@@ -89,11 +89,13 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     check_roles(body.messages)
     template_kwargs = body.chat_template_kwargs or {}
     check_template_kwargs(template_kwargs, tokenizer.special_tokens_map, state.trust_request_chat_template)
-    messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
+    guard = state.control_tokens
+    messages, sentinels = guard.protect(template_messages([m.model_dump(exclude_none=True) for m in body.messages]))
     # Rendering runs a template (code) and tokenizing may take megabytes: both off the event loop.
-    chat = await state.engine.run_prepare(functools.partial(
+    chat = guard.restore(await state.engine.run_prepare(functools.partial(
         tokenizer.render_chat, messages, add_generation_prompt=body.add_generation_prompt, tools=tools.template_tools,
-        check_text=lambda text: state.check_prompt_bytes(text, "messages"), **template_kwargs))
+        check_text=lambda text: state.check_prompt_bytes(text, "messages"),
+        encode=lambda text: guard.encode(text, sentinels), **template_kwargs)), sentinels)
     check_prompt_length(len(chat.token_ids), state.engine.max_model_len, "messages")
     plan = _ChatPlan(state, body, chat.text, tools)
     params = sampling_params(

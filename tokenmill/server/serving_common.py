@@ -14,6 +14,7 @@ from fastapi import Request
 
 from tokenmill.config import ThinkingConfig
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
+from tokenmill.engine.control_tokens import ControlTokenGuard
 from tokenmill.engine.prompt_checks import check_prompt_bytes, longest_token_bytes
 from tokenmill.engine.thinking import ThinkingTokens
 from tokenmill.engine.tokenizer import Tokenizer
@@ -38,6 +39,7 @@ class ServerState:
     tool_call_parser: str | None = None  # None: guessed from the chat template
     trust_request_chat_template: bool = False  # chat_template in chat_template_kwargs is refused unless set
     max_token_bytes: int = 1  # the vocabulary's longest token in bytes: bounds a prompt's bytes before tokenizing
+    guard: ControlTokenGuard | None = None  # set with the tokenizer: keeps control tokens in messages as text
     # Derived from the tokenizer once, at startup.
     tags_are_skipped_specials: bool = False  # the tags vanish from text unless special tokens are kept
     other_specials: list[str] = field(default_factory=list)  # then removed by the parser instead
@@ -55,6 +57,12 @@ class ServerState:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            type_="not_found_error", param="model", code="model_not_found")
 
+    @property
+    def control_tokens(self) -> ControlTokenGuard:
+        if self.guard is None:
+            raise APIError(400, "this checkpoint has no tokenizer; send prompts as token ids", param="messages")
+        return self.guard
+
     def check_prompt_bytes(self, text: str, field: str) -> None:
         check_prompt_bytes(text, self.engine.max_model_len, self.max_token_bytes, field)
 
@@ -69,6 +77,7 @@ def init_reasoning_tokens(state: ServerState) -> None:
     if tokenizer is None:
         return
     state.max_token_bytes = longest_token_bytes(tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size)))
+    state.guard = ControlTokenGuard(tokenizer, exempt=(state.thinking_config.start, state.thinking_config.end))
     tags = state.thinking_config
     tag_ids = [tokenizer.token_to_id(tags.start), tokenizer.token_to_id(tags.end)]
     state.tags_are_skipped_specials = any(i is not None and tokenizer.is_skipped_special(i) for i in tag_ids)
