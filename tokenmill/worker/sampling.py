@@ -30,18 +30,16 @@ def sample_plain(
     logits: torch.Tensor,
     states: Sequence[SamplingState],
     grammar_mask: tuple[torch.Tensor, list[int]] | None,
+    forced: Sequence[int | None],
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """One token per row (row i of logits belongs to states[i]), and its logprobs when asked.
 
-    grammar_mask: (bitmask, rows): bitmask row j constrains logits row rows[j]."""
+    grammar_mask: (bitmask, rows): bitmask row j constrains logits row rows[j]. forced[i]: the token the
+    thinking budget forces on row i (or None); the caller reports the outcome to each request's tracker."""
     if grammar_mask is None and all(is_plain_greedy(s) for s in states):
         return logits.argmax(dim=-1).tolist(), [None] * len(states)
-    forced = [s.thinking.forced_token() if s.thinking is not None else None for s in states]
-    shaped = shape_logits(logits, states, grammar_mask=grammar_mask, forced=forced)
+    shaped = shape_logits(logits, states, grammar_mask=grammar_mask, forced=list(forced))
     result = sampler(shaped, states, raw_logits=logits)
-    for state, token, forced_token in zip(states, result.token_ids, forced):
-        if state.thinking is not None:
-            state.thinking.observe(token, forced=forced_token is not None)
     return result.token_ids, result.logprobs
 
 

@@ -159,16 +159,18 @@ class Worker:
             # Judged before this step drafts again: the drafter still holds what the previous step proposed.
             self.drafter.observe_decode_step(*self._last_decode_step, scheduler_output.prev_step_seconds)
         self._last_decode_step = None
-        for new in scheduler_output.new_requests:
-            with failures.guard(new.req_id):
-                self.states[new.req_id] = self._new_state(new)
         input_batch = self.runner.input_batch
         assert input_batch is not None, "init_cache() must run before execute()"
+        # Finished first: a finished id may already belong to a new request reusing it (offline callers choose
+        # their own ids), whose state must survive.
         for req_id in scheduler_output.finished_req_ids:
             self.states.pop(req_id, None)
             input_batch.remove(req_id)
             if self.drafter is not None:
                 self.drafter.finished(req_id)
+        for new in scheduler_output.new_requests:
+            with failures.guard(new.req_id):
+                self.states[new.req_id] = self._new_state(new)
         for req_id in scheduler_output.resumed_req_ids:
             input_batch.reset_blocks(req_id)
             if self.drafter is not None:
@@ -203,14 +205,19 @@ class Worker:
                 failures: RequestFailures) -> None:
         chunks = scheduler_output.chunks
         logits = self.runner.logits(hidden, inputs)
-        plain, mask = self._resolve_grammar_masks(chunks, plain, grammar, failures)
+        mask = self._resolve_grammar_masks(chunks, plain, grammar, failures)
+        forced = self._forced_tokens(chunks, plain, failures)
+        plain, mask = _without_failed(chunks, plain, mask, failures)
         if plain:
             rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
             states = [self.states[chunks[c].req_id] for c, _ in plain]
-            tokens, entries = sampling.sample_plain(self.sampler, rows, states, mask)
-            for (chunk_index, _), state, token, entry in zip(plain, states, tokens, entries):
+            step_forced = [forced.get(chunks[c].req_id) for c, _ in plain]
+            tokens, entries = sampling.sample_plain(self.sampler, rows, states, mask, step_forced)
+            for (chunk_index, _), state, token, entry, forced_token in zip(plain, states, tokens, entries, step_forced):
                 req_id = chunks[chunk_index].req_id
                 with failures.guard(req_id):
+                    if state.thinking is not None:
+                        state.thinking.observe(token, forced=forced_token is not None)
                     sampling.record(state, [token])
                 if req_id in failures:
                     continue
@@ -234,22 +241,30 @@ class Worker:
                     output.logprobs.setdefault(chunks[chunk_index].req_id, []).extend(entries)
 
     def _resolve_grammar_masks(self, chunks: list[ScheduledChunk], plain: list[tuple[int, int]], grammar: Any,
-                               failures: RequestFailures) -> tuple[list[tuple[int, int]], Any]:
-        """The step's grammar masks as (bitmask, rows into plain); requests whose mask failed leave `plain`."""
+                               failures: RequestFailures) -> Any:
+        """The step's grammar masks as (bitmask, rows into plain); a request whose mask failed is recorded."""
         if grammar is None:
-            return plain, None
+            return None
         pending, rows = grammar
         result = pending.result()
-        if not result.failed:
-            return plain, (result.bitmask, rows)
         for mask_row, error in result.failed.items():
             failures.record(chunks[plain[rows[mask_row]][0]].req_id, error)
-        kept = [i for i, (c, _) in enumerate(plain) if chunks[c].req_id not in failures]
-        new_index = {old: new for new, old in enumerate(kept)}
-        mask_rows = [j for j in range(len(rows)) if j not in result.failed]
-        if not mask_rows:
-            return [plain[i] for i in kept], None
-        return [plain[i] for i in kept], (result.bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows])
+        return result.bitmask, rows
+
+    def _forced_tokens(self, chunks: list[ScheduledChunk], plain: list[tuple[int, int]],
+                       failures: RequestFailures) -> dict[str, int]:
+        """Tokens the thinking budget forces this step, per request (each request's tracker guarded alone)."""
+        forced: dict[str, int] = {}
+        for chunk_index, _ in plain:
+            req_id = chunks[chunk_index].req_id
+            thinking = self.states[req_id].thinking
+            if thinking is None or req_id in failures:
+                continue
+            with failures.guard(req_id):
+                token = thinking.forced_token()
+                if token is not None:
+                    forced[req_id] = token
+        return forced
 
     def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput,
                         failures: RequestFailures) -> None:
@@ -300,6 +315,20 @@ class Worker:
             chunk = ScheduledChunk(req_id, [0] * length, 0, table, sample=True)
             yield input_batch.prepare(SchedulerOutput(chunks=[chunk]))
             input_batch.remove(req_id)
+
+
+def _without_failed(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], mask: Any,
+                    failures: RequestFailures) -> tuple[list[tuple[int, int]], Any]:
+    """`plain` without the requests that failed, and the mask's rows renumbered to match (None when empty)."""
+    kept = [i for i, (c, _) in enumerate(plain) if chunks[c].req_id not in failures]
+    if len(kept) == len(plain):
+        return plain, mask
+    if mask is not None:
+        new_index = {old: new for new, old in enumerate(kept)}
+        bitmask, rows = mask
+        mask_rows = [j for j, row in enumerate(rows) if row in new_index]
+        mask = (bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows]) if mask_rows else None
+    return [plain[i] for i in kept], mask
 
 
 def _count_params(config: EngineConfig) -> int:
