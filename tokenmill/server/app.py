@@ -34,7 +34,8 @@ ACCESS_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
     200: {"description": "the result, or with stream=true its server-sent events",
-          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"application/json": {}, "text/event-stream": {"schema": {  # each event
+              "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}},
     **ACCESS_ERRORS,
     400: {"description": "bad input: the error names the field and the limit", **_ERROR},
     404: {"description": "unknown model", **_ERROR},
