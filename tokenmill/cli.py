@@ -130,7 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tokenmill.model_catalog import served_name
     from tokenmill.engine.async_engine import AsyncLLMEngine
     from tokenmill.server.app import build_app
+    from tokenmill.server.http_protocol import DrainingServer, uvicorn_config
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise SystemExit("tokenmill serve: --api-key is empty; give a non-empty key or leave the flag out")
     served_model_name = args.served_model_name or served_name(args.model)
     llm = _make_llm(args)
     engine = AsyncLLMEngine(llm.engine, max_queue=args.max_queue)
@@ -143,15 +146,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         drain_timeout_s=args.drain_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
+        metrics_public=args.metrics_public,
+        allowed_hosts=args.allowed_hosts,
     )
-    # uvicorn handles the signals: it stops accepting, waits up to the graceful timeout for open
-    # requests, then cancels them (which aborts them in the engine) and runs the app's shutdown hook.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=max(args.drain_timeout, 0.0))
+    # uvicorn handles the signals. The engine drains first (up to --drain-timeout, then aborts the rest,
+    # whose streams end with a final "abort" event); uvicorn then waits for those responses to complete.
+    config = uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=STREAM_CLOSE_GRACE_S,
+                            timeout_headers=args.timeout_headers, timeout_keep_alive=args.timeout_keep_alive)
     # After its graceful shutdown uvicorn re-raises the signal it caught; for SIGTERM that re-raise
     # lands here and ends the process with status 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.Server(config).run()
+    DrainingServer(config, drain=lambda: engine.shutdown(args.drain_timeout)).run()
+
+
+# After the engine's drain, the time uvicorn gives the aborted streams to send their final events.
+STREAM_CLOSE_GRACE_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (an empty key is an error)")
+    serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    serve.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
+                       default=None, help="comma-separated Host header values to accept (e.g. api.example.com,"
+                       "*.example.com); others get HTTP 400 (default: any)")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let requests send their own chat template (chat_template_kwargs.chat_template)")
+    serve.add_argument("--timeout-headers", type=float, default=10.0,
+                       help="seconds a connection may take to send a request's headers before it is closed")
+    serve.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle connection is kept open")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: the --model folder's name)")
     serve.add_argument("--max-queue", type=int, default=None, help="waiting requests beyond this get HTTP 503")
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get HTTP 413")
     serve.add_argument("--thinking-token-budget", type=int, default=None,

@@ -16,6 +16,17 @@ class InvalidRequestError(TokenmillError, ValueError):
         self.message = message
 
 
+class RequestFailedError(TokenmillError):
+    """One request failed while the engine computed it and was aborted alone; the others went on.
+
+    `field` names the request field at fault when the failure was the request's own doing (a grammar that
+    turned out too costly to match); None marks an engine fault. The message is about this request only."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class ConfigError(TokenmillError):
     """An engine setting is out of range or cannot work on this machine or model; `setting` names it.
 

@@ -53,6 +53,7 @@ class LLM:
                 for output in self.engine.step():
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
+                _raise_own_failure(self.engine, wanted)
         except BaseException:
             self.engine.abort_request([r for r in request_ids if r not in finished])
             raise
@@ -108,9 +109,17 @@ def stream_request(engine: LLMEngine, request_id: str, prompt: PromptInput,
                 if output.request_id == request_id:
                     done = output.finished
                     yield output
+            _raise_own_failure(engine, {request_id})
     finally:
         if not done:
             engine.abort_request(request_id)
+
+
+def _raise_own_failure(engine: LLMEngine, wanted: set[str]) -> None:
+    """A request of ours that failed alone (its grammar, its output) raises its own error here."""
+    for request_id, error in engine.take_failures().items():
+        if request_id in wanted:
+            raise error
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:

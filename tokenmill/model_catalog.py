@@ -101,8 +101,14 @@ def resolve_models(model: str | None, method: str | None, draft_model: str | Non
 
 
 def served_name(model: str | None) -> str:
-    """What clients of `serve` call the model: the name or path given, or the default's name."""
-    return model or default_model_name()
+    """What clients of `serve` call the model: a catalog name as given, a checkpoint's folder (or GGUF file's)
+    name, never its full path, which would tell every client how the server's disk is laid out."""
+    if not model:
+        return default_model_name()
+    if model in CATALOG:
+        return model
+    name = Path(model.rstrip("/\\")).name
+    return (Path(name).stem if name.endswith(".gguf") else name) or default_model_name()
 
 
 def catalog_rows() -> list[tuple[str, str, str]]:

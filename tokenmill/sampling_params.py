@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
@@ -16,13 +18,15 @@ MAX_STOP_STRINGS = 32
 #   delta       only what is new since the request's previous output (prompt fields in the first one);
 #   final_only  nothing until the request finishes, then the whole result once.
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+TOP_K_OFF = -1  # the one negative top_k accepted (vLLM's "off"); 0 means off as well
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping parameters (the names follow vLLM / OpenAI).
 
-    temperature 0 means greedy. top_k <= 0 and top_p = 1 and min_p = 0 disable those filters.
+    temperature 0 means greedy. top_k 0 (or -1, vLLM's spelling) and top_p = 1 and min_p = 0 disable those
+    filters; any other top_k must be in [1, vocabulary size].
     `logprobs` = N returns the chosen token's logprob plus the top N; `prompt_logprobs` likewise for
     every prompt token after the first.
     """
@@ -70,25 +74,21 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self) -> None:
-        """Raise InvalidRequestError naming the first field that is out of range."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidRequestError naming the first field that is out of range.
+
+        vocab_size (known to the engine, not to a client building params) bounds top_k: a larger value would
+        overflow the sampler's tensors inside a step shared with other requests."""
         _check_int("n", self.n, 1, MAX_N)
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0.0:
-            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
-            raise InvalidRequestError("top_k", f"must be an integer, got {self.top_k!r}")
-        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
-            raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p}")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0.0:
-            raise InvalidRequestError(
-                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
-            )
+        _check_float("temperature", self.temperature, ">= 0", lambda v: v >= 0.0)
+        _check_float("top_p", self.top_p, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_int("top_k", self.top_k, None, vocab_size)
+        if self.top_k < 0 and self.top_k != TOP_K_OFF:
+            raise InvalidRequestError("top_k", f"must be 0 or {TOP_K_OFF} (off), or >= 1, got {self.top_k}")
+        _check_float("min_p", self.min_p, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0.0)
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
-                raise InvalidRequestError(name, f"must be in [-2, 2], got {value}")
+            _check_float(name, getattr(self, name), "in [-2, 2]", lambda v: -2.0 <= v <= 2.0)
         if self.seed is not None:
             _check_int("seed", self.seed, -(2**63), 2**63 - 1)
         if self.max_tokens is not None:
@@ -117,6 +117,14 @@ class SamplingParams:
             _check_int("thinking_token_budget", self.thinking_token_budget, 0, None)
         for t in self.thinking_end_token_ids:
             _check_int("thinking_end_token_ids", t, 0, None)
+
+
+def _check_float(name: str, value: object, rule: str, holds: Callable[[float], bool]) -> None:
+    # Infinity and NaN arrive from JSON (`1e999`, Python's `NaN` literal) and would poison a whole batch.
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value) or not holds(float(value)):
+        raise InvalidRequestError(name, f"must be a finite number {rule}, got {value}")
 
 
 def _check_int(name: str, value: object, low: int | None, high: int | None) -> None:

@@ -18,6 +18,7 @@ from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig, Thinkin
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.server.app import build_app
+from tokenmill.server.http_protocol import uvicorn_config
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -47,7 +48,7 @@ def start_server(app, engine: AsyncLLMEngine) -> LiveServer:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # binding port 0 here avoids racing another process for a "free" port
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -63,11 +64,12 @@ def stop_server(live: LiveServer) -> None:
     live.thread.join(timeout=30)
 
 
-def make_engine(model_dir: Path, max_queue: int | None = None, thinking: ThinkingConfig = ThinkingConfig()):
+def make_engine(model_dir: Path, max_queue: int | None = None, thinking: ThinkingConfig = ThinkingConfig(),
+                **async_kwargs):
     config = EngineConfig(model=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0,
                           cache=CacheConfig(num_kv_blocks=1024),
                           scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512), thinking=thinking)
-    return AsyncLLMEngine(LLMEngine(config), max_queue=max_queue)
+    return AsyncLLMEngine(LLMEngine(config), max_queue=max_queue, **async_kwargs)
 
 
 def _make_checkpoint(path: Path) -> Path:

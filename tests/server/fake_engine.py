@@ -35,6 +35,11 @@ class FakeEngine:
             self._owner = me
         assert self._owner == me, "the engine was touched from two threads"
 
+    def validate_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Stateless, like LLMEngine.validate_request: called from the async engine's preparation pool."""
+        if not prompt:
+            raise InvalidRequestError("prompt", "must contain at least one token")
+
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         self._check_thread()
         if not prompt:
@@ -52,6 +57,9 @@ class FakeEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def take_failures(self) -> dict[str, Exception]:
+        return {}  # this stand-in fails whole steps (fail_on_step), never one request alone
 
     def step(self) -> list[RequestOutput]:
         self._check_thread()

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from tests.server.fake_engine import FakeEngine
-from tokenmill.engine.async_engine import AsyncLLMEngine, EngineOverloadedError, RequestFailedError
+from tokenmill.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
+from tokenmill.errors import RequestFailedError
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
 

@@ -95,4 +95,6 @@ def test_sigterm_aborts_what_does_not_finish_within_the_drain_timeout(tiny):
     assert proc.wait(30) == 0
     assert time.monotonic() - started < 15
     result["thread"].join(30)
-    assert result["finish_reason"] != "length"
+    assert result["finish_reason"] == "abort" and result["done"], result  # a final event, not a cut connection
+    log = proc.stdout.read().decode()
+    assert "Traceback" not in log, log

@@ -23,7 +23,7 @@ def test_grammar_masks_inline_or_overlapped_mask_the_same_rows(overlap: bool, to
     matchers = [compiler.matcher(StructuredOutputParams(choice=["yes", "no"])) for _ in range(2)]
     matchers[1].accept_token(tok.encode("no", add_special_tokens=False)[0])
     logits = torch.zeros(3, width)
-    bitmask = GrammarMasks(compiler, width, overlap=overlap).start(matchers).result()
+    bitmask = GrammarMasks(compiler, width, overlap=overlap).start(matchers).result().bitmask
     states = [SamplingState(SamplingParams(), [1], [], None) for _ in range(3)]
     masked = shape_logits(logits, states, grammar_mask=(bitmask, [2, 0]))
     expected = torch.zeros(3, width)

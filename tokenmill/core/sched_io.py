@@ -80,5 +80,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # Draft tokens proposed for each request's next step (the scheduler trims them to what may follow).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Requests whose own work failed this step (req id -> (request field at fault or None, message)): they
+    # sampled nothing and the engine aborts them; every other request's results stand.
+    failed: dict[str, tuple[str | None, str]] = field(default_factory=dict)
     # Seconds spent in this step's phases inside the worker (inputs, forward, sample, propose, total).
     timings: dict[str, float] = field(default_factory=dict)

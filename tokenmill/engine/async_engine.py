@@ -1,6 +1,9 @@
 """AsyncLLMEngine: one LLMEngine driven by a background thread, consumed from asyncio.
 
-Only the loop thread ever touches the LLMEngine. Callers talk to it through a command queue (add, abort),
+Only the loop thread ever changes the LLMEngine. A request is first checked by the engine's stateless
+`validate_request` (tokens, sampling values, grammar compilation) on a small preparation pool, so neither
+the event loop nor the step loop waits on one request's expensive checks and a request that cannot run is
+refused before it is queued. Callers talk to the loop through a command queue (add, abort),
 applied between steps, and receive outputs on a per-request asyncio queue fed with
 `loop.call_soon_threadsafe`. A slow consumer gets the outputs queued meanwhile as one: the newest of
 cumulative outputs, or the merge of delta outputs.
@@ -10,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import RequestFailedError, TokenmillError
 from tokenmill.outputs import CompletionOutput, RequestOutput, merge_deltas
 from tokenmill.sampling_params import SamplingParams
 
@@ -26,13 +31,15 @@ if TYPE_CHECKING:  # the loop only needs the engine's methods; keeps this module
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+PREPARE_WORKERS = 4
+# Outputs a request may have waiting for its consumer. A consumer that reads at all takes everything queued
+# at once (merged), so only one that stopped reading reaches this: its request is then aborted.
+DEFAULT_MAX_UNREAD_OUTPUTS = 1024
+
 
 class EngineOverloadedError(TokenmillError):
     """The waiting queue is full (`max_queue`) or the engine is shutting down: retry later (HTTP 503)."""
-
-
-class RequestFailedError(TokenmillError):
-    """The engine raised while computing this request; the request was aborted."""
 
 
 @dataclass
@@ -47,6 +54,10 @@ class _Stream:
     last: RequestOutput | None = None
     finished_samples: set[int] = field(default_factory=set)
     added_at: float = field(default_factory=time.monotonic)
+    # Outputs put (loop thread) and taken (consumer): each counter has one writer, so their difference is
+    # what sits unread without a lock.
+    sent: int = 0
+    taken: int = 0
 
     def record(self, output: RequestOutput) -> None:
         self.last = output
@@ -54,9 +65,26 @@ class _Stream:
             self.finished_samples.update(c.index for c in output.outputs if c.finished)
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        self.sent += 1
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
+
+    @property
+    def unread(self) -> int:
+        return self.sent - self.taken
+
+    def overflow(self, error: BaseException) -> None:
+        """Drop what the consumer never read and leave only the error: the buffer is freed at once."""
+        def replace_all() -> None:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(error)
+
+        try:
+            self.loop.call_soon_threadsafe(replace_all)
+        except RuntimeError:
             pass
 
 
@@ -80,6 +108,7 @@ class RequestStream:
             # Coalesce what queued up meanwhile (an error ends the stream, so it wins).
             while not self._stream.queue.empty() and not isinstance(items[-1], BaseException):
                 items.append(self._stream.queue.get_nowait())
+            self._stream.taken += len(items)
         except BaseException:
             self.abort()  # cancelled (client went away): free the request's KV blocks
             raise
@@ -102,9 +131,13 @@ class RequestStream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+                 max_unread_outputs: int = DEFAULT_MAX_UNREAD_OUTPUTS) -> None:
         if max_queue is not None and max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_unread_outputs < 1:
+            raise ValueError(f"max_unread_outputs must be >= 1, got {max_unread_outputs}")
+        self.max_unread_outputs = max_unread_outputs
         self.engine = engine
         self.max_queue = max_queue
         self.tokenizer = engine.tokenizer
@@ -118,6 +151,8 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.num_step_errors = 0
+        # Bounded: at most this many requests are being checked (tokenized, rendered, compiled) at once.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=PREPARE_WORKERS, thread_name_prefix="tokenmill-prepare")
 
     # ---- caller side (any thread / event loop) -----------------------------------------------------
 
@@ -145,6 +180,7 @@ class AsyncLLMEngine:
             raise EngineOverloadedError("the server is shutting down and accepts no new requests")
         self.start()
         loop = asyncio.get_running_loop()
+        await self.run_prepare(self.engine.validate_request, prompt, params)
         accepted: asyncio.Future[None] = loop.create_future()
         stream = _Stream(request_id, loop, kind=params.output_kind, n=params.n)
         self._send("add", (stream, prompt, params, accepted))
@@ -154,6 +190,11 @@ class AsyncLLMEngine:
             self.abort(request_id)  # the caller left before the engine answered
             raise
         return RequestStream(self, stream)
+
+    async def run_prepare(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a request's preparation (tokenizing, template rendering, grammar compiling) on the bounded
+        preparation pool, off the event loop and off the step loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, functools.partial(fn, *args))
 
     async def generate(
         self, request_id: str, prompt: PromptInput, params: SamplingParams
@@ -178,6 +219,7 @@ class AsyncLLMEngine:
         self._send("stop", None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def _send(self, kind: str, payload: Any) -> None:
         self._commands.append((kind, payload))
@@ -197,11 +239,17 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as exc:  # a bug or device error: fail these requests, keep serving new ones
+            except Exception as exc:  # a bug or device error no request owns: fail these, keep serving new ones
                 self.num_step_errors += 1
                 logger.exception("engine step failed; failing %d in-flight request(s)", len(self._streams))
-                self._fail_all(RequestFailedError(f"the engine failed while generating: {type(exc).__name__}: {exc}"))
+                # The exception text may quote one request's input: only a lone request may read it.
+                detail = f": {exc}" if len(self._streams) == 1 else ""
+                self._fail_all(RequestFailedError(f"the engine failed while generating: {type(exc).__name__}{detail}"))
                 continue
+            for request_id, error in engine.take_failures().items():
+                failed = self._streams.pop(request_id, None)
+                if failed is not None:
+                    failed.put(error)
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
@@ -210,6 +258,8 @@ class AsyncLLMEngine:
                 stream.put(output)
                 if output.finished:
                     del self._streams[output.request_id]
+                elif stream.unread > self.max_unread_outputs:
+                    self._overflow(stream)
             self._refresh_stats()
         # Stopping: whatever is still in flight ends as aborted.
         for request_id in list(self._streams):
@@ -256,6 +306,15 @@ class AsyncLLMEngine:
             return
         self._streams[stream.request_id] = stream
         stream.loop.call_soon_threadsafe(answer, None)
+
+    def _overflow(self, stream: _Stream) -> None:
+        """A consumer that stopped reading: abort its request (its KV is freed) and drop its buffer."""
+        logger.warning("request %s: %d outputs unread, over the limit of %d; aborting it", stream.request_id,
+                       stream.unread, self.max_unread_outputs)
+        self._abort_one(stream.request_id, notify=False)
+        stream.overflow(RequestFailedError(
+            f"the client read none of the last {self.max_unread_outputs} outputs; the request was aborted",
+            field="stream"))
 
     def _abort_one(self, request_id: str, notify: bool) -> None:
         stream = self._streams.pop(request_id, None)

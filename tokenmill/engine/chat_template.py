@@ -8,6 +8,9 @@ error.
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
@@ -70,8 +73,94 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# Every render (the checkpoint's template too) is bounded in time and output: a template is code, and a
+# request's messages drive its loops. Real templates render in milliseconds to a few hundred KB.
+RENDER_TIME_BUDGET_S = 2.0
+MAX_RENDERED_CHARS = 1 << 24
+# Variables the renderer sets itself; chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "chat_template",
+                                         "raise_exception", "strftime_now", "namespace", "dict"})
+
+
+class TemplateBudgetExceeded(Exception):
+    """A render ran past its time or output budget; carries which budget and its limit."""
+
+
+class _RenderBudget(threading.local):
+    deadline: float | None = None
+    max_chars: int = MAX_RENDERED_CHARS
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TemplateBudgetExceeded(f"rendering took longer than the budget of {RENDER_TIME_BUDGET_S:g} s")
+
+
+_budget = _RenderBudget()
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox with a clock: every call, attribute and item lookup checks the render's deadline (a loop
+    body that does none of these is itself bounded by the sandbox's range() limit), and `*` / `**` cannot
+    build values past the output budget."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's names
+        _budget.check()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _budget.check()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _budget.check()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _budget.check()
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise jinja2.exceptions.SecurityError(f"exponent {right} is too large for a chat template")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > _budget.max_chars:
+                    raise TemplateBudgetExceeded(f"a repeated value would exceed the output budget of "
+                                                 f"{_budget.max_chars} characters")
+        return super().call_binop(context, operator, left, right)
+
+
+def render_bounded(template: jinja2.Template, variables: Mapping[str, Any]) -> str:
+    """Render within RENDER_TIME_BUDGET_S and MAX_RENDERED_CHARS; TemplateBudgetExceeded past either."""
+    _budget.deadline = time.monotonic() + RENDER_TIME_BUDGET_S
+    try:
+        parts: list[str] = []
+        size = 0
+        for part in template.generate(**variables):
+            size += len(part)
+            if size > _budget.max_chars:
+                raise TemplateBudgetExceeded(f"the rendered prompt exceeds the output budget of {_budget.max_chars} "
+                                             "characters")
+            parts.append(part)
+            _budget.check()
+        return "".join(parts)
+    finally:
+        _budget.deadline = None
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any], special_names: Iterable[str], allow_template: bool) -> None:
+    """chat_template_kwargs from a client: extra variables only, never the renderer's own inputs."""
+    for key in kwargs:
+        if key == "chat_template" and not allow_template:
+            raise InvalidRequestError("chat_template_kwargs.chat_template", "templates from requests are refused by "
+                                      "this server (the operator can allow them with --trust-request-chat-template)")
+        if key != "chat_template" and (key in RESERVED_TEMPLATE_VARIABLES or key in set(special_names)):
+            raise InvalidRequestError(f"chat_template_kwargs.{key}", "is set by the server and may not be overridden; "
+                                      f"reserved: {', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))} and the "
+                                      "tokenizer's special tokens")
+
+
 def make_template_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson

@@ -6,6 +6,7 @@ import functools
 import itertools
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 from functools import partial
@@ -20,7 +21,7 @@ from tokenmill.engine.output_builder import RequestGroup
 from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.errors import InvalidRequestError, RequestFailedError, TokenmillError
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -56,11 +57,13 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(limits, self.kv_manager)
         self._grammar_compiler: Any = None
+        self._compiler_lock = threading.Lock()
         self._groups: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, str] = {}
         self._arrivals = itertools.count()
         self._last_step_seconds: float | None = None
         self.num_steps = 0
+        self.failures: dict[str, RequestFailedError] = {}  # request id -> its own error, until taken
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -97,8 +100,10 @@ class LLMEngine:
         return with_thinking_ids(params, self.thinking_tokens, self.config.thinking, self.tokenizer, text, token_ids)
 
     def validate_request(self, prompt: PromptInput, params: SamplingParams) -> None:
-        """Everything add_request checks, without queueing: lets a batch be checked before any of it runs."""
-        params.validate()
+        """Everything add_request checks, without queueing: lets a batch be checked before any of it runs.
+
+        Changes no engine state (the grammar cache aside), so any thread may call it while the engine steps."""
+        params.validate(self.arch.vocab_size)
         text, token_ids = self.tokenize_prompt(prompt)
         self._with_thinking_ids(params, text, token_ids)
         if params.structured_outputs is not None:
@@ -107,7 +112,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None) -> None:
         """Validate and queue a request; bad input raises InvalidRequestError and changes nothing."""
         params = params or SamplingParams()
-        params.validate()
+        params.validate(self.arch.vocab_size)
         if request_id in self._groups:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
@@ -133,6 +138,10 @@ class LLMEngine:
 
     def _structured_compiler(self) -> Any:
         """The grammar compiler, created (and handed to the worker) by the first structured request."""
+        with self._compiler_lock:  # validate_request may run on several preparation threads at once
+            return self._make_structured_compiler()
+
+    def _make_structured_compiler(self) -> Any:
         if self._grammar_compiler is None:
             if self.tokenizer is None:
                 raise InvalidRequestError("structured_outputs", "needs a tokenizer; this checkpoint has none")
@@ -173,24 +182,37 @@ class LLMEngine:
             self._last_step_seconds = None  # an idle gap follows: the next step's predecessor is unknown
             return []
         self.num_steps += 1
+        for child_id, (field, message) in runner_output.failed.items():
+            self._fail(child_id, RequestFailedError(message, field))
         for chunk in scheduler_output.chunks:
             entries = runner_output.prompt_logprobs.get(chunk.req_id)
-            if entries:
+            if entries and chunk.req_id in self._child_to_group:
                 self._group_of(chunk.req_id).set_prompt_logprobs(chunk.start_pos, entries)
         changed: dict[str, RequestGroup] = {}
         stopped_by_text: list[str] = []
         for update in self.scheduler.update(scheduler_output, runner_output):
             child = update.request
+            if child.request_id not in self._child_to_group:
+                continue  # its group failed earlier in this loop
             group = self._group_of(child.request_id)
             logprobs = runner_output.logprobs.get(child.request_id, [])
-            if group.append_tokens(child, update.new_token_ids, logprobs):
-                stopped_by_text.append(child.request_id)
+            try:  # detokenizing is this request's own work: a failure ends it alone
+                if group.append_tokens(child, update.new_token_ids, logprobs):
+                    stopped_by_text.append(child.request_id)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(child.request_id, _own_failure(exc))
+                changed.pop(group.request_id, None)
+                continue
             changed[group.request_id] = group
         if stopped_by_text:
             self.scheduler.finish_requests(stopped_by_text, RequestStatus.FINISHED_STOPPED)
         outputs = []
         for group in changed.values():
-            output = group.make_output()  # None when the request's output_kind asks for nothing yet
+            try:
+                output = group.make_output()  # None when the request's output_kind asks for nothing yet
+            except Exception as exc:  # noqa: BLE001 - building this request's text failed: end it alone
+                self._fail(group.child_ids()[0], _own_failure(exc))
+                continue
             if output is not None:
                 outputs.append(output)
             if group.finished:
@@ -199,6 +221,19 @@ class LLMEngine:
                     self._child_to_group.pop(child_id, None)
         self._last_step_seconds = time.perf_counter() - started
         return outputs
+
+    def _fail(self, child_id: str, error: RequestFailedError) -> None:
+        """Abort the request group a failed child belongs to, keeping its error for take_failures()."""
+        group_id = self._child_to_group.get(child_id)
+        if group_id is None:
+            return
+        self.failures[group_id] = error
+        self.abort_request(group_id)
+
+    def take_failures(self) -> dict[str, RequestFailedError]:
+        """Requests aborted since the last call because their own work failed, each with its own error."""
+        failures, self.failures = self.failures, {}
+        return failures
 
     def _group_of(self, child_id: str) -> RequestGroup:
         return self._groups[self._child_to_group[child_id]]
@@ -216,6 +251,11 @@ class LLMEngine:
             "num_steps": self.num_steps,
             **self.scheduler.spec_stats_dict(),
         }
+
+
+def _own_failure(exc: Exception) -> RequestFailedError:
+    logger.error("a request failed while its output was built; aborting it alone", exc_info=exc)
+    return RequestFailedError(f"the engine failed while building this request's output ({type(exc).__name__})")
 
 
 def _load_tokenizer(model_path: str, required: bool) -> Tokenizer | None:

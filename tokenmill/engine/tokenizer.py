@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jinja2
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 from tokenmill.engine.chat_template import (
+    TemplateBudgetExceeded,
     TemplateRaised,
     iterates_content,
     make_template_env,
     normalize_messages,
     plain_json,
+    render_bounded,
 )
 from tokenmill.errors import InvalidRequestError, ModelLoadError
 from tokenmill.models.gguf import is_gguf_path
 
+_MAX_COMPILED_TEMPLATES = 16
 # Named special tokens, in the order transformers lists them in `all_special_tokens`.
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -120,6 +123,7 @@ class Tokenizer:
         self._decoder_special_ids = frozenset(
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         self.byte_fallback_ids = self._find_byte_tokens()
+        self._text_only: _HFTokenizer | None = None
 
     # ---- loading ---------------------------------------------------------------------------------------
 
@@ -190,6 +194,14 @@ class Tokenizer:
         # The post-processor in tokenizer.json decides BOS/EOS. transformers 5 ignores add_bos_token /
         # add_eos_token from tokenizer_config whenever tokenizer.json exists, so we do too.
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Encode with special-token strings split like any text: "<|im_end|>" written by a user stays data."""
+        if self._text_only is None:  # a private copy: the flag is per tokenizer and others encode concurrently
+            copy = _HFTokenizer.from_str(self._tok.to_str())
+            copy.encode_special_tokens = True
+            self._text_only = copy
+        return self._text_only.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -274,6 +286,8 @@ class Tokenizer:
 
     def _compile(self, source: str) -> tuple[jinja2.Template, bool]:
         if source not in self._compiled:
+            if len(self._compiled) >= _MAX_COMPILED_TEMPLATES:  # request templates must not grow it forever
+                self._compiled.pop(next(iter(self._compiled)))
             try:
                 self._compiled[source] = (self._env.from_string(source), iterates_content(self._env, source))
             except jinja2.TemplateSyntaxError as e:
@@ -288,8 +302,10 @@ class Tokenizer:
         chat = normalize_messages(messages, keep_parts=handles_parts)
         variables = {**self._special, **plain_json(template_kwargs)}
         try:
-            return template.render(messages=chat, tools=plain_json(tools), documents=None,
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            return render_bounded(template, {**variables, "messages": chat, "tools": plain_json(tools),
+                                             "documents": None, "add_generation_prompt": add_generation_prompt})
+        except TemplateBudgetExceeded as e:
+            raise InvalidRequestError("chat_template", f"the chat template is over budget: {e}") from None
         except TemplateRaised as e:
             raise InvalidRequestError("messages", f"rejected by the chat template: {e}") from None
         except jinja2.exceptions.SecurityError as e:
@@ -299,9 +315,17 @@ class Tokenizer:
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
-                    **template_kwargs: Any) -> RenderedChat:
-        """The chat prompt as text and token ids: how LLM.chat, `tokenmill chat` and the server render one."""
+                    check_text: Callable[[str], None] | None = None,
+                    encode: Callable[[str], list[int]] | None = None, **template_kwargs: Any) -> RenderedChat:
+        """The chat prompt as text and token ids: how LLM.chat, `tokenmill chat` and the server render one.
+
+        check_text sees the rendered text before it is tokenized (the server's byte limit); encode replaces
+        the plain encoding (the server's, which keeps control tokens in user text as data)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                         chat_template=chat_template, **template_kwargs)
+        if check_text is not None:
+            check_text(text)
         # The template already wrote BOS and friends; encoding must not add them a second time.
+        if encode is not None:
+            return RenderedChat(text, encode(text))
         return RenderedChat(text, self.encode(text, add_special_tokens=False))

@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
-from tokenmill.server.errors import APIError, error_body, install_error_handlers
+from tokenmill.server.errors import error_body, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.reasoning import tokenizer_has_think_tokens
@@ -22,6 +23,25 @@ from tokenmill.server.serving_common import ServerState, init_reasoning_tokens
 from tokenmill.server.serving_completions import create_completion
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+# The statuses the API answers with, in its OpenAPI schema (the body of each is server/errors.py's error_body).
+_ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+ACCESS_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "a Host header outside --allowed-hosts", **_ERROR},
+    401: {"description": "missing or wrong API key", **_ERROR},
+}
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the result, or with stream=true its server-sent events",
+          "content": {"application/json": {}, "text/event-stream": {"schema": {  # each event
+              "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}},
+    **ACCESS_ERRORS,
+    400: {"description": "bad input: the error names the field and the limit", **_ERROR},
+    404: {"description": "unknown model", **_ERROR},
+    413: {"description": "body larger than --max-body-bytes", **_ERROR},
+    503: {"description": "queue full (--max-queue) or shutting down", **_ERROR},
+}
 REASONING_PARSERS = ("auto", "think", "none")
 
 
@@ -68,11 +88,34 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        payload = json.dumps(error_body(f"request body is larger than the limit of {self.max_bytes} bytes",
-                                        "invalid_request_error", code="request_too_large")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _send_error(send, 413, f"request body is larger than the limit of {self.max_bytes} bytes",
+                          "invalid_request_error", "request_too_large")
+
+
+class APIKeyMiddleware:
+    """Require 'Authorization: Bearer KEY' on the protected path prefixes before the body is read."""
+
+    def __init__(self, app: ASGIApp, api_key: str, protected: tuple[str, ...]) -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                await _send_error(send, 401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                  "invalid_request_error", "invalid_api_key")
+                return
+        await self.app(scope, receive, send)
+
+
+async def _send_error(send: Send, status: int, message: str, type_: str, code: str) -> None:
+    payload = json.dumps(error_body(message, type_, code=code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def build_app(
@@ -84,10 +127,15 @@ def build_app(
     reasoning_parser: str = "auto",
     tool_call_parser: str | None = None,
     drain_timeout_s: float = 10.0,
+    trust_request_chat_template: bool = False,
+    metrics_public: bool = False,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
     'none' never does, 'auto' does when the tokenizer has both tags as tokens. The tags, the wrap-up text
     and their token ids are the engine's (EngineConfig.thinking), so parsing and the budget agree."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: pass a non-empty --api-key or none at all")
     if reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {reasoning_parser!r}")
     if default_thinking_budget is not None and default_thinking_budget < 0:
@@ -106,6 +154,7 @@ def build_app(
         reasoning_enabled=enabled,
         default_thinking_budget=default_thinking_budget,
         tool_call_parser=tool_call_parser,
+        trust_request_chat_template=trust_request_chat_template,
     )
     init_reasoning_tokens(state)
 
@@ -119,28 +168,26 @@ def build_app(
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tokenmill = state
     install_error_handlers(app)
+    # Middleware added last runs first: hosts, then the key, then the body limit, so an unauthenticated
+    # body is never read, let alone parsed.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key is not None:
+        protected = ("/v1",) if metrics_public else ("/v1", "/metrics")
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, protected=protected)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
-    async def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                           param=None, code="invalid_api_key")
+    v1 = APIRouter(prefix="/v1")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
-
-    @v1.post("/completions")
+    @v1.post("/completions", responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await create_completion(state, body, request)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await create_chat_completion(state, body, request)
 
-    @v1.get("/models")
+    @v1.get("/models", responses=ACCESS_ERRORS)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": served_model_name, "object": "model", "created": state.created, "owned_by": "tokenmill",
@@ -149,13 +196,13 @@ def build_app(
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine is not running"}})
     async def health() -> Response:
         if not async_engine.is_running:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ACCESS_ERRORS)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 

@@ -14,8 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.async_engine import EngineOverloadedError, RequestFailedError
-from tokenmill.errors import InvalidRequestError
+from tokenmill.engine.async_engine import EngineOverloadedError
+from tokenmill.errors import InvalidRequestError, RequestFailedError
+from tokenmill.server.body_checks import MAX_JSON_DEPTH
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), type_="server_overloaded", code="server_overloaded")
     if isinstance(exc, RequestFailedError):
+        if exc.field is not None:  # the request's own input made it fail (e.g. its grammar): the client's error
+            return APIError(400, str(exc), param=exc.field)
         return APIError(500, str(exc), type_="server_error")
     logger.exception("unexpected error while serving a request", exc_info=exc)
     return APIError(500, f"internal server error: {type(exc).__name__}", type_="server_error")
@@ -93,8 +96,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up on the nesting
+            return error_response(400, f"malformed JSON body: nested deeper than the parser allows (the limit "
+                                  f"is {MAX_JSON_DEPTH} levels)", code="invalid_json")
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type_=type_)
+        # Keep Starlette's headers: a 405 must list the allowed methods in Allow (RFC 9110).
+        return error_response(exc.status_code, str(exc.detail), type_=type_, headers=exc.headers)
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:

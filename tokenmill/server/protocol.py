@@ -3,6 +3,7 @@
 Unknown fields are accepted and ignored: OpenAI clients send `extra_body` entries as top-level JSON
 fields, and tokenmill's own extensions (top_k, min_p, ignore_eos, thinking_token_budget, ...) arrive that
 way. Range checks live in SamplingParams.validate so the engine and the server report the same limits.
+Types are strict: `false` is not token id 0 and "3" is not n=3 (what the schema says is what is accepted).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from tokenmill.structured.params import StructuredOutputParams
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     n: int = 1
@@ -90,8 +91,20 @@ class CompletionRequest(_Common):
             raise InvalidRequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
+# The roles OpenAI's API defines (plus "ipython", Llama 3's tool-result role). Any other role would reach the
+# chat template as text the client chose to sit where the template writes control tokens.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+def check_roles(messages: list["ChatMessage"]) -> None:
+    for index, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{index}].role",
+                                      f"must be one of {', '.join(CHAT_ROLES)}, got {message.role[:40]!r}")
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[dict[str, Any]] | None = None
 

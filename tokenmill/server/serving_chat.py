@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,13 +10,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.chat_template import check_template_kwargs
 from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import prompt_opens_thinking
 from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.server.body_checks import check_request_body
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.protocol import ChatCompletionRequest, sampling_params
+from tokenmill.server.protocol import ChatCompletionRequest, check_roles, sampling_params
 from tokenmill.server.reasoning import ReasoningTokenCounter, StreamingReasoningParser
 from tokenmill.server.serving_tools import ToolPlan, template_messages
 from tokenmill.server.structured_request import structured_outputs
@@ -70,6 +73,7 @@ class _ChatPlan:
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
+    check_request_body(body)
     state.check_model(body.model)
     body.check_unsupported()
     tokenizer = state.tokenizer
@@ -82,9 +86,16 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             raise InvalidRequestError("tool_choice", "a forced tool call cannot be combined with response_format "
                                       "or guided_* constraints")
         structured = forced
-    messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
-    chat = tokenizer.render_chat(messages, add_generation_prompt=body.add_generation_prompt,
-                                 tools=tools.template_tools, **(body.chat_template_kwargs or {}))
+    check_roles(body.messages)
+    template_kwargs = body.chat_template_kwargs or {}
+    check_template_kwargs(template_kwargs, tokenizer.special_tokens_map, state.trust_request_chat_template)
+    guard = state.control_tokens
+    messages, sentinels = guard.protect(template_messages([m.model_dump(exclude_none=True) for m in body.messages]))
+    # Rendering runs a template (code) and tokenizing may take megabytes: both off the event loop.
+    chat = guard.restore(await state.engine.run_prepare(functools.partial(
+        tokenizer.render_chat, messages, add_generation_prompt=body.add_generation_prompt, tools=tools.template_tools,
+        check_text=lambda text: state.check_prompt_bytes(text, "messages"),
+        encode=lambda text: guard.encode(text, sentinels), **template_kwargs)), sentinels)
     check_prompt_length(len(chat.token_ids), state.engine.max_model_len, "messages")
     plan = _ChatPlan(state, body, chat.text, tools)
     params = sampling_params(

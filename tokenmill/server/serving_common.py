@@ -14,6 +14,8 @@ from fastapi import Request
 
 from tokenmill.config import ThinkingConfig
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
+from tokenmill.engine.control_tokens import ControlTokenGuard
+from tokenmill.engine.prompt_checks import check_prompt_bytes, longest_token_bytes
 from tokenmill.engine.thinking import ThinkingTokens
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.outputs import LogprobsDict, RequestOutput
@@ -21,6 +23,7 @@ from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import RequestTracker, ServerMetrics
 
 DISCONNECT_POLL_S = 0.25
+MERGE_QUEUE_SIZE = 8
 
 
 @dataclass
@@ -34,6 +37,9 @@ class ServerState:
     reasoning_enabled: bool = False  # split <think> into reasoning_content in chat responses
     default_thinking_budget: int | None = None
     tool_call_parser: str | None = None  # None: guessed from the chat template
+    trust_request_chat_template: bool = False  # chat_template in chat_template_kwargs is refused unless set
+    max_token_bytes: int = 1  # the vocabulary's longest token in bytes: bounds a prompt's bytes before tokenizing
+    guard: ControlTokenGuard | None = None  # set with the tokenizer: keeps control tokens in messages as text
     # Derived from the tokenizer once, at startup.
     tags_are_skipped_specials: bool = False  # the tags vanish from text unless special tokens are kept
     other_specials: list[str] = field(default_factory=list)  # then removed by the parser instead
@@ -51,6 +57,15 @@ class ServerState:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            type_="not_found_error", param="model", code="model_not_found")
 
+    @property
+    def control_tokens(self) -> ControlTokenGuard:
+        if self.guard is None:
+            raise APIError(400, "this checkpoint has no tokenizer; send prompts as token ids", param="messages")
+        return self.guard
+
+    def check_prompt_bytes(self, text: str, field: str) -> None:
+        check_prompt_bytes(text, self.engine.max_model_len, self.max_token_bytes, field)
+
     def thinking_budget(self, budget: int | None) -> int | None:
         """The request's thinking budget, else the server's default; the engine derives the tag ids."""
         return self.default_thinking_budget if budget is None else budget
@@ -61,6 +76,8 @@ def init_reasoning_tokens(state: ServerState) -> None:
     tokenizer = state.engine.tokenizer
     if tokenizer is None:
         return
+    state.max_token_bytes = longest_token_bytes(tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size)))
+    state.guard = ControlTokenGuard(tokenizer, exempt=(state.thinking_config.start, state.thinking_config.end))
     tags = state.thinking_config
     tag_ids = [tokenizer.token_to_id(tags.start), tokenizer.token_to_id(tags.end)]
     state.tags_are_skipped_specials = any(i is not None and tokenizer.is_skipped_special(i) for i in tag_ids)
@@ -82,16 +99,20 @@ SSE_DONE = "data: [DONE]\n\n"
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several requests' outputs as they arrive, as (prompt index, output)."""
-    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+    # Bounded: when the consumer (the HTTP response, blocked on a client that stopped reading) does not take,
+    # the pumps stop reading their streams and the engine's unread-output limit applies.
+    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue(MERGE_QUEUE_SIZE)
 
     async def pump(index: int, stream: RequestStream) -> None:
         try:
             async for output in stream:
-                queue.put_nowait((index, output))
+                await queue.put((index, output))
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait(exc)
+            await queue.put(exc)
             return
-        queue.put_nowait(None)
+        await queue.put(None)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)

@@ -13,6 +13,7 @@ from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.body_checks import check_request_body
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.server.structured_request import structured_outputs
@@ -31,6 +32,7 @@ from tokenmill.server.serving_common import (
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Any:
+    check_request_body(body)
     state.check_model(body.model)
     body.check_unsupported()
     engine = state.engine
@@ -40,7 +42,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     for raw in body.prompts():
         if isinstance(raw, str):
             text: str | None = raw
-            ids = state.tokenizer.encode(raw)
+            state.check_prompt_bytes(raw, "prompt")
+            ids = await engine.run_prepare(state.tokenizer.encode, raw)
         else:
             text, ids = None, list(raw)
         if not ids:

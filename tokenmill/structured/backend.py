@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from types import ModuleType
@@ -18,7 +19,7 @@ import torch
 
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
-from tokenmill.sample.bitmask import bitmask_width
+from tokenmill.sample.bitmask import allocate_bitmask, bitmask_width
 from tokenmill.structured.llg_grammar import compile_template, import_llguidance
 from tokenmill.structured.params import StructuredOutputParams
 
@@ -26,6 +27,12 @@ from tokenmill.structured.params import StructuredOutputParams
 # 0.2 MB for a nested schema (measured), so a full cache is some 50 MB. Repeated schemas (one per tool
 # or API client) stay warm.
 DEFAULT_CACHE_SIZE = 256
+# Wall time one grammar may take to compile and produce its first mask. llguidance's own limits (lexer fuel,
+# items per step) bound the work; this bounds the wait a client can impose on the others sharing the compiler.
+# `x{1000}{1000}` takes ~1.8 s here; real schemas take milliseconds.
+DEFAULT_COMPILE_BUDGET_S = 1.0
+# Grammars refused for their cost are remembered (bounded) so a client repeating one pays nothing again.
+MAX_REFUSED = 1024
 
 
 class CompiledGrammar:
@@ -213,7 +220,7 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int],
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, compile_budget_s: float = DEFAULT_COMPILE_BUDGET_S) -> None:
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         eos = frozenset(int(t) for t in eos_token_ids)
@@ -227,8 +234,9 @@ class GrammarCompiler:
         self._eos = eos
         self._cache_size = cache_size
         self._cache: OrderedDict[Hashable, CompiledGrammar] = OrderedDict()
-        # One lock for the cache and compiles alike: a compile takes about a millisecond, and holding
-        # the lock means concurrent requests for one new schema compile it once.
+        self._refused: OrderedDict[Hashable, InvalidRequestError] = OrderedDict()
+        self._budget_s = compile_budget_s
+        self._compiling: dict[Hashable, threading.Event] = {}  # keys being compiled right now
         self._lock = threading.Lock()
         self._llg: ModuleType | None = None
         self._lltokenizer: Any = None
@@ -237,22 +245,64 @@ class GrammarCompiler:
         self.misses = 0
 
     def compile(self, params: StructuredOutputParams) -> CompiledGrammar:
-        """The compiled grammar for `params`, from the cache when an equal request compiled it before."""
+        """The compiled grammar for `params`, from the cache when an equal request compiled it before.
+
+        The lock guards only the cache: a compile runs outside it, so a slow grammar delays only requests
+        for that same grammar (they wait for its one compile), never cache hits or other grammars."""
         key = params.cache_key()  # validates: bad option combinations fail before any import
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                return cached
-            llg = self._library(params.error_field)
+        while True:
+            with self._lock:
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._cache.move_to_end(key)
+                    self.hits += 1
+                    return cached
+                refused = self._refused.get(key)
+                if refused is not None:
+                    raise refused
+                llg = self._library(params.error_field)
+                in_flight = self._compiling.get(key)
+                if in_flight is None:
+                    self._compiling[key] = threading.Event()
+                    break
+            in_flight.wait()  # another thread compiles this grammar: then read its result from the cache
+        try:
+            started = time.perf_counter()
             template = compile_template(llg, self._lltokenizer, params, self._limits)
             compiled = CompiledGrammar(params.kind, params.error_field, template, self._vocab_size, self._eos)
-            self.misses += 1
-            self._cache[key] = compiled
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._check_cost(key, compiled, time.perf_counter() - started)
+            with self._lock:
+                self.misses += 1
+                self._cache[key] = compiled
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
             return compiled
+        finally:
+            with self._lock:
+                self._compiling.pop(key).set()
+
+    def _check_cost(self, key: Hashable, compiled: CompiledGrammar, compile_s: float) -> None:
+        """Build the first mask now (llguidance builds its lexer lazily) and hold the total to the budget.
+
+        Errors that would otherwise surface in the first engine step (a lexer over its limits) surface here,
+        as this request's 400, before it is queued."""
+        started = time.perf_counter()
+        probe = compiled.new_matcher()
+        error: InvalidRequestError | None = None
+        try:
+            probe.fill_bitmask(allocate_bitmask(1, self._vocab_size), 0)
+        except InvalidRequestError as e:
+            error = e
+        elapsed = compile_s + time.perf_counter() - started
+        if error is None and elapsed > self._budget_s:
+            error = InvalidRequestError(compiled.error_field, f"the grammar took {elapsed:.2f} s to compile, over "
+                                        f"the budget of {self._budget_s:g} s; simplify it")
+        if error is not None:
+            with self._lock:
+                self._refused[key] = error
+                if len(self._refused) > MAX_REFUSED:
+                    self._refused.popitem(last=False)
+            raise error
 
     def matcher(self, params: StructuredOutputParams) -> GrammarMatcher:
         """A new matcher at the start of the request's grammar."""

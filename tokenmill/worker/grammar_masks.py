@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -35,6 +35,11 @@ class GrammarBackend(Protocol):
         """Fill bitmask row rows[i] with the tokens matchers[i] allows next."""
 
 
+class MaskResult(NamedTuple):
+    bitmask: torch.Tensor
+    failed: dict[int, Exception]  # row -> why that row's matcher could not fill its mask
+
+
 class GrammarMasks:
     def __init__(self, backend: GrammarBackend, vocab_size: int, overlap: bool = True) -> None:
         self.backend = backend
@@ -42,21 +47,35 @@ class GrammarMasks:
         self.overlap = overlap  # False when the model runs on the CPU (see the module docstring)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-grammar") if overlap else None
 
-    def start(self, matchers: list[GrammarMatcherLike]) -> Future[torch.Tensor] | None:
+    def start(self, matchers: list[GrammarMatcherLike]) -> Future[MaskResult] | None:
         """Begin filling one bitmask row per matcher (in order); None when there are none."""
         if not matchers:
             return None
 
-        def fill() -> torch.Tensor:
+        def fill() -> MaskResult:
             bitmask = allocate_bitmask(len(matchers), self.vocab_size)
-            self.backend.fill_bitmasks(matchers, bitmask, list(range(len(matchers))), parallel=self.overlap)
-            return bitmask
+            return MaskResult(bitmask, self._fill_attributed(matchers, bitmask))
 
         if self._executor is not None:
             return self._executor.submit(fill)
-        done: Future[torch.Tensor] = Future()
-        try:
-            done.set_result(fill())
-        except Exception as error:  # raised where an overlapped fill would raise: when the mask is used
-            done.set_exception(error)
+        done: Future[MaskResult] = Future()
+        done.set_result(fill())
         return done
+
+    def _fill_attributed(self, matchers: list[GrammarMatcherLike], bitmask: torch.Tensor) -> dict[int, Exception]:
+        """Fill every row; when the batch fill raises, refill row by row to learn whose grammar failed.
+
+        A failing row is one request's problem (a grammar too costly to match): it must not cost the others
+        their masks, so the failure is returned per row instead of raised."""
+        try:
+            self.backend.fill_bitmasks(matchers, bitmask, list(range(len(matchers))), parallel=self.overlap)
+            return {}
+        except Exception:  # noqa: BLE001 - attributed below
+            pass
+        failed: dict[int, Exception] = {}
+        for row, matcher in enumerate(matchers):
+            try:
+                self.backend.fill_bitmasks([matcher], bitmask, [row], parallel=False)
+            except Exception as error:  # noqa: BLE001 - reported against this row's request
+                failed[row] = error
+        return failed

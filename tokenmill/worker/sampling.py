@@ -7,7 +7,6 @@ thinking budget) before sampling or verification, so drafting, verifying and pla
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 
 import torch
 
@@ -30,18 +29,17 @@ def sample_plain(
     sampler: Sampler,
     logits: torch.Tensor,
     states: Sequence[SamplingState],
-    grammar: tuple[Future[torch.Tensor], list[int]] | None,
+    grammar_mask: tuple[torch.Tensor, list[int]] | None,
+    forced: Sequence[int | None],
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """One token per row (row i of logits belongs to states[i]), and its logprobs when asked."""
-    if grammar is None and all(is_plain_greedy(s) for s in states):
+    """One token per row (row i of logits belongs to states[i]), and its logprobs when asked.
+
+    grammar_mask: (bitmask, rows): bitmask row j constrains logits row rows[j]. forced[i]: the token the
+    thinking budget forces on row i (or None); the caller reports the outcome to each request's tracker."""
+    if grammar_mask is None and all(is_plain_greedy(s) for s in states):
         return logits.argmax(dim=-1).tolist(), [None] * len(states)
-    forced = [s.thinking.forced_token() if s.thinking is not None else None for s in states]
-    mask = None if grammar is None else (grammar[0].result(), grammar[1])
-    shaped = shape_logits(logits, states, grammar_mask=mask, forced=forced)
+    shaped = shape_logits(logits, states, grammar_mask=grammar_mask, forced=list(forced))
     result = sampler(shaped, states, raw_logits=logits)
-    for state, token, forced_token in zip(states, result.token_ids, forced):
-        if state.thinking is not None:
-            state.thinking.observe(token, forced=forced_token is not None)
     return result.token_ids, result.logprobs
 
 
@@ -90,7 +88,7 @@ def prompt_logprobs(
     offset = 0
     for chunk in chunks:
         length = len(chunk.token_ids)
-        if chunk.want_prompt_logprobs:
+        if chunk.want_prompt_logprobs and chunk.req_id in states:  # a request that failed has no state
             state = states[chunk.req_id]
             prompt = state.prompt_token_ids
             end = min(chunk.start_pos + length, len(prompt) - 1)

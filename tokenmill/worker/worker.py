@@ -35,6 +35,7 @@ from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
 from tokenmill.worker.input_batch import StepInputs
 from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block, check_pool_holds_context
 from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.worker.request_failures import RequestFailures
 from tokenmill.worker.step_timer import time_forward
 
 
@@ -119,25 +120,30 @@ class Worker:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         started = time.perf_counter()
-        self._update_requests(scheduler_output)
+        # A request whose own work fails (its grammar, its state) is left out of the rest of the step and
+        # reported in output.failed; the step goes on for everyone else.
+        failures = RequestFailures()
+        self._update_requests(scheduler_output, failures)
         chunks = scheduler_output.chunks
         if not chunks:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], failed=failures.failed)
         inputs = self.runner.prepare(scheduler_output)
-        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if not chunks[c].num_spec_tokens]
+        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts)
+                 if not chunks[c].num_spec_tokens and chunks[c].req_id not in failures]
         grammar = self._start_grammar_masks(scheduler_output, plain)
         prepared = time.perf_counter()
         hidden = self.runner.forward(inputs)
         forwarded = time.perf_counter()
         sampled: list[list[int]] = [[] for _ in chunks]
-        output = ModelRunnerOutput(req_ids=[c.req_id for c in chunks], sampled_token_ids=sampled)
+        output = ModelRunnerOutput(req_ids=[c.req_id for c in chunks], sampled_token_ids=sampled,
+                                   failed=failures.failed)
         if inputs.sampling_chunks:
-            self._sample(scheduler_output, inputs, hidden, plain, grammar, output)
+            self._sample(scheduler_output, inputs, hidden, plain, grammar, output, failures)
         sampling.prompt_logprobs(chunks, self.states, hidden, self.model.compute_logits, output)
         sampled_at = time.perf_counter()
         drafted = any(c.num_spec_tokens for c in chunks)
         if self.drafter is not None and inputs.sampling_chunks:
-            self._propose_drafts(scheduler_output, inputs, output)
+            self._propose_drafts(scheduler_output, inputs, output, failures)
         finished = time.perf_counter()
         if self.drafter is not None and inputs.sampling_chunks:
             self.drafter.observe_step(inputs.num_tokens, drafted, finished - started)
@@ -148,20 +154,23 @@ class Worker:
                           "execute_s": finished - started}
         return output
 
-    def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
+    def _update_requests(self, scheduler_output: SchedulerOutput, failures: RequestFailures) -> None:
         if self.drafter is not None and self._last_decode_step is not None and scheduler_output.prev_step_seconds:
             # Judged before this step drafts again: the drafter still holds what the previous step proposed.
             self.drafter.observe_decode_step(*self._last_decode_step, scheduler_output.prev_step_seconds)
         self._last_decode_step = None
-        for new in scheduler_output.new_requests:
-            self.states[new.req_id] = self._new_state(new)
         input_batch = self.runner.input_batch
         assert input_batch is not None, "init_cache() must run before execute()"
+        # Finished first: a finished id may already belong to a new request reusing it (offline callers choose
+        # their own ids), whose state must survive.
         for req_id in scheduler_output.finished_req_ids:
             self.states.pop(req_id, None)
             input_batch.remove(req_id)
             if self.drafter is not None:
                 self.drafter.finished(req_id)
+        for new in scheduler_output.new_requests:
+            with failures.guard(new.req_id):
+                self.states[new.req_id] = self._new_state(new)
         for req_id in scheduler_output.resumed_req_ids:
             input_batch.reset_blocks(req_id)
             if self.drafter is not None:
@@ -192,38 +201,80 @@ class Worker:
         return None if pending is None else (pending, rows)
 
     def _sample(self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
-                plain: list[tuple[int, int]], grammar: Any, output: ModelRunnerOutput) -> None:
+                plain: list[tuple[int, int]], grammar: Any, output: ModelRunnerOutput,
+                failures: RequestFailures) -> None:
         chunks = scheduler_output.chunks
         logits = self.runner.logits(hidden, inputs)
+        mask = self._resolve_grammar_masks(chunks, plain, grammar, failures)
+        forced = self._forced_tokens(chunks, plain, failures)
+        plain, mask = _without_failed(chunks, plain, mask, failures)
         if plain:
             rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
             states = [self.states[chunks[c].req_id] for c, _ in plain]
-            tokens, entries = sampling.sample_plain(self.sampler, rows, states, grammar)
-            for (chunk_index, _), state, token, entry in zip(plain, states, tokens, entries):
-                sampling.record(state, [token])
+            step_forced = [forced.get(chunks[c].req_id) for c, _ in plain]
+            tokens, entries = sampling.sample_plain(self.sampler, rows, states, mask, step_forced)
+            for (chunk_index, _), state, token, entry, forced_token in zip(plain, states, tokens, entries, step_forced):
+                req_id = chunks[chunk_index].req_id
+                with failures.guard(req_id):
+                    if state.thinking is not None:
+                        state.thinking.observe(token, forced=forced_token is not None)
+                    sampling.record(state, [token])
+                if req_id in failures:
+                    continue
                 output.sampled_token_ids[chunk_index].append(token)
                 if entry is not None:
                     output.logprobs.setdefault(chunks[chunk_index].req_id, []).append(entry)
-        verifying = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts) if chunks[c].num_spec_tokens]
+        verifying = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts)
+                     if chunks[c].num_spec_tokens and chunks[c].req_id not in failures]
         if verifying:
             assert self.drafter is not None
             states = [self.states[chunks[c].req_id] for c, _ in verifying]
             results = sampling.verify_drafts(self.drafter, self.sampler.generator, [chunks[c] for c, _ in verifying],
                                              states, [r for _, r in verifying], logits)
             for (chunk_index, _), state, (emitted, entries) in zip(verifying, states, results):
-                sampling.record(state, emitted)
+                with failures.guard(chunks[chunk_index].req_id):
+                    sampling.record(state, emitted)
+                if chunks[chunk_index].req_id in failures:
+                    continue
                 output.sampled_token_ids[chunk_index].extend(emitted)
                 if entries:
                     output.logprobs.setdefault(chunks[chunk_index].req_id, []).extend(entries)
 
-    def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput) -> None:
+    def _resolve_grammar_masks(self, chunks: list[ScheduledChunk], plain: list[tuple[int, int]], grammar: Any,
+                               failures: RequestFailures) -> Any:
+        """The step's grammar masks as (bitmask, rows into plain); a request whose mask failed is recorded."""
+        if grammar is None:
+            return None
+        pending, rows = grammar
+        result = pending.result()
+        for mask_row, error in result.failed.items():
+            failures.record(chunks[plain[rows[mask_row]][0]].req_id, error)
+        return result.bitmask, rows
+
+    def _forced_tokens(self, chunks: list[ScheduledChunk], plain: list[tuple[int, int]],
+                       failures: RequestFailures) -> dict[str, int]:
+        """Tokens the thinking budget forces this step, per request (each request's tracker guarded alone)."""
+        forced: dict[str, int] = {}
+        for chunk_index, _ in plain:
+            req_id = chunks[chunk_index].req_id
+            thinking = self.states[req_id].thinking
+            if thinking is None or req_id in failures:
+                continue
+            with failures.guard(req_id):
+                token = thinking.forced_token()
+                if token is not None:
+                    forced[req_id] = token
+        return forced
+
+    def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput,
+                        failures: RequestFailures) -> None:
         """Drafts for every request that goes on decoding, returned to the scheduler for the next step."""
         assert self.drafter is not None
         candidates = []
         sampling_chunks = set(inputs.sampling_chunks)
         num_other_tokens = 0
         for index, chunk in enumerate(scheduler_output.chunks):
-            if index not in sampling_chunks:
+            if index not in sampling_chunks or chunk.req_id in failures:
                 num_other_tokens += len(chunk.token_ids)
                 continue
             state = self.states[chunk.req_id]
@@ -264,6 +315,20 @@ class Worker:
             chunk = ScheduledChunk(req_id, [0] * length, 0, table, sample=True)
             yield input_batch.prepare(SchedulerOutput(chunks=[chunk]))
             input_batch.remove(req_id)
+
+
+def _without_failed(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], mask: Any,
+                    failures: RequestFailures) -> tuple[list[tuple[int, int]], Any]:
+    """`plain` without the requests that failed, and the mask's rows renumbered to match (None when empty)."""
+    kept = [i for i, (c, _) in enumerate(plain) if chunks[c].req_id not in failures]
+    if len(kept) == len(plain):
+        return plain, mask
+    if mask is not None:
+        new_index = {old: new for new, old in enumerate(kept)}
+        bitmask, rows = mask
+        mask_rows = [j for j, row in enumerate(rows) if row in new_index]
+        mask = (bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows]) if mask_rows else None
+    return [plain[i] for i in kept], mask
 
 
 def _count_params(config: EngineConfig) -> int:

@@ -1,0 +1,91 @@
+"""One request can never fail another: for each class of poison request, twelve victim streams running beside
+it all finish normally, and the poison request gets its own error (a 400 before it is queued, or its own
+error event when it can only fail inside a step)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from tests.server.conftest import MODEL
+
+NUM_VICTIMS = 12
+VICTIM_TOKENS = 24
+RECURSIVE_TOOL = {"type": "function", "function": {"name": "node", "parameters": {
+    "$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}, "required": ["next"]}},
+    "$ref": "#/$defs/n"}}}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 8}
+
+# (name, endpoint, raw JSON body, the field its error must name)
+POISONS = [
+    ("top_k past 2^63", "completions", json.dumps({**COMPLETION, "top_k": 2**63}), "top_k"),
+    ("infinite temperature", "completions", json.dumps(COMPLETION)[:-1] + ', "temperature": Infinity}',
+     "temperature"),
+    ("lone surrogate", "completions", json.dumps(COMPLETION)[:-1] + ', "stop": ["\\ud800"]}', "stop"),
+    ("exploding regex", "completions", json.dumps({**COMPLETION, "guided_regex": "x{1000}{1000}"}), "guided_regex"),
+    ("recursive tool schema", "chat/completions",
+     json.dumps({**CHAT, "tools": [RECURSIVE_TOOL], "tool_choice": "required"}), "tools"),
+    ("deep schema", "chat/completions", json.dumps({**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "d", "schema": json.loads('{"type": "array", "items": ' * 80 + '{"type": "string"}' + "}" * 80)}}}),
+     "response_format"),
+]
+
+
+async def _victim(client: httpx.AsyncClient, index: int) -> tuple[str | None, list[str]]:
+    body = {"model": MODEL, "prompt": f"victim {index}", "max_tokens": VICTIM_TOKENS, "ignore_eos": True,
+            "stream": True}
+    finish, events = None, []
+    async with client.stream("POST", "/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line)
+            if line != "data: [DONE]":
+                for choice in json.loads(line[6:]).get("choices", []):
+                    finish = choice.get("finish_reason") or finish
+    return finish, events
+
+
+async def _poison(client: httpx.AsyncClient, endpoint: str, body: str) -> httpx.Response:
+    await asyncio.sleep(0.05)  # let the victims start streaming first
+    return await client.post(f"/{endpoint}", content=body.encode("utf-8", "surrogatepass"),
+                             headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(("name", "endpoint", "body", "field"), POISONS, ids=[p[0] for p in POISONS])
+def test_poison_request_fails_alone(server, name, endpoint, body, field):
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            victims = [_victim(client, i) for i in range(NUM_VICTIMS)]
+            return await asyncio.gather(_poison(client, endpoint, body), *victims)
+
+    poison, *victims = asyncio.run(main())
+    assert poison.status_code == 400, poison.text
+    error = poison.json()["error"]
+    assert error["param"] is not None and error["param"].startswith(field), error
+    for finish, events in victims:
+        assert finish == "length", events[-3:]
+        assert events[-1] == "data: [DONE]"
+        assert not any('"error"' in event for event in events), [e for e in events if '"error"' in e]
+
+
+def test_a_streamed_request_failing_inside_a_step_gets_its_own_error_event(server):
+    """The recursive schema compiles but cannot be matched: the failure comes mid-stream, to this stream alone."""
+    body = json.dumps({**CHAT, "tools": [RECURSIVE_TOOL], "tool_choice": "required", "stream": True})
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            victims = [_victim(client, i) for i in range(NUM_VICTIMS)]
+            return await asyncio.gather(_poison(client, "chat/completions", body), *victims)
+
+    poison, *victims = asyncio.run(main())
+    events = [line for line in poison.text.splitlines() if line.startswith("data: ")]
+    errors = [json.loads(e[6:])["error"] for e in events if '"error"' in e]
+    assert len(errors) == 1 and errors[0]["param"] == "tools", events
+    assert "grammar" in errors[0]["message"] and events[-1] == "data: [DONE]"
+    assert all(finish == "length" for finish, _ in victims)
