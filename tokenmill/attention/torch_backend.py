@@ -236,7 +236,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     Soft-capped scores take the plain path."""
     if softcap is not None:
         return _capped_attention(q, k, v, mask, scale, softcap, causal=False)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    if q.shape[-2] == 1 and heads != kv_heads:
+        # One query per sequence (decode): the query heads sharing a KV head become that head's query rows, so
+        # each KV head is read once, not once per query head as enable_gqa does (2-3x faster on CPU: perf.md).
+        folded = q.reshape(*q.shape[:-3], kv_heads, heads // kv_heads, q.shape[-1])
+        return F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale).reshape(q.shape)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
 
 
 def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
