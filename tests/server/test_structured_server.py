@@ -19,7 +19,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
 
 from tests.server.conftest import MODEL, LiveServer, make_engine, start_server, stop_server
 from tests.server.openai_helpers import (
@@ -35,8 +34,9 @@ from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.llm import LLM
 from tokenmill.server.app import build_app
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
-                                reason="needs llguidance (pip install 'tokenmill[test]')")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
+                                 reason="needs llguidance (pip install 'tokenmill[test]')")]
 
 SEEDS = range(50)
 
@@ -94,15 +94,6 @@ AFTER_TOOL_CALL = MESSAGES + [
     {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a small shared CPU: a second intra-op thread only spins (often 10x slower). Set
-    before this module's servers start, as their engine threads keep the count they started with."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
