@@ -102,9 +102,15 @@ class EngineConfig:
     thinking: ThinkingConfig = ThinkingConfig()
     # torch.compile (inductor) for the model forward; None: on where it measured faster (see platform.py).
     compile: bool | None = None
+    # Weight quantization applied while loading a float checkpoint: METHOD[:gN][:sym] (quant/settings.py).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self.spec.validate()
+        if self.quantization is not None:
+            from tokenmill.quant.settings import parse_quantization  # imports torch: only when asked for
+
+            parse_quantization(self.quantization)
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:

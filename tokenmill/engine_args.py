@@ -72,6 +72,10 @@ class EngineArgs:
     seed: int = _knob(EngineConfig.seed, "engine seed for requests without their own", _MODEL)
     compile: bool | None = _knob(EngineConfig.compile,
                                  "torch.compile the model forward (default: where it measured faster)", _MODEL)
+    quantization: str | None = _knob(
+        EngineConfig.quantization, "quantize a float checkpoint's linear weights while loading: int8, int4, w2 or "
+        "fp8, optionally :gN (group size; int4/w2 default 64) and :sym (no zero-point); a quantized checkpoint "
+        "loads as it is", _MODEL)
 
     block_size: int = _knob(CacheConfig.block_size, "tokens per KV block", _KV)
     num_kv_blocks: int | None = _knob(CacheConfig.num_kv_blocks, "exact KV pool size in blocks", _KV)
@@ -166,6 +170,7 @@ class EngineArgs:
             ),
             thinking=ThinkingConfig(start=self.reasoning_start, end=self.reasoning_end, wrap_up=self.thinking_wrap_up),
             compile=self.compile,
+            quantization=self.quantization,
         )
 
 

@@ -46,3 +46,8 @@ def default_compile(device: torch.device, num_params: int) -> bool:
 
     On the CPU where it measured faster for steady decoding; not yet on GPUs (CUDA graphs come first)."""
     return device.type == "cpu" and num_params >= COMPILE_MIN_PARAMS_CPU
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    """Whether `device` multiplies fp8 matrices in hardware (torch._scaled_mm): CUDA compute capability 8.9+."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)

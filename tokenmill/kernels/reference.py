@@ -135,3 +135,22 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
     pair = torch.stack((key, value))
     flat.index_copy_(1, slot_mapping, pair if pair.dtype == kv_cache.dtype else pair.to(kv_cache.dtype))
+
+
+def weight_only_quant_matmul(x: torch.Tensor, qweight_kn: torch.Tensor, scales_gn: torch.Tensor,
+                             zeros_gn: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The twin of kernels/triton_quant_matmul.py: x [M, K] @ W.T in float32, cast to x's dtype, where
+    W[n, k] = (code[k, n] - zeros[g, n]) * scales[g, n] with g = k // (K / groups) and the codes packed along K
+    in `qweight_kn` [K / per_byte, N] (column k at bits (k % per_byte) * bits; int8 codes are signed)."""
+    if bits < 8:
+        per_byte = 8 // bits
+        parts = [(qweight_kn.to(torch.int32) >> (j * bits)) & ((1 << bits) - 1) for j in range(per_byte)]
+        codes = torch.stack(parts, dim=1).reshape(-1, qweight_kn.shape[1]).float()  # [K, N]: row k = byte k // per_byte
+    else:
+        codes = qweight_kn.float()
+    k_size = codes.shape[0]
+    group = k_size // scales_gn.shape[0]
+    if zeros_gn is not None:
+        codes = codes - zeros_gn.float().repeat_interleave(group, dim=0)
+    weight_kn = codes * scales_gn.float().repeat_interleave(group, dim=0)
+    return (x.float() @ weight_kn).to(x.dtype)

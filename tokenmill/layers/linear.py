@@ -33,6 +33,11 @@ class QuantMethod(ABC):
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         """x [..., input_size] -> [..., output_size]."""
 
+    def for_layer(self, layer: LinearBase) -> QuantMethod:
+        """The method this layer uses: this one, unless the method leaves such layers alone (a quantized
+        method keeps the LM head in float); called once, before create_weights."""
+        return self
+
 
 class UnquantizedLinearMethod(QuantMethod):
     """Weights in the model dtype. `prepack_cpu`: reorder bfloat16/float16 weights into oneDNN's blocked
@@ -72,6 +77,8 @@ class UnquantizedLinearMethod(QuantMethod):
 class LinearBase(nn.Module):
     """y = x W^T + b, with W made of row shards (one per checkpoint tensor fused into this layer)."""
 
+    keeps_float_weights = False  # True where quantized methods must not apply (QuantMethod.for_layer)
+
     def __init__(
         self,
         input_size: int,
@@ -93,7 +100,7 @@ class LinearBase(nn.Module):
         self.weight_is_shared = False  # tied to another module's weight: never repacked in place
         self.prepacked = False
         self.packed_weight: torch.Tensor | None = None  # the weight in the kernel's layout, when prepacked
-        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method = (quant_method or UnquantizedLinearMethod()).for_layer(self)
         self.quant_method.create_weights(self, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +144,9 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(ReplicatedLinear):
     """The output projection: a linear layer like the others, or the embedding's matrix when tied."""
+
+    # Quantized methods leave the head in float: logits are sensitive to it, and a tied head is the embedding.
+    keeps_float_weights = True
 
     def tie_to(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight

@@ -100,7 +100,7 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Normal(0, std) matrices, identity norms, zero biases, generated on the model's device."""
-    generator_device = next(model.parameters()).device
+    generator_device = next(p for p in model.parameters() if not p.is_meta).device
     generator = torch.Generator(device=generator_device).manual_seed(seed)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -109,6 +109,9 @@ def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> N
                 param.fill_(getattr(modules[name.rpartition(".")[0]], "identity_weight", 1.0))
             elif name.endswith(".bias"):
                 param.zero_()
+            elif param.is_meta:  # a weight quantized as it loads: draw it in float, hand it to its loader
+                drawn = torch.empty(param.shape, device=generator_device).normal_(0.0, std, generator=generator)
+                param.weight_loader(param, drawn)
             else:
                 param.normal_(0.0, std, generator=generator)
 

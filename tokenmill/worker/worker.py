@@ -25,7 +25,9 @@ from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, Scheduled
 from tokenmill.errors import ConfigError
 from tokenmill.layers.linear import UnquantizedLinearMethod
 from tokenmill.models.loader import load_model
-from tokenmill.platform import attention_backend, default_compile, resolve_device
+from tokenmill.platform import (attention_backend, default_compile, fp8_matmul_available, resolve_device,
+                                triton_available)
+from tokenmill.quant.methods import linear_method_for
 from tokenmill.sample.sampler import Sampler
 from tokenmill.sample.state import SamplingState, make_generator
 from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
@@ -50,7 +52,10 @@ class Worker:
         num_params = _count_params(config)
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
-        quant = UnquantizedLinearMethod(prepack_cpu=not self.compile)
+        float_method = UnquantizedLinearMethod(prepack_cpu=not self.compile)
+        quant = linear_method_for(config.quantization, _checkpoint_config(config.model), config.load_format,
+                                  float_method, use_triton=self.device.type == "cuda" and triton_available(),
+                                  fp8_scaled_mm=fp8_matmul_available(self.device))
         self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
                                            load_format=config.load_format, progress=show_progress, quant=quant)
         self.dtype: torch.dtype = self.model.model.embed_tokens.weight.dtype
@@ -329,6 +334,15 @@ def _without_failed(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], 
         mask_rows = [j for j, row in enumerate(rows) if row in new_index]
         mask = (bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows]) if mask_rows else None
     return [plain[i] for i in kept], mask
+
+
+def _checkpoint_config(model_path: str) -> dict[str, Any]:
+    """config.json of a checkpoint folder, where its `quantization_config` says how its weights are stored
+    (a GGUF file says it per tensor: {} here)."""
+    from tokenmill.models.arch_config import read_config_json
+    from tokenmill.models.gguf import is_gguf_path
+
+    return {} if is_gguf_path(model_path) else read_config_json(model_path)
 
 
 def _count_params(config: EngineConfig) -> int:

@@ -1,0 +1,132 @@
+"""The part every weight-quantized linear method shares: the canonical parameters and how they are filled.
+
+A layer is filled one of two ways:
+- from a quantized checkpoint: `qweight`, `scales` (and `qzeros` for int4 / w2) are parameters in the
+  canonical layout (quant/codes.py), loaded by name; fused layers take each shard's rows, as for floats;
+- quantized on load: the layer shows the loader a float `weight` of its usual shape that holds no memory
+  (meta); its loader quantizes each checkpoint tensor (a whole weight or one fused shard) as it arrives and
+  writes the codes into the canonical tensors' rows. Rows are quantized independently, so a shard quantizes
+  alone, and no float copy of the model is ever held.
+
+After loading, `process_weights_after_loading` hands the canonical tensors to the method's `prepare`, which
+turns them into its kernel's layout; `apply` runs the kernel. The LM head stays in float (`for_layer`).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from functools import partial
+
+import torch
+from torch import nn
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.linear import LinearBase, QuantMethod, UnquantizedLinearMethod
+from tokenmill.quant.codes import QuantSpec, quantize_rtn
+
+CANONICAL = ("qweight", "scales", "qzeros")
+
+
+def has_zero_points(spec: QuantSpec) -> bool:
+    """Whether the canonical weight carries qzeros (int4 and w2 always do; symmetric ones hold the midpoint)."""
+    return spec.method in ("int4", "w2")
+
+
+class QuantizedLinearMethod(QuantMethod):
+    """Base of the weight-only methods; subclasses implement `prepare` (repack) and `matmul`."""
+
+    def __init__(self, spec: QuantSpec, *, quantize_on_load: bool, float_method: QuantMethod | None = None,
+                 use_triton: bool = False) -> None:
+        self.spec = spec
+        self.quantize_on_load = quantize_on_load
+        self.use_triton = use_triton  # on CUDA: the Triton kernels (else their torch twins); platform decides
+        # The LM head's method: the float one the model would have used without quantization.
+        self.float_method = float_method or UnquantizedLinearMethod()
+
+    def for_layer(self, layer: LinearBase) -> QuantMethod:
+        return self.float_method if layer.keeps_float_weights else self
+
+    def create_weights(self, layer: LinearBase, dtype: torch.dtype, device: torch.device) -> None:
+        spec, out = self.spec, layer.output_size
+        rows, cols = spec.qweight_shape(out, layer.input_size)  # ConfigError when the group does not divide
+        groups = spec.groups(layer.input_size)
+        tensors = {"qweight": torch.empty(rows, cols, dtype=spec.qweight_dtype(), device=device),
+                   "scales": torch.empty(out, groups, dtype=torch.float32, device=device)}
+        if has_zero_points(spec):
+            tensors["qzeros"] = torch.empty(out, groups, dtype=torch.float32, device=device)
+        if self.quantize_on_load:
+            for name, tensor in tensors.items():
+                layer.register_buffer(name, tensor, persistent=False)
+            placeholder = torch.empty(out, layer.input_size, dtype=dtype, device="meta")
+            layer.weight = _parameter(placeholder, partial(self._quantize_into, layer))
+        else:
+            for name, tensor in tensors.items():
+                setattr(layer, name, _parameter(tensor, partial(self._load_canonical, layer, name)))
+        layer.bias = _parameter(torch.empty(out, dtype=dtype, device=device), layer.weight_loader) \
+            if layer.has_bias else None
+        layer.compute_dtype = dtype
+
+    def _quantize_into(self, layer: LinearBase, param: nn.Parameter, loaded: torch.Tensor,
+                       shard: str | None = None) -> None:
+        """The float weight's loader: quantize this tensor (the whole weight or one shard's rows) with RTN."""
+        if loaded.dim() != 2 or loaded.shape[1] != layer.input_size:
+            raise ModelLoadError(f"shape {tuple(loaded.shape)} does not fit [rows, {layer.input_size}]")
+        quantized = quantize_rtn(self.spec, loaded.to(layer.qweight.device))
+        for name, value in zip(CANONICAL, quantized):
+            if value is not None:
+                layer.weight_loader(getattr(layer, name), value, shard)  # the rows of `shard`; checks the rows
+
+    def _load_canonical(self, layer: LinearBase, name: str, param: nn.Parameter, loaded: torch.Tensor,
+                        shard: str | None = None) -> None:
+        """A quantized checkpoint's tensor: its dtype must be the canonical one (a float tensor where codes
+        belong would be cast silently into nonsense), its shape that of the layer's rows."""
+        want = param.dtype if name == "qweight" else None
+        if want is not None and loaded.dtype != want:
+            raise ModelLoadError(f"{name} of a {self.spec.method} layer must be {want}, got {loaded.dtype}")
+        if name != "qweight" and not loaded.dtype.is_floating_point:
+            raise ModelLoadError(f"{name} must be a float tensor, got {loaded.dtype}")
+        try:
+            layer.weight_loader(param, loaded, shard)
+        except ModelLoadError as exc:
+            layout = f"[out, in / {self.spec.codes_per_byte}]" if name == "qweight" else "[out, in / group_size]"
+            raise ModelLoadError(f"{name} {exc} ({self.spec.method} {name} is {layout}, in = {layer.input_size}, "
+                                 f"group_size = {self.spec.group_size})") from exc
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        if self.quantize_on_load:
+            del layer.weight  # the meta placeholder the loader wrote through
+        canonical = [getattr(layer, name, None) for name in CANONICAL]
+        for name, tensor in zip(CANONICAL, canonical):
+            if tensor is not None:
+                delattr(layer, name)
+        qweight, scales, qzeros = (None if t is None else t.detach() for t in canonical)
+        assert qweight is not None and scales is not None
+        self.prepare(layer, qweight, scales, qzeros)
+
+    @abstractmethod
+    def prepare(self, layer: LinearBase, qweight: torch.Tensor, scales: torch.Tensor,
+                qzeros: torch.Tensor | None) -> None:
+        """Turn the canonical tensors into the kernel's layout, as buffers of `layer` (they follow .to())."""
+
+    @abstractmethod
+    def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        """x [M, input_size] (contiguous, the model dtype) -> [M, output_size], without the bias."""
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, layer.input_size).contiguous()
+        out = self.matmul(layer, flat)
+        if layer.bias is not None:
+            out = out + layer.bias
+        return out.reshape(*x.shape[:-1], layer.output_size)
+
+
+def set_buffers(layer: nn.Module, **tensors: torch.Tensor | None) -> None:
+    """Register the kernel-layout tensors of a layer (None: an absent one, read as None)."""
+    for name, tensor in tensors.items():
+        layer.register_buffer(name, tensor, persistent=False)
+
+
+def _parameter(tensor: torch.Tensor, loader: object) -> nn.Parameter:
+    param = nn.Parameter(tensor, requires_grad=False)
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param

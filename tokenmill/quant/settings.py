@@ -1,0 +1,61 @@
+"""The `quantization` engine setting: which method to quantize a float checkpoint with on load, and how the
+setting meets a checkpoint that is quantized already.
+
+Spelling: METHOD[:gN][:sym], e.g. "int8", "int4", "int4:g32", "w2:g64", "int4:g128:sym". Defaults (RTN on
+load): int8 and fp8 per output channel; int4 and w2 in groups of 64 with a zero-point. Group 64 rather than
+128 because it divides the widths of small models (SmolLM2's hidden size 576 is 4.5 groups of 128) as well
+as every multiple of 128; a zero-point because round-to-nearest with one fits the weights' range better
+than a symmetric grid at the same cost in the kernels.
+"""
+
+from __future__ import annotations
+
+from tokenmill.errors import ConfigError
+from tokenmill.quant.codes import METHODS, QuantSpec
+
+DEFAULT_GROUP_SIZE = {"int4": 64, "w2": 64}
+_ZERO_POINT_BY_DEFAULT = ("int4", "w2")
+
+
+def parse_quantization(value: str) -> QuantSpec:
+    """The QuantSpec a `quantization` setting asks for; ConfigError("quantization", ...) when malformed."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError("quantization", f"must be one of {', '.join(METHODS)} (optionally :gN, :sym), got {value!r}")
+    method, *options = value.strip().lower().split(":")
+    if method not in METHODS:
+        raise ConfigError("quantization", f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    group = DEFAULT_GROUP_SIZE.get(method)
+    zero_point = method in _ZERO_POINT_BY_DEFAULT
+    for option in options:
+        if option == "sym":
+            zero_point = False
+        elif option.startswith("g") and option[1:].isdigit():
+            group = int(option[1:])
+        else:
+            raise ConfigError("quantization", f"unknown option {option!r} in {value!r} (use :gN for a group "
+                                              "size, :sym for no zero-point)")
+    return QuantSpec(method, group, zero_point)  # its own checks name quantization.group_size etc.
+
+
+def resolve_quant_spec(requested: str | None, checkpoint: QuantSpec | None) -> tuple[QuantSpec | None, bool]:
+    """(the spec the model loads with, whether to quantize float weights while loading).
+
+    A quantized checkpoint loads as it is; asking for another method than it has is an error, since
+    re-quantizing quantized weights would only lose more."""
+    if checkpoint is None:
+        return (parse_quantization(requested), True) if requested is not None else (None, False)
+    if requested is not None:
+        asked = parse_quantization(requested)
+        if asked.method != checkpoint.method or (":" in requested and asked != checkpoint):
+            raise ConfigError("quantization", f"{requested!r} was asked for, but the checkpoint is quantized as "
+                                              f"{_spelling(checkpoint)}; leave quantization unset to load it")
+    return checkpoint, False
+
+
+def _spelling(spec: QuantSpec) -> str:
+    parts = [spec.method]
+    if spec.group_size is not None:
+        parts.append(f"g{spec.group_size}")
+    if spec.method in _ZERO_POINT_BY_DEFAULT and not spec.zero_point:
+        parts.append("sym")
+    return ":".join(parts)
