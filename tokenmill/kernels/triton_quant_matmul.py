@@ -11,9 +11,10 @@ Two kernels, picked by the number of rows:
   reduces it against one row of x without tensor cores; the K slices give enough programs to fill the GPU
   when N alone would not. Partial sums go to a [splits, M, N] buffer summed afterwards (deterministic, unlike
   atomics, so greedy decoding is reproducible).
-- prefill (many rows): a tiled GEMM with tl.dot, dequantizing each [BLOCK_K, BLOCK_N] tile in registers.
+- prefill (many rows): a tiled GEMM with tl.dot on each [BLOCK_K, BLOCK_N] tile of centered codes in registers.
 
-A tile never straddles a group: BLOCK_K divides the group size, so one scale row serves a tile. Triton is
+A tile never straddles a group: BLOCK_K divides the group size, so one scale row serves a tile and scales
+its partial sums. Triton is
 imported here only; this module is imported lazily on CUDA (and by the interpreter tests).
 """
 
@@ -28,9 +29,11 @@ _TARGET_PROGRAMS = 264  # about two waves on a 132-SM Hopper; the GEMV splits K 
 
 
 @triton.jit
-def _dequant_tile(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg, stride_sn,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """The float32 weight tile [len(k), len(rn)] for input columns k (starting at k0) and output channels rn."""
+def _centered_codes(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg, stride_sn,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """(code - zero) as float32 [len(k), len(rn)] for input columns k (from k0) and output channels rn, and
+    the scales [len(rn)] of their group. The scale is applied to the tile's partial sums, not to every
+    weight: one multiply per output instead of per weight, and integer codes stay exact in bfloat16."""
     per_byte: tl.constexpr = 8 // BITS
     mask = (k < K)[:, None] & (rn < N)[None, :]
     q = tl.load(q_ptr + (k // per_byte)[:, None] * stride_qk + rn[None, :] * stride_qn, mask=mask, other=0)
@@ -44,7 +47,7 @@ def _dequant_tile(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, st
     if HAS_ZEROS:
         zeros = tl.load(z_ptr + group * stride_sg + rn * stride_sn, mask=rn < N, other=0.0)
         codes = codes - zeros[None, :]
-    return codes * scales[None, :]
+    return codes, scales
 
 
 @triton.jit
@@ -64,9 +67,9 @@ def quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, partial_ptr, M, N, K, k_per_sp
     for k0 in range(k_begin, k_end, BLOCK_K):
         k = k0 + rk
         x = tl.load(x_ptr + m * stride_xm + k * stride_xk, mask=k < k_end, other=0.0).to(tl.float32)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg, stride_sn,
-                          BITS, GROUP, HAS_ZEROS)
-        acc += tl.sum(x[:, None] * w, axis=0)
+        codes, scales = _centered_codes(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg,
+                                        stride_sn, BITS, GROUP, HAS_ZEROS)
+        acc += tl.sum(x[:, None] * codes, axis=0) * scales
     tl.store(partial_ptr + (split * M + m) * N + rn, acc, mask=rn < N)
 
 
@@ -86,12 +89,12 @@ def quant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
         k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
                     mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg, stride_sn,
-                          BITS, GROUP, HAS_ZEROS).to(x.dtype)
+        codes, scales = _centered_codes(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg,
+                                        stride_sn, BITS, GROUP, HAS_ZEROS)
         if IEEE:  # float32 activations: exact float32 products, not TF32's 10-bit mantissas
-            acc += tl.dot(x, w, input_precision="ieee")
+            acc += tl.dot(x, codes, input_precision="ieee") * scales[None, :]
         else:
-            acc += tl.dot(x, w)
+            acc += tl.dot(x, codes.to(x.dtype)) * scales[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 

@@ -1,0 +1,68 @@
+"""Run under TRITON_INTERPRET=1 (in its own process, set before triton is imported): every Triton quantized
+matmul against its torch twin on random inputs; exits non-zero naming the first case that differs.
+
+The interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns (triton 3.9 stores bfloat16 as
+uint16 in numpy and hands them to np.matmul as integers); GPUs multiply bfloat16 exactly into float32
+accumulators, so the dot is patched to do that, and nothing else is."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting this process"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+from tokenmill.kernels.reference import weight_only_quant_matmul  # noqa: E402
+from tokenmill.kernels.triton_quant_matmul import GEMV_MAX_ROWS, quant_matmul  # noqa: E402
+from tokenmill.quant.codes import QuantSpec, quantize_rtn  # noqa: E402
+
+_plain_dot = interpreter.InterpreterBuilder.create_dot
+
+
+def _bf16_as_f32(handle: interpreter.TensorHandle) -> interpreter.TensorHandle:
+    if handle.dtype.scalar != tl.bfloat16:
+        return handle
+    as_f32 = (handle.data.astype(np.uint32) << 16).view(np.float32)
+    return interpreter.TensorHandle(as_f32, tl.float32)
+
+
+def _exact_bf16_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # noqa: ANN001, ANN202
+    return _plain_dot(self, _bf16_as_f32(a), _bf16_as_f32(b), d, input_precision, max_num_imprecise_acc)
+
+
+interpreter.InterpreterBuilder.create_dot = _exact_bf16_dot
+
+# (spec, M, N, K): GEMV and GEMM row counts, N off the block size, K tiles of 64 / 32 / 16.
+CASES = [
+    (QuantSpec("int8"), 1, 40, 96), (QuantSpec("int8"), 33, 72, 160), (QuantSpec("int8", 32), 4, 24, 64),
+    (QuantSpec("int8", 32), 17, 24, 64), (QuantSpec("int4", 32, True), 3, 130, 128),
+    (QuantSpec("int4", 128), GEMV_MAX_ROWS, 64, 256), (QuantSpec("int4", 64, True), 70, 48, 192),
+    (QuantSpec("int4", 48, True), 2, 32, 96), (QuantSpec("w2", 64, True), 1, 100, 256),
+    (QuantSpec("w2", 32, True), 20, 48, 128),
+]
+
+
+def main() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for spec, m, n, k in CASES:
+        qweight, scales, qzeros = quantize_rtn(spec, torch.randn(n, k, generator=generator))
+        q_kn, s_gn = qweight.t().contiguous(), scales.t().contiguous()
+        z_gn = None if qzeros is None else qzeros.t().contiguous()
+        # bfloat16: the output's rounding (the GEMM's store; an ulp is 2^-8) and the activations' dominate.
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            x = torch.randn(m, k, generator=generator).to(dtype)
+            got = quant_matmul(x, q_kn, s_gn, z_gn, spec.bits, spec.group_size, k)
+            want = weight_only_quant_matmul(x, q_kn, s_gn, z_gn, spec.bits)
+            error = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+            if got.dtype != dtype or got.shape != (m, n) or not error <= tolerance:
+                sys.exit(f"{spec} M={m} N={n} K={k} {dtype}: relative error {error:.3g} > {tolerance}")
+    print(f"{len(CASES) * 2} cases agree")
+
+
+if __name__ == "__main__":
+    main()
