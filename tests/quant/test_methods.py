@@ -145,3 +145,15 @@ def test_quantize_on_load_refuses_a_weight_of_the_wrong_width() -> None:
     layer = _layer(QuantSpec("int8"), on_load=True)
     with pytest.raises(ModelLoadError, match=r"shape \(64, 200\) does not fit \[rows, 256\]"):
         layer.weight.weight_loader(layer.weight, torch.zeros(64, 200), "q")
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("fp8"), QuantSpec("w2", 64, True),
+                                  QuantSpec("int4", 128, True)], ids=str)
+def test_the_tiled_path_covers_wide_layers(spec: QuantSpec) -> None:
+    """640 columns: two full tiles of 256 and a partial one, per-channel scales and groups alike."""
+    shards = {"o": 32}
+    layer = _layer(spec, on_load=False, shards=shards, width=640)
+    expected = _load_canonical(layer, spec, _float_shards(5, shards, 640))
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(ROWS[-1], 640, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(layer(x), x @ dequantize(spec, *expected).T, rtol=1e-5, atol=1e-5)

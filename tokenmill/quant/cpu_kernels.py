@@ -9,9 +9,9 @@ elsewhere. Each takes or builds its own layout from the canonical tensors (quant
   computes x @ W.T with W = (code - 8) * scale + zero, where scales_and_zeros is [K / group, N, 2] in x's
   dtype. Our W = (code - qzero) * scale, so its `zero` is (8 - qzero) * scale. It takes group sizes 32, 64,
   128 and 256 and N a multiple of 16 (checked by `int4pack_supported`).
-- everything else (2-bit, grouped int8, int4 shapes the packed kernel refuses): `tiled_dequant_matmul`
-  walks K in tiles of whole groups, dequantizes one [N, tile] slab in x's dtype and accumulates
-  x[:, tile] @ slab.T, so the float weight never exists whole (a slab is at most N x 256 values).
+- everything else (2-bit, grouped int8, fp8, int4 shapes the packed kernel refuses, and many rows):
+  `tiled_dequant_matmul` walks K in tiles of whole groups, dequantizes one [N, tile] slab and accumulates
+  x[:, tile] @ slab.T, so the float weight never exists whole (a slab is N x 256 values or one group).
 """
 
 from __future__ import annotations
@@ -50,25 +50,39 @@ def int4pack_matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int,
 
 def tiled_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                          bits: int) -> torch.Tensor:
-    """x [M, K] @ W.T for canonical codes (packed along K when bits < 8), without materializing W whole.
+    """x [M, K] @ W.T for canonical codes (packed along K when bits < 8; int8 or fp8 codes otherwise), without
+    materializing W whole. One opaque op under torch.compile: inductor's freezing would otherwise fold the
+    dequantization of the (constant) codes into a float weight, giving back the memory quantization saves."""
+    return _tiled_dequant_matmul_op(x, qweight, scales, qzeros, bits)
 
-    Slabs and sums are float32 whatever x's dtype: one rounding at the end, as the float32 twin has, rather
-    than one per tile (a bfloat16 CPU matmul gains nothing without AMX anyway)."""
+
+@torch.library.custom_op("tokenmill::tiled_dequant_matmul", mutates_args=())
+def _tiled_dequant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             qzeros: torch.Tensor | None, bits: int) -> torch.Tensor:
+    # Slabs and sums are float32 whatever x's dtype: one rounding at the end, as the float32 twin has, rather
+    # than one per tile (a bfloat16 CPU matmul gains nothing without AMX anyway).
     width = x.shape[1]
     x32 = x.float()
     out = torch.zeros(x.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
     groups = scales.shape[1]
     group = width // groups
     per_byte = 8 // bits if bits < 8 else 1
-    tile = max(group, _TILE_COLUMNS // group * group)  # whole groups per tile
+    # Whole groups per tile; with one scale per row (groups == 1) any tile of columns shares it.
+    tile = _TILE_COLUMNS if groups == 1 else max(group, _TILE_COLUMNS // group * group)
     for start in range(0, width, tile):
         stop = min(start + tile, width)
         packed = qweight[:, start // per_byte: stop // per_byte]
         codes = (unpack_codes(packed, bits) if bits < 8 else packed).float()
-        g0, g1 = start // group, stop // group
-        slab = codes.view(codes.shape[0], g1 - g0, group)
+        g0, g1 = (0, 1) if groups == 1 else (start // group, stop // group)
+        slab = codes.view(codes.shape[0], g1 - g0, -1)
         if qzeros is not None:
             slab = slab - qzeros[:, g0:g1, None]
         slab = (slab * scales[:, g0:g1, None]).view(codes.shape[0], stop - start)
         out.addmm_(x32[:, start:stop], slab.t())
     return out.to(x.dtype)
+
+
+@_tiled_dequant_matmul_op.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+      bits: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])

@@ -2,9 +2,9 @@
 
 On GPUs with fp8 tensor cores (compute capability 8.9 and up; platform.fp8_matmul_available) bfloat16
 activations are quantized to fp8 per token and multiplied with `torch._scaled_mm`, which applies both
-scales to its float32 accumulators (so the activations are fp8 too there: w8a8). Elsewhere, the CPU
-included, the weight is dequantized for each matmul, which keeps memory at one byte a weight and is what
-the tests check exactly."""
+scales to its float32 accumulators (so the activations are fp8 too there: w8a8). Elsewhere the weight is
+dequantized for each matmul (on the CPU a tile of columns at a time, quant/cpu_kernels.py), which keeps
+memory at one byte a weight and is what the tests check exactly."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tokenmill.layers.linear import LinearBase, QuantMethod
 from tokenmill.quant.codes import FP8_MAX, QuantSpec
+from tokenmill.quant.cpu_kernels import tiled_dequant_matmul
 from tokenmill.quant.linear_method import QuantizedLinearMethod, set_buffers
 
 
@@ -33,6 +34,8 @@ class Fp8LinearMethod(QuantizedLinearMethod):
             x8 = (x.float() / x_scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             return torch._scaled_mm(x8, layer.qweight.t(), scale_a=x_scales, scale_b=layer.scales.view(1, -1),
                                     out_dtype=x.dtype)
+        if x.device.type == "cpu":
+            return tiled_dequant_matmul(x, layer.qweight, layer.scales, None, 8)
         return F.linear(x, (layer.qweight.float() * layer.scales).to(x.dtype))
 
     def _use_scaled_mm(self, layer: LinearBase, x: torch.Tensor) -> bool:
