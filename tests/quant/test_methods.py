@@ -1,6 +1,7 @@
 """Every quantized linear method against its dequantized twin on random weights: the codes a fused layer holds
 after loading are exactly the checkpoint's (or RTN's, when quantizing on load), and its matmul equals
-x @ dequantize(...).T on both CPU paths (few rows: the packed kernels; many rows: the tiled one)."""
+x @ dequantize(...).T (aten's packed kernels where they apply, the tiled path elsewhere), at a decode's and a
+prefill's row counts."""
 
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ import torch
 from tokenmill.errors import ConfigError, ModelLoadError
 from tokenmill.layers.linear import LMHead, MergedLinear, UnquantizedLinearMethod
 from tokenmill.quant.codes import QuantSpec, codes_of, dequantize, quantize_rtn
-from tokenmill.quant.int4 import INT4PACK_MAX_ROWS
-from tokenmill.quant.int8 import INT8PACK_MAX_ROWS
 from tokenmill.quant.methods import make_quant_method
 
 SPECS = [QuantSpec("int8"), QuantSpec("int8", 32), QuantSpec("int4", 32), QuantSpec("int4", 64, True),
          QuantSpec("int4", 128, True), QuantSpec("w2", 32, True), QuantSpec("w2", 64, True), QuantSpec("fp8")]
 SHARDS = {"q": 64, "k": 32, "v": 32}  # 128 rows: a multiple of 16, as aten's int4 kernel wants
 WIDTH = 256
-ROWS = [1, max(INT4PACK_MAX_ROWS, INT8PACK_MAX_ROWS) + 5]  # each side of the packed kernels' limit
+ROWS = [1, 21]
 
 
 def _layer(spec: QuantSpec, on_load: bool, dtype: torch.dtype = torch.float32, shards: dict[str, int] = SHARDS,
@@ -150,7 +149,7 @@ def test_quantize_on_load_refuses_a_weight_of_the_wrong_width() -> None:
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("fp8"), QuantSpec("w2", 64, True),
                                   QuantSpec("int4", 128, True)], ids=str)
 def test_the_tiled_path_covers_wide_layers(spec: QuantSpec) -> None:
-    """640 columns: two full tiles of 256 and a partial one, per-channel scales and groups alike."""
+    """640 columns: two full tiles of 256 and a partial one (the tiled path; int8 per channel: the int8 kernel)."""
     shards = {"o": 32}
     layer = _layer(spec, on_load=False, shards=shards, width=640)
     expected = _load_canonical(layer, spec, _float_shards(5, shards, 640))

@@ -10,10 +10,6 @@ from tokenmill.quant.cpu_kernels import int4pack_matmul, int4pack_supported, int
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
 from tokenmill.quant.linear_method import QuantizedLinearMethod, set_buffers
 
-# Rows up to which the CPU runs aten's int4 kernel; above, the tiled dequantize-then-matmul, for the same
-# reason as int8 (quant/int8.py): few rows are bound by weight bytes, many by the matmul, where MKL wins.
-INT4PACK_MAX_ROWS = 16
-
 
 class Int4LinearMethod(QuantizedLinearMethod):
     def prepare(self, layer: LinearBase, qweight: torch.Tensor, scales: torch.Tensor,
@@ -32,7 +28,7 @@ class Int4LinearMethod(QuantizedLinearMethod):
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
             return cuda_matmul(layer, x, 4, self.spec.group_size, self.use_triton)
-        if layer.int4pack and x.shape[0] <= INT4PACK_MAX_ROWS:
+        if layer.int4pack:  # at every batch size, as int8's kernel (quant/int8.py)
             assert self.spec.group_size is not None
             return int4pack_matmul(x, layer.int4_packed, self.spec.group_size, layer.int4_scales_and_zeros)
         return tiled_dequant_matmul(x, layer.qweight, layer.scales, layer.qzeros, 4)
