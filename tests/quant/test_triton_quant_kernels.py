@@ -19,7 +19,7 @@ def test_kernels_equal_their_twin_under_the_interpreter() -> None:
     result = subprocess.run([sys.executable, "-m", "tests.quant.triton_interpreter_run"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "cases agree" in result.stdout
+    assert "cases agree" in result.stdout and "method wiring agrees" in result.stdout
 
 
 def _signature(kernel, act: str, bits: int) -> dict[str, str]:  # noqa: ANN001

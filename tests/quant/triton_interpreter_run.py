@@ -19,7 +19,8 @@ from triton.runtime import interpreter  # noqa: E402
 
 from tokenmill.kernels.reference import weight_only_quant_matmul  # noqa: E402
 from tokenmill.kernels.triton_quant_matmul import GEMV_MAX_ROWS, quant_matmul  # noqa: E402
-from tokenmill.quant.codes import QuantSpec, quantize_rtn  # noqa: E402
+from tokenmill.quant.codes import QuantSpec, dequantize, quantize_rtn  # noqa: E402
+from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda  # noqa: E402
 
 _plain_dot = interpreter.InterpreterBuilder.create_dot
 
@@ -62,6 +63,26 @@ def main() -> None:
             if got.dtype != dtype or got.shape != (m, n) or not error <= tolerance:
                 sys.exit(f"{spec} M={m} N={n} K={k} {dtype}: relative error {error:.3g} > {tolerance}")
     print(f"{len(CASES) * 2} cases agree")
+    _check_method_wiring(generator)
+
+
+def _check_method_wiring(generator: torch.Generator) -> None:
+    """The methods' CUDA path end to end on canonical tensors (prepare_cuda's transposes, then the kernels):
+    it equals x @ dequantize(...).T; the interpreter runs it on CPU tensors."""
+    for spec in (QuantSpec("int8"), QuantSpec("int4", 64, True), QuantSpec("w2", 32, True)):
+        weight = torch.randn(48, 128, generator=generator)
+        canonical = quantize_rtn(spec, weight)
+        layer = torch.nn.Module()
+        layer.input_size = 128
+        prepare_cuda(layer, *canonical)
+        for rows in (2, 40):
+            x = torch.randn(rows, 128, generator=generator)
+            got = cuda_matmul(layer, x, spec.bits, spec.group_size, use_triton=True)
+            want = x @ dequantize(spec, *canonical).T
+            error = (got - want).abs().max().item() / want.abs().max().item()
+            if not error <= 1e-5:
+                sys.exit(f"{spec} through prepare_cuda / cuda_matmul, {rows} rows: relative error {error:.3g}")
+    print("method wiring agrees")
 
 
 if __name__ == "__main__":
