@@ -140,10 +140,15 @@ def test_wrong_packed_tensors_are_refused_by_name(name: str, bad: torch.Tensor, 
         param.weight_loader(param, bad, "q")
 
 
-def test_quantize_on_load_refuses_a_weight_of_the_wrong_width() -> None:
-    layer = _layer(QuantSpec("int8"), on_load=True)
-    with pytest.raises(ModelLoadError, match=r"shape \(64, 200\) does not fit \[rows, 256\]"):
-        layer.weight.weight_loader(layer.weight, torch.zeros(64, 200), "q")
+@pytest.mark.parametrize(("shape", "shard", "message"), [
+    ((64, 200), "q", r"shape \(64, 200\) does not fit \(64, 256\)"),
+    ((60, 256), "k", r"shape \(60, 256\) does not fit \(32, 256\)"),
+    ((32, 256), "x", "MergedLinear has no shard 'x'"),
+])
+def test_quantize_on_load_refuses_a_weight_of_the_wrong_shape(shape: tuple, shard: str, message: str) -> None:
+    layer = _layer(QuantSpec("int4", 32, True), on_load=True)
+    with pytest.raises(ModelLoadError, match=message):
+        layer.weight.weight_loader(layer.weight, torch.zeros(shape), shard)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("fp8"), QuantSpec("w2", 64, True),

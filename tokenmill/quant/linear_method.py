@@ -69,8 +69,11 @@ class QuantizedLinearMethod(QuantMethod):
     def _quantize_into(self, layer: LinearBase, param: nn.Parameter, loaded: torch.Tensor,
                        shard: str | None = None) -> None:
         """The float weight's loader: quantize this tensor (the whole weight or one shard's rows) with RTN."""
-        if loaded.dim() != 2 or loaded.shape[1] != layer.input_size:
-            raise ModelLoadError(f"shape {tuple(loaded.shape)} does not fit [rows, {layer.input_size}]")
+        # The float shape is checked here, in the float weight's terms; the canonical tensors' own checks below
+        # would report packed widths. An unknown shard is left to LinearBase.weight_loader, which names them.
+        rows = layer.output_size if shard is None else layer.shards.get(shard, (0, loaded.shape[0]))[1]
+        if tuple(loaded.shape) != (rows, layer.input_size):
+            raise ModelLoadError(f"shape {tuple(loaded.shape)} does not fit {(rows, layer.input_size)}")
         quantized = quantize_rtn(self.spec, loaded.to(layer.qweight.device))
         for name, value in zip(CANONICAL, quantized):
             if value is not None:
