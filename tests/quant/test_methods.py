@@ -161,3 +161,17 @@ def test_the_tiled_path_covers_wide_layers(spec: QuantSpec) -> None:
     layer.quant_method.process_weights_after_loading(layer)
     x = torch.randn(ROWS[-1], 640, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(layer(x), x @ dequantize(spec, *expected).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_a_loaded_layer_holds_only_its_kernel_tensors_as_parameters(spec: QuantSpec) -> None:
+    """Codes and scales, once (no canonical copy beside a repacked one), as parameters at their real size:
+    what the bench's roofline counts as the bytes a step reads."""
+    layer = _layer(spec, on_load=True)
+    for name, weight in _float_shards(8).items():
+        layer.weight.weight_loader(layer.weight, weight, name)
+    layer.quant_method.process_weights_after_loading(layer)
+    rows, groups = layer.output_size, spec.groups(WIDTH)
+    expected = rows * WIDTH * spec.bits // 8 + rows * groups * 4 * (2 if spec.method in ("int4", "w2") else 1)
+    assert sum(p.numel() * p.element_size() for p in layer.parameters()) == expected
+    assert not list(layer.buffers())

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tokenmill.layers.linear import LinearBase, QuantMethod
 from tokenmill.quant.codes import FP8_MAX, QuantSpec
 from tokenmill.quant.cpu_kernels import tiled_dequant_matmul
-from tokenmill.quant.linear_method import QuantizedLinearMethod, set_buffers
+from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
 
 class Fp8LinearMethod(QuantizedLinearMethod):
@@ -25,7 +25,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
 
     def prepare(self, layer: LinearBase, qweight: torch.Tensor, scales: torch.Tensor,
                 qzeros: torch.Tensor | None) -> None:
-        set_buffers(layer, qweight=qweight.contiguous(), scales=scales.float().reshape(-1, 1).contiguous())
+        set_kernel_tensors(layer, qweight=qweight.contiguous(), scales=scales.float().reshape(-1, 1).contiguous())
 
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if self._use_scaled_mm(layer, x):

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from tokenmill.kernels.reference import weight_only_quant_matmul
-from tokenmill.quant.linear_method import set_buffers
+from tokenmill.quant.linear_method import set_kernel_tensors
 
 
 def prepare_cuda(layer: nn.Module, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None) -> None:
-    set_buffers(layer, qweight_kn=qweight.t().contiguous(), scales_gn=scales.float().t().contiguous(),
-                qzeros_gn=None if qzeros is None else qzeros.float().t().contiguous())
+    set_kernel_tensors(layer, qweight_kn=qweight.t().contiguous(), scales_gn=scales.float().t().contiguous(),
+                       qzeros_gn=None if qzeros is None else qzeros.float().t().contiguous())
 
 
 def cuda_matmul(layer: nn.Module, x: torch.Tensor, bits: int, group_size: int | None, use_triton: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from tokenmill.layers.linear import LinearBase
 from tokenmill.quant.cpu_kernels import int4pack_matmul, int4pack_supported, int4pack_weight, tiled_dequant_matmul
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
-from tokenmill.quant.linear_method import QuantizedLinearMethod, set_buffers
+from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
 
 class Int4LinearMethod(QuantizedLinearMethod):
@@ -18,12 +18,13 @@ class Int4LinearMethod(QuantizedLinearMethod):
         if qweight.device.type == "cuda":
             prepare_cuda(layer, qweight, scales, qzeros)
             return
-        set_buffers(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous(),
-                    qzeros=qzeros.float().contiguous())
         layer.int4pack = int4pack_supported(layer.output_size, self.spec.group_size)
         if layer.int4pack:
             packed, scales_and_zeros = int4pack_weight(qweight, scales, qzeros, layer.compute_dtype)
-            set_buffers(layer, int4_packed=packed, int4_scales_and_zeros=scales_and_zeros)
+            set_kernel_tensors(layer, int4_packed=packed, int4_scales_and_zeros=scales_and_zeros)
+        else:
+            set_kernel_tensors(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous(),
+                               qzeros=qzeros.float().contiguous())
 
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":

@@ -8,7 +8,7 @@ import torch
 from tokenmill.layers.linear import LinearBase
 from tokenmill.quant.cpu_kernels import int8pack_matmul, tiled_dequant_matmul
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
-from tokenmill.quant.linear_method import QuantizedLinearMethod, set_buffers
+from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
 
 class Int8LinearMethod(QuantizedLinearMethod):
@@ -18,9 +18,10 @@ class Int8LinearMethod(QuantizedLinearMethod):
             prepare_cuda(layer, qweight, scales, None)
             return
         if self.spec.group_size is None:  # aten's int8 kernel takes per-channel scales in the activations' dtype
-            set_buffers(layer, qweight=qweight.contiguous(), scales=scales[:, 0].to(layer.compute_dtype).contiguous())
+            set_kernel_tensors(layer, qweight=qweight.contiguous(),
+                               scales=scales[:, 0].to(layer.compute_dtype).contiguous())
         else:
-            set_buffers(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous())
+            set_kernel_tensors(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous())
 
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":

@@ -109,7 +109,8 @@ class QuantizedLinearMethod(QuantMethod):
     @abstractmethod
     def prepare(self, layer: LinearBase, qweight: torch.Tensor, scales: torch.Tensor,
                 qzeros: torch.Tensor | None) -> None:
-        """Turn the canonical tensors into the kernel's layout, as buffers of `layer` (they follow .to())."""
+        """Turn the canonical tensors into the kernel's layout (set_kernel_tensors), keeping only what `matmul`
+        reads."""
 
     @abstractmethod
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
@@ -123,10 +124,12 @@ class QuantizedLinearMethod(QuantMethod):
         return out.reshape(*x.shape[:-1], layer.output_size)
 
 
-def set_buffers(layer: nn.Module, **tensors: torch.Tensor | None) -> None:
-    """Register the kernel-layout tensors of a layer (None: an absent one, read as None)."""
+def set_kernel_tensors(layer: nn.Module, **tensors: torch.Tensor | None) -> None:
+    """Register a layer's kernel-layout tensors as frozen parameters (None: absent, read as None): they
+    follow .to(), and whatever counts a model's weights by its parameters (the bench's roofline) counts them
+    at their real storage size."""
     for name, tensor in tensors.items():
-        layer.register_buffer(name, tensor, persistent=False)
+        layer.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
 
 
 def _parameter(tensor: torch.Tensor, loader: object) -> nn.Parameter:

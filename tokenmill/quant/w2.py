@@ -9,7 +9,7 @@ import torch
 from tokenmill.layers.linear import LinearBase
 from tokenmill.quant.cpu_kernels import tiled_dequant_matmul
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
-from tokenmill.quant.linear_method import QuantizedLinearMethod, set_buffers
+from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
 
 class W2LinearMethod(QuantizedLinearMethod):
@@ -19,8 +19,8 @@ class W2LinearMethod(QuantizedLinearMethod):
         if qweight.device.type == "cuda":
             prepare_cuda(layer, qweight, scales, qzeros)
             return
-        set_buffers(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous(),
-                    qzeros=qzeros.float().contiguous())
+        set_kernel_tensors(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous(),
+                           qzeros=qzeros.float().contiguous())
 
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
