@@ -67,7 +67,9 @@ def test_the_lm_head_and_embeddings_stay_float(llama: Path) -> None:
     assert isinstance(model.model.layers[0].mlp.gate_up_proj.quant_method, QuantizedLinearMethod)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "llama3"])  # experts stay float; a tied head stays the embedding
+# Experts stay float (qwen3_moe); a tied head stays the embedding (llama3); q/k/v biases stay float (qwen2);
+# Gemma 2's sandwiched norms and GeGLU around quantized projections.
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama3", "qwen2", "gemma2"])
 def test_other_families_quantize(family: str, tmp_path: Path) -> None:
     path = make_checkpoint(family, tmp_path / family)
     dequantized = write_dequantized_copy(path, tmp_path / "dequantized", QuantSpec("int8"))
