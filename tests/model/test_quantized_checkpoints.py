@@ -21,7 +21,7 @@ from tokenmill.errors import ConfigError, ModelLoadError
 from tokenmill.models.loader import _safetensors_tensors, checkpoint_config_dict, load_model
 from tokenmill.models.quantized_checkpoint import quantized_checkpoint_tensors
 from tokenmill.quant.checkpoint_spec import checkpoint_quant_spec
-from tokenmill.quant.codes import QuantSpec, dequantize
+from tokenmill.quant.codes import QuantSpec, dequantize, pack_codes
 
 GROUP = 32
 
@@ -36,11 +36,19 @@ def _awq(layer_name, out, width, rng):
     return awq_tensors(layer), expected_weight(layer)
 
 
+def _tokenmill(layer_name, out, width, rng):  # already canonical: codes packed two to a byte, rows first
+    layer = random_layer(out, width, GROUP, 4, rng, symmetric=False)
+    stored = {"qweight": pack_codes(torch.from_numpy(layer.codes), 4), "scales": torch.from_numpy(layer.scales),
+              "qzeros": torch.from_numpy(layer.zeros).float()}
+    return stored, expected_weight(layer)
+
+
 def _ct(layer_name, out, width, rng):
     layer = random_layer(out, width, GROUP, 4, rng, symmetric=False)
     return ct_pack_tensors(layer, 4, symmetric=False), expected_weight(layer)
 
 
+SPEC = QuantSpec("int4", GROUP, True)
 _CT_CONFIG = {"quant_method": "compressed-tensors", "format": "pack-quantized",
               "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
                   "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": GROUP}}},
@@ -49,8 +57,8 @@ FORMATS = {
     "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False}, _gptq),
     "awq": ({"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}, _awq),
     "compressed-tensors": (_CT_CONFIG, _ct),
+    "tokenmill": (SPEC.to_config(), _tokenmill),
 }
-SPEC = QuantSpec("int4", GROUP, True)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +156,16 @@ def test_the_engine_runs_the_checkpoint_as_int4_like_its_dequantized_twin(checkp
     as_int4 = LLM(model=str(quantized), dtype="float32", compile=False).generate(prompts, params)
     as_float = LLM(model=str(reference), dtype="float32", compile=False).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in as_int4] == [o.outputs[0].token_ids for o in as_float]
+
+
+def test_a_tokenmill_layer_of_the_wrong_dtype_is_refused(source, tmp_path):
+    def int8_codes(name, out, width, rng):
+        stored, expected = _tokenmill(name, out, width, rng)
+        if name.endswith("layers.0.self_attn.q_proj"):
+            stored["qweight"] = stored["qweight"].to(torch.int8)
+        return stored, expected
+
+    quantized, _ = write_quantized_checkpoint(source, tmp_path, SPEC.to_config(), int8_codes)
+    with pytest.raises(ModelLoadError, match=r"tensor model.layers.0.self_attn.q_proj.qweight: expected torch.uint8 "
+                                             r"\[output, input / 2\] for int4, got torch.int8 \(96, 32\)"):
+        load_model(quantized, dtype="float32")

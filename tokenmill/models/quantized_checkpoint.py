@@ -1,4 +1,4 @@
-"""Quantized checkpoints of other formats (GPTQ, AWQ, compressed-tensors) as a transform over the loader's
+"""Quantized checkpoints (GPTQ, AWQ, compressed-tensors, tokenmill's own) as a transform over the loader's
 tensor stream: each quantized layer's stored tensors become the canonical <layer>.qweight / .scales /
 .qzeros of quant/codes.py, or, for a model built without quantization, one dequantized <layer>.weight.
 
@@ -37,6 +37,11 @@ def split_reader(where: str, layer: str, leaves: list[str],
     return [NamedTensor(where, f"{layer}.{leaf}", part(leaf)) for leaf in leaves]
 
 
+def canonical_leaves(spec: QuantSpec) -> list[str]:
+    """The tensors one linear layer of `spec` stores (quant/codes.py): zero-points for the packed methods."""
+    return ["qweight", "scales"] + (["qzeros"] if spec.method in ("int4", "w2") else [])
+
+
 def describe(spec: QuantSpec) -> str:
     group = f" g{spec.group_size}" if spec.group_size else " per channel"
     return f"{spec.method}{group}{' with zero-points' if spec.zero_point else ''}"
@@ -45,7 +50,7 @@ def describe(spec: QuantSpec) -> str:
 def quantized_checkpoint_tensors(tensors: list[NamedTensor], config: dict[str, Any],
                                  spec: QuantSpec | None) -> list[NamedTensor]:
     """The checkpoint's tensors with every quantized layer converted: to `spec`'s canonical tensors, or
-    dequantized to <layer>.weight when `spec` is None. Checkpoints of no foreign format pass unchanged."""
+    dequantized to <layer>.weight when `spec` is None. Unquantized checkpoints pass unchanged."""
     entry = config.get("quantization_config")
     fmt = checkpoint_format(entry) if isinstance(entry, dict) else None
     if fmt is None:
@@ -89,8 +94,4 @@ def _layer_tensors(fmt: CheckpointFormat, layer: str, stored: dict[str, NamedTen
             parts["qzeros"] = canonical.qzeros
         return parts
 
-    if spec is None:
-        leaves = ["weight"]
-    else:
-        leaves = ["qweight", "scales"] + (["qzeros"] if spec.method in ("int4", "w2") else [])
-    return split_reader(where, layer, leaves, convert)
+    return split_reader(where, layer, ["weight"] if spec is None else canonical_leaves(spec), convert)

@@ -25,7 +25,7 @@ from tokenmill.models.gguf.dequant import UnsupportedType, dequantize, load_dequ
 from tokenmill.models.gguf.ggml_types import type_name
 from tokenmill.models.gguf.reader import GGUFFile, TensorInfo
 from tokenmill.models.loader import NamedTensor
-from tokenmill.models.quantized_checkpoint import split_reader
+from tokenmill.models.quantized_checkpoint import canonical_leaves, split_reader
 from tokenmill.quant.codes import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ def _canonical_tensors(gguf: GGUFFile, info: TensorInfo, rotary_heads: int | Non
             return parts
         return {k: unpermute_rotary_rows(v, rotary_heads) for k, v in parts.items()}  # rows: output channels
 
-    leaves = ["qweight", "scales"] + (["qzeros"] if spec.method in ("int4", "w2") else [])
-    return split_reader(gguf.path.name, hf_name(info.name).removesuffix(".weight"), leaves, convert)
+    return split_reader(gguf.path.name, hf_name(info.name).removesuffix(".weight"), canonical_leaves(spec), convert)
 
 
 def _reader(gguf: GGUFFile, info: TensorInfo, rotary_heads: int | None) -> Callable[[], torch.Tensor]:
