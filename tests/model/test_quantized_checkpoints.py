@@ -169,3 +169,18 @@ def test_a_tokenmill_layer_of_the_wrong_dtype_is_refused(source, tmp_path):
     with pytest.raises(ModelLoadError, match=r"tensor model.layers.0.self_attn.q_proj.qweight: expected torch.uint8 "
                                              r"\[output, input / 2\] for int4, got torch.int8 \(96, 32\)"):
         load_model(quantized, dtype="float32")
+
+
+def test_autogptq_legacy_quantize_config_json_is_read(source, tmp_path):
+    """Early AutoGPTQ checkpoints state the quantization in quantize_config.json, not in config.json."""
+    entry, layer_tensors = FORMATS["gptq"]
+    quantized, reference = write_quantized_checkpoint(source, tmp_path, entry, layer_tensors)
+    config = json.loads((quantized / "config.json").read_text())
+    legacy = config.pop("quantization_config")
+    legacy.pop("quant_method")
+    (quantized / "config.json").write_text(json.dumps(config))
+    (quantized / "quantize_config.json").write_text(json.dumps(legacy))
+    assert checkpoint_quant_spec(checkpoint_config_dict(quantized)) == SPEC
+    got, _ = load_model(quantized, dtype="float32")
+    want, _ = load_model(reference, dtype="float32")
+    assert torch.equal(got.model.layers[0].mlp.gate_up_proj.weight, want.model.layers[0].mlp.gate_up_proj.weight)

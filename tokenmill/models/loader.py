@@ -87,7 +87,7 @@ def load_model(
         from tokenmill.models.quantized_checkpoint import quantized_checkpoint_tensors
 
         tensors = quantized_checkpoint_tensors(_safetensors_tensors(Path(model_path)),
-                                               read_config_json(model_path), _quant_spec(quant))
+                                               checkpoint_config_dict(model_path), _quant_spec(quant))
         fill_weights(model, tensors, str(model_path), progress)
     else:
         raise ModelLoadError(f"load_format {load_format!r} is not supported (use auto or random)")
@@ -109,7 +109,14 @@ def checkpoint_config_dict(model_path: str | Path) -> dict[str, Any]:
         from tokenmill.models.gguf.reader import GGUFFile
 
         return gguf_config_dict(GGUFFile(model_path))
-    return read_config_json(model_path)
+    config = read_config_json(model_path)
+    legacy = Path(model_path) / "quantize_config.json"  # AutoGPTQ's own file, from before quantization_config
+    if "quantization_config" not in config and legacy.is_file():
+        try:
+            config["quantization_config"] = {"quant_method": "gptq", **json.loads(legacy.read_text())}
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelLoadError(f"{legacy}: not a valid JSON object ({exc})") from exc
+    return config
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
