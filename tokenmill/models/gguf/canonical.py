@@ -107,8 +107,9 @@ def canonical_weight(raw: np.ndarray, info: TensorInfo, spec: QuantSpec) -> Cano
 
 def _with_offset(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Groups W = scale * q - offset -> (codes, scale, zero) with W = (code - zero) * scale. A group whose
-    scale is 0 (or so small that offset / scale overflows) is the constant -offset: codes 0, scale 1."""
-    zero = offset / scale
-    constant = (scale == 0) | ~torch.isfinite(zero)
+    scale is 0 is the constant -offset: codes 0, scale 1, zero offset. (Scales and offsets come from float16
+    fields, so offset / scale stays far inside float32's range otherwise.)"""
+    constant = scale == 0
+    zero = offset / torch.where(constant, torch.ones_like(scale), scale)
     codes = torch.where(constant, torch.zeros_like(q), q)
     return codes, torch.where(constant, torch.ones_like(scale), scale), torch.where(constant, offset, zero)
