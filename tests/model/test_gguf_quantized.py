@@ -36,14 +36,16 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("tensor_type, spec", [("Q8_0", QuantSpec("int8", 32)), ("Q4_0", QuantSpec("int4", 32)),
-                                               ("Q4_1", QuantSpec("int4", 32, True)), ("mixed", QuantSpec("int4", 32, True)),
+                                               ("Q4_1", QuantSpec("int4", 32, True)),
+                                               ("mixed", QuantSpec("int4", 32, True)),
                                                ("F32", None)])
 def test_the_spec_comes_from_the_linear_layers_types(files, tensor_type, spec):
     config = checkpoint_config_dict(files[tensor_type])
     assert checkpoint_quant_spec(config) == spec
     if tensor_type == "mixed":  # element counts per type; the most common one decides
-        assert config["quantization_config"]["linear_types"] == {"Q4_1": 2 * (5 * 256 * 256 + 2 * 128 * 256) - 256 * 256 - 128 * 256,
-                                                                 "Q5_K": 128 * 256, "Q6_K": 256 * 256}
+        per_layer = 5 * 256 * 256 + 2 * 128 * 256  # q, o, gate, up, down 256 x 256; k, v 128 x 256
+        assert config["quantization_config"]["linear_types"] == {
+            "Q4_1": 2 * per_layer - 256 * 256 - 128 * 256, "Q5_K": 128 * 256, "Q6_K": 256 * 256}
 
 
 def _float_and_canonical(path: Path, spec: QuantSpec) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -143,7 +143,8 @@ def test_wrong_packed_tensors_are_refused_naming_the_tensor(leaf, bad, message):
 
 def test_a_group_that_does_not_divide_the_width_is_refused():
     stored = _gptq_layer()
-    with pytest.raises(ModelLoadError, match=rf"{LAYER}\.qweight: input width 256 is not a multiple of the group size 96"):
+    with pytest.raises(ModelLoadError, match=rf"{LAYER}\.qweight: input width 256 is not a multiple of the group "
+                                             r"size 96"):
         checkpoint_format(_gptq(group_size=96)).convert(LAYER, stored)
 
 

@@ -63,7 +63,8 @@ class CompressedTensorsFormat(CheckpointFormat):
                 raise ConfigError(where, f"float-quantized loads 8-bit float weights per channel or tensor, got "
                                          f"{self.bits}-bit {kind} per {strategy}")
             self.spec = QuantSpec("fp8")
-            self.marker, self.leaves, self.required = "weight_scale", ("weight", "weight_scale"), ("weight", "weight_scale")
+            self.marker = "weight_scale"
+            self.leaves = self.required = ("weight", "weight_scale")
             return
         if kind != "int":
             raise ConfigError(f"{where}.type", f"{self.format} stores integer weights, got {kind!r}")

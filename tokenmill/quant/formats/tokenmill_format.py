@@ -27,7 +27,8 @@ class TokenmillFormat(CheckpointFormat):
         spec, qweight, scales = self.spec, parts["qweight"], parts["scales"]
         if qweight.dtype != spec.qweight_dtype() or qweight.dim() != 2:
             raise ModelLoadError(f"tensor {layer}.qweight: expected {spec.qweight_dtype()} [output, input / "
-                                 f"{spec.codes_per_byte}] for {spec.method}, got {qweight.dtype} {tuple(qweight.shape)}")
+                                 f"{spec.codes_per_byte}] for {spec.method}, got {qweight.dtype} "
+                                 f"{tuple(qweight.shape)}")
         out, width = qweight.shape[0], qweight.shape[1] * spec.codes_per_byte
         try:
             groups = spec.groups(width)
