@@ -90,12 +90,11 @@ def gguf_tensors(gguf: GGUFFile, arch: ArchConfig, spec: QuantSpec | None = None
             out.extend(_canonical_tensors(gguf, info, heads, spec))
         else:
             out.append(NamedTensor(gguf.path.name, hf_name(info.name), _reader(gguf, info, heads)))
-    if requantized:
+    if spec is not None and requantized:
         counts = ", ".join(f"{n} {name}" for name, n in sorted(requantized.items()))
-        group = f" g{spec.group_size}" if spec is not None and spec.group_size else ""
+        group = f" g{spec.group_size}" if spec.group_size else ""
         logger.warning("%s: %d linear tensors (%s) have no exact %s%s layout; dequantized and re-quantized "
-                       "round-to-nearest", gguf.path.name, sum(requantized.values()), counts,
-                       spec.method if spec else "", group)
+                       "round-to-nearest", gguf.path.name, sum(requantized.values()), counts, spec.method, group)
     return out
 
 
