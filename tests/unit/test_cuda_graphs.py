@@ -166,3 +166,23 @@ def test_engine_decoding_through_padded_graph_steps_gives_the_eager_tokens(tiny_
     assert capture.captured == [6, 4, 2, 1]  # largest first
     # Five requests finishing at different lengths decode at 5, 4, 3, 2 and 1 live requests: padded to 6, 4, 2, 1.
     assert set(capture.replays) == {6, 4, 2, 1}
+
+
+def test_graphs_need_cuda_a_capturable_backend_and_no_enforce_eager() -> None:
+    from types import SimpleNamespace
+
+    from tokenmill.worker.cuda_graphs import graphs_usable
+
+    capturable, plain = SimpleNamespace(supports_cuda_graphs=True), SimpleNamespace(supports_cuda_graphs=False)
+    cuda = torch.device("cuda")
+    assert graphs_usable(cuda, False, capturable)
+    assert not graphs_usable(cuda, True, capturable)
+    assert not graphs_usable(cuda, False, plain)
+    assert not graphs_usable(torch.device("cpu"), False, capturable)
+
+
+def test_enforce_eager_wins_over_compile(tiny_model: Path) -> None:
+    from tokenmill.llm import LLM
+
+    llm = LLM(str(tiny_model), dtype="float32", compile=True, enforce_eager=True, num_kv_blocks=64, max_model_len=256)
+    assert llm.engine.worker.compile is False and llm.engine.worker.runner.graphs is None

@@ -8,7 +8,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ PARITY_MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "r
                 "eos_token_id": 2, **TINY}
 # Random weights this wide give clear argmax margins, so float32 greedy tokens do not flip on rounding.
 PARITY_WEIGHT_STD = 0.15
+PARITY_KV = "64MiB"
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,14 @@ def parity(ctx: Context) -> dict[str, Any]:
     model_dir = _write_config(ctx.workdir / "parity", PARITY_MODEL)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, TINY["vocab_size"]) for _ in range(n)] for n in ctx.plan.parity_prompts]
-    reference = _engine(model_dir, "cpu", "float32", 256, enforce_eager=True)
+    # A fixed small pool on the device too: 90% of an H200 in blocks of a tiny model would be tens of millions
+    # of blocks for the scheduler to track.
+    reference = _engine(model_dir, "cpu", "float32", 256, enforce_eager=True, kv_cache_memory=PARITY_KV)
     init_random_weights(reference.model, seed=0, std=PARITY_WEIGHT_STD)
     expected = _greedy(reference, prompts, ctx.plan.parity_new_tokens)
     runs: dict[str, Any] = {}
     for variant, eager in (("eager", True), ("graphs", False)):
-        engine = _engine(model_dir, str(ctx.device), "float32", 256, enforce_eager=eager)
+        engine = _engine(model_dir, str(ctx.device), "float32", 256, enforce_eager=eager, kv_cache_memory=PARITY_KV)
         with torch.no_grad():
             for mine, theirs in zip(engine.model.parameters(), reference.model.parameters(), strict=True):
                 mine.copy_(theirs)
@@ -176,14 +179,18 @@ def _write_config(folder: Path, config: dict[str, Any]) -> str:
     return str(folder)
 
 
-def _engine(model_dir: str, device: str, dtype: str, max_model_len: int, enforce_eager: bool) -> Any:
+def _engine(model_dir: str, device: str, dtype: str, max_model_len: int, enforce_eager: bool,
+            kv_cache_memory: str | None = None) -> Any:
+    """An engine with random weights; its KV pool profiled on a GPU unless kv_cache_memory fixes it (the CPU
+    always gets a fixed budget: a few times the context is plenty there)."""
     from tokenmill.engine.engine import LLMEngine
     from tokenmill.engine_args import EngineArgs
 
+    if kv_cache_memory is None and device == "cpu":
+        kv_cache_memory = "64MiB"
     args = EngineArgs(model=model_dir, load_format="random", device=device, dtype=dtype,
-                      max_model_len=max_model_len, enforce_eager=enforce_eager, compile=False)
-    if device == "cpu":  # the CPU pool is a fixed budget: a few times the context is plenty here
-        args = replace(args, kv_cache_memory="64MiB")
+                      max_model_len=max_model_len, enforce_eager=enforce_eager, compile=False,
+                      kv_cache_memory=kv_cache_memory)
     return LLMEngine(args.create_engine_config())
 
 
