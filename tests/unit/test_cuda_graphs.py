@@ -173,12 +173,17 @@ def test_graphs_need_cuda_a_capturable_backend_and_no_enforce_eager() -> None:
 
     from tokenmill.worker.cuda_graphs import graphs_usable
 
+    from tokenmill.layers.moe import FusedExperts
+
     capturable, plain = SimpleNamespace(supports_cuda_graphs=True), SimpleNamespace(supports_cuda_graphs=False)
-    cuda = torch.device("cuda")
-    assert graphs_usable(cuda, False, capturable)
-    assert not graphs_usable(cuda, True, capturable)
-    assert not graphs_usable(cuda, False, plain)
-    assert not graphs_usable(torch.device("cpu"), False, capturable)
+    cuda, dense = torch.device("cuda"), torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert graphs_usable(cuda, False, capturable, dense)
+    assert not graphs_usable(cuda, True, capturable, dense)
+    assert not graphs_usable(cuda, False, plain, dense)
+    assert not graphs_usable(torch.device("cpu"), False, capturable, dense)
+    # Mixture-of-experts layers size their matmuls from counts read on the host: never captured.
+    moe = torch.nn.Sequential(torch.nn.Linear(2, 2), FusedExperts(4, 8, 16, torch.float32, torch.device("cpu")))
+    assert not graphs_usable(cuda, False, capturable, moe)
 
 
 def test_enforce_eager_wins_over_compile(tiny_model: Path) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from tokenmill.attention.base import AttentionBackend
 from tokenmill.attention.metadata import forward_context
@@ -54,8 +55,15 @@ def is_plain_decode(scheduler_output: SchedulerOutput) -> bool:
     return all(len(c.token_ids) == 1 and c.sample and not c.num_spec_tokens for c in scheduler_output.chunks)
 
 
-def graphs_usable(device: torch.device, enforce_eager: bool, backend: AttentionBackend) -> bool:
-    return device.type == "cuda" and not enforce_eager and backend.supports_cuda_graphs
+def graphs_usable(device: torch.device, enforce_eager: bool, backend: AttentionBackend, model: nn.Module) -> bool:
+    """On CUDA, unless enforce_eager, when the attention backend and every layer of the model can be
+    captured (a layer that reads device values on the host says so with `cuda_graph_safe = False`)."""
+    if device.type != "cuda" or enforce_eager or not backend.supports_cuda_graphs:
+        return False
+    unsafe = sorted({type(m).__name__ for m in model.modules() if not getattr(m, "cuda_graph_safe", True)})
+    if unsafe:
+        logger.info("no CUDA graphs: %s cannot be captured", ", ".join(unsafe))
+    return not unsafe
 
 
 class Replay(Protocol):

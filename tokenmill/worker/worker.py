@@ -105,7 +105,7 @@ class Worker:
         backend = attention_backend(self.device)
         scheduler = self.config.scheduler
         graph_sizes = capture_sizes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens) \
-            if graphs_usable(self.device, self.config.enforce_eager, backend) else []
+            if graphs_usable(self.device, self.config.enforce_eager, backend, self.model) else []
         # With graphs the pool has one block more than the scheduler hands out: the padding rows' scratch block.
         allocate_kv_caches(self.model.attention_layers(), num_blocks + bool(graph_sizes), block_size, self.dtype,
                            self.device, backend)
