@@ -5,6 +5,10 @@ the last step; the step's token ids, positions and slot mapping are written into
 with vectorized numpy (no per-token Python loops), and the tensors the model reads are views of those
 buffers (on a GPU: persistent device buffers filled by one copy each), so a CUDA graph can later capture
 exactly these addresses.
+
+The pinned host buffers are rewritten every step while their copies to the device may still be queued.
+That is safe because every step ends by reading its sampled ids on the host, after which those copies have
+run; an engine that prepares step n+1 during step n would need a second set of host buffers.
 """
 
 from __future__ import annotations
