@@ -39,5 +39,5 @@ def check_pool_holds_context(num_blocks: int, block_size: int, max_model_len: in
             "max_model_len",
             f"the KV pool holds {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens, "
             f"fewer than max_model_len={max_model_len}; lower max_model_len or give more KV memory "
-            f"(num_kv_blocks / kv_cache_memory_gb)"
+            f"(num_kv_blocks / kv_cache_memory / gpu_memory_utilization)"
         )
