@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenmill.config import (
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     SPEC_METHODS,
     CacheConfig,
@@ -80,6 +81,10 @@ class EngineArgs:
     enable_prefix_caching: bool = _knob(CacheConfig.enable_prefix_caching,
                                         "reuse the KV of prompt prefixes seen before", _KV,
                                         spelling="--no-prefix-caching")
+    kv_cache_dtype: str = _knob(CacheConfig.kv_cache_dtype,
+                                "KV cache storage: auto (the model's dtype), or int8 / fp8 (e4m3) with a scale per "
+                                "token and KV head, about twice the tokens of bfloat16 in the same memory", _KV,
+                                choices=KV_CACHE_DTYPES)
 
     max_num_seqs: int = _knob(SchedulerConfig.max_num_seqs, "cap on requests running at once", _SCHED)
     max_num_batched_tokens: int = _knob(SchedulerConfig.max_num_batched_tokens, "token budget per step", _SCHED)
@@ -151,6 +156,7 @@ class EngineArgs:
                 num_kv_blocks=self.num_kv_blocks,
                 kv_cache_memory_bytes=int(gb * _GIB),
                 enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens),

@@ -33,7 +33,8 @@ from tokenmill.worker import sampling
 from tokenmill.worker.drafter import Drafter, DraftRequest
 from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
 from tokenmill.worker.input_batch import StepInputs
-from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block, check_pool_holds_context
+from tokenmill.worker.kv_cache_alloc import (allocate_kv_caches, bytes_per_block, check_pool_holds_context,
+                                             resolve_kv_cache_dtype)
 from tokenmill.worker.model_runner import ModelRunner
 from tokenmill.worker.request_failures import RequestFailures
 from tokenmill.worker.step_timer import time_forward
@@ -54,6 +55,8 @@ class Worker:
         self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
                                            load_format=config.load_format, progress=show_progress, quant=quant)
         self.dtype: torch.dtype = self.model.model.embed_tokens.weight.dtype
+        # What the target's KV pages are stored as: the model's dtype, or int8 / fp8 codes with scales.
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:
             raise ConfigError("max_model_len", f"{self.max_model_len} exceeds the model's max_position_embeddings "
@@ -82,7 +85,7 @@ class Worker:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        per_block = bytes_per_block(self.model.attention_layers(), cache.block_size, self.dtype)
+        per_block = bytes_per_block(self.model.attention_layers(), cache.block_size, self.kv_dtype)
         if self.drafter is not None:
             per_block += self.drafter.kv_bytes_per_block(cache.block_size)
         return cache.kv_cache_memory_bytes // per_block
@@ -91,7 +94,7 @@ class Worker:
         block_size = self.config.cache.block_size
         check_pool_holds_context(num_blocks, block_size, self.max_model_len)
         self.num_blocks = num_blocks
-        allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.dtype, self.device,
+        allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.kv_dtype, self.device,
                            attention_backend(self.device))
         max_blocks = -(-(self.max_model_len + self.num_lookahead_tokens) // block_size)
         self.runner.allocate_inputs(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
