@@ -125,3 +125,13 @@ def test_an_unknown_kv_cache_dtype_is_refused_before_loading():
     with pytest.raises(ConfigError) as info:
         LLM(model="/ckpt/target", kv_cache_dtype="int4")
     assert info.value.setting == "kv_cache_dtype" and "auto, int8, fp8" in str(info.value)
+
+
+def test_the_accuracy_script_compares_kv_dtypes_on_held_out_text(checkpoint_dir, capsys):
+    from benchmarks.kv_cache_accuracy import main
+
+    results = main(["--model", str(checkpoint_dir("llama")), "--dtype", "float32", "--tokens", "64", "--windows", "2",
+                    "--kv-cache-dtypes", "auto,int8"])
+    assert set(results) == {"auto", "int8"} and results["auto"] != results["int8"]
+    assert abs(results["int8"] / results["auto"] - 1) < 0.01
+    assert "| int8 |" in capsys.readouterr().out
