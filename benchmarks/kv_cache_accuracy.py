@@ -1,7 +1,7 @@
-"""Perplexity of one model with each KV-cache dtype, on held-out English shipped with Python.
+"""Perplexity of one model with each KV-cache dtype, on held-out English or code shipped with Python.
 
-The text is `pydoc_data.topics` (Python's own help topics, in every CPython install), tokenized once and cut
-into windows of --tokens tokens; each window is one prompt whose prompt logprobs give its negative
+The text is `pydoc_data.topics` (Python's own help topics, in every CPython install) or, with --text python,
+the source of the standard library's argparse.py; it is tokenized once and cut into windows of --tokens tokens; each window is one prompt whose prompt logprobs give its negative
 log-likelihood. The same windows run through an engine per --kv-cache-dtypes value; the first is the
 reference the others are compared with (docs/kv_cache_quantization.md).
 
@@ -23,7 +23,9 @@ if __package__ in (None, ""):  # run as a file: make `tokenmill` importable from
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
 
-def held_out_text() -> str:
+def held_out_text(kind: str) -> str:
+    if kind == "python":
+        return Path(argparse.__file__).read_text()
     import pydoc_data.topics as topics
 
     return "\n".join(topics.topics[name] for name in sorted(topics.topics))
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder, .gguf file or catalog name")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--text", choices=("english", "python"), default="english",
+                        help="pydoc_data.topics or the source of argparse.py")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per window")
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--kv-cache-dtypes", default="auto,int8,fp8", help="comma-separated; the first is the reference")
@@ -63,10 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             tokenizer = llm.get_tokenizer()
             if tokenizer is None:
                 raise SystemExit(f"{args.model} has no tokenizer to encode the text with")
-            windows = windows_of(tokenizer.encode(held_out_text()), args.tokens, args.windows)
+            windows = windows_of(tokenizer.encode(held_out_text(args.text)), args.tokens, args.windows)
         results[kv] = perplexity(llm, windows)
     reference = results[kv_dtypes[0]]
-    print(f"{args.model} ({args.dtype}), {args.windows} x {args.tokens} tokens of pydoc_data.topics")
+    source = "argparse.py" if args.text == "python" else "pydoc_data.topics"
+    print(f"{args.model} ({args.dtype}), {args.windows} x {args.tokens} tokens of {source}")
     print("| KV cache | perplexity | vs " + kv_dtypes[0] + " |\n|---|---|---|")
     for kv, value in results.items():
         print(f"| {kv} | {value:.4f} | {100 * (value / reference - 1):+.2f} % |")
