@@ -96,7 +96,8 @@ def test_a_tokens_stored_bytes_do_not_depend_on_the_step_that_wrote_it() -> None
 
 
 def _run_quantized_step(chunks: list[tuple[int, int, list[int]]], window: int | None, dtype: torch.dtype,
-                        softcap: float | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        softcap: float | None, seed: int, compute_dtype: torch.dtype = torch.float32,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like test_torch_attention.run_step, over a quantized cache. Returns the backend's output, the oracle
     over the dequantized keys and values the cache holds (history and this step's tokens alike), and the
     oracle over the unquantized ones."""
@@ -111,7 +112,7 @@ def _run_quantized_step(chunks: list[tuple[int, int, list[int]]], window: int | 
         store_kv_quantized(keys, values, cache, scales, slots)
         history.append((keys, values))
     total = sum(n for _, n, _ in chunks)
-    q, k, v = (torch.randn(total, h, DIM, generator=generator) for h in (HEADS, KV_HEADS, KV_HEADS))
+    q, k, v = (torch.randn(total, h, DIM, generator=generator).to(compute_dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
     metadata = build_attention_metadata([c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
                                         BLOCK, CPU)
     out = TorchAttentionBackend().forward(q, k, v, cache, metadata, DIM**-0.5, window, softcap, kv_scales=scales)
@@ -136,6 +137,13 @@ def test_every_attention_path_reads_what_the_quantized_cache_holds(name: str, wi
                                                                    softcap: float | None, dtype: torch.dtype) -> None:
     out, expected, _ = _run_quantized_step(STEPS[name], window, dtype, softcap, seed=len(name))
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_a_bfloat16_model_reads_bfloat16_values_from_an_int8_cache() -> None:
+    out, expected, _ = _run_quantized_step(STEPS["mixed step"], 8, torch.int8, None, seed=9,
+                                           compute_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - expected).abs().max().item() < 3e-2
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.int8, 0.02), (torch.float8_e4m3fn, 0.15)])
