@@ -121,6 +121,15 @@ def test_int8_kv_holds_more_blocks_in_the_same_memory(checkpoint_dir):
     assert blocks["int8"] > 3.6 * blocks["auto"]
 
 
+def test_a_draft_models_kv_is_quantized_too_and_shares_the_budget(checkpoint_dir):
+    path = checkpoint_dir("llama")  # its own draft: per block, two models' KV
+    llm = llm_for(path, "int8", num_kv_blocks=None, kv_cache_memory_gb=0.004, speculative_method="draft",
+                  draft_model=str(path), num_speculative_tokens=2)
+    per_model = 2 * 16 * 2 * 26 * 2
+    assert llm.engine.stats()["kv_blocks_total"] == int(0.004 * (1 << 30)) // (2 * per_model)
+    assert greedy_ids(llm, [[11, 12, 13] * 5]) == greedy_ids(llm_for(path, "int8"), [[11, 12, 13] * 5])
+
+
 def test_an_unknown_kv_cache_dtype_is_refused_before_loading():
     with pytest.raises(ConfigError) as info:
         LLM(model="/ckpt/target", kv_cache_dtype="int4")
