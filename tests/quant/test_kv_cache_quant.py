@@ -58,9 +58,12 @@ def test_an_all_zero_head_stores_zeros_with_a_finite_nonzero_scale(dtype: torch.
     assert bool((dequantize_kv(codes, scales, torch.float32)[1, 0] == 0).all())
 
 
-def test_dequantize_rounds_once_to_the_compute_dtype() -> None:
-    codes, scales = quantize_kv(_values(8, KV_HEADS, DIM), torch.int8)
-    exact = codes.double() * scales.double().unsqueeze(-1)
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_dequantize_rounds_once_to_the_compute_dtype(dtype: torch.dtype) -> None:
+    codes, scales = quantize_kv(_values(8, KV_HEADS, DIM), dtype)
+    assert torch.equal(dequantize_kv(codes, scales, torch.float32), codes.float() * scales.float().unsqueeze(-1))
+    # In bfloat16: the scale taken in bfloat16, the exact product (8 x 8 significant bits) rounded once.
+    exact = codes.double() * scales.to(torch.bfloat16).double().unsqueeze(-1)
     assert torch.equal(dequantize_kv(codes, scales, torch.bfloat16), exact.to(torch.bfloat16))
 
 
