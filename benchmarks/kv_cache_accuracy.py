@@ -1,9 +1,10 @@
 """Perplexity of one model with each KV-cache dtype, on held-out English or code shipped with Python.
 
 The text is `pydoc_data.topics` (Python's own help topics, in every CPython install) or, with --text python,
-the source of the standard library's argparse.py; it is tokenized once and cut into windows of --tokens tokens; each window is one prompt whose prompt logprobs give its negative
-log-likelihood. The same windows run through an engine per --kv-cache-dtypes value; the first is the
-reference the others are compared with (docs/kv_cache_quantization.md).
+the source of the standard library's argparse.py. It is tokenized once and cut into windows of --tokens
+tokens; each window is one prompt whose prompt logprobs give its negative log-likelihood. The same windows
+run through an engine per --kv-cache-dtypes value; the first is the reference the others are compared with
+(docs/kv_cache_quantization.md).
 
     PYTHONPATH=$PWD python benchmarks/kv_cache_accuracy.py --model smollm2-135m-instruct --dtype bfloat16 \\
         --tokens 1024 --windows 2
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="pydoc_data.topics or the source of argparse.py")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per window")
     parser.add_argument("--windows", type=int, default=2)
-    parser.add_argument("--kv-cache-dtypes", default="auto,int8,fp8", help="comma-separated; the first is the reference")
+    parser.add_argument("--kv-cache-dtypes", default="auto,int8,fp8",
+                        help="comma-separated; the first is the reference")
     args = parser.parse_args(argv)
     kv_dtypes = args.kv_cache_dtypes.split(",")
     windows: list[list[int]] | None = None
