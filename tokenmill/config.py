@@ -8,6 +8,8 @@ from tokenmill.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "random")  # random: weights of the checkpoint's shape, for benchmarks
+# auto: the model's dtype; int8 / fp8 (e4m3): quantized with a scale per token and KV head (quant/kv_cache.py)
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class CacheConfig:
     # memory profile. None: kv_cache_memory_bytes on the CPU, the profile on a GPU.
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may fill when profiling sizes the pool
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         _positive("block_size", self.cache.block_size)
+        if self.cache.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype",
+                              f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.cache.kv_cache_dtype!r}")
         if self.cache.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.cache.num_kv_blocks)
         _positive("max_num_seqs", self.scheduler.max_num_seqs)

@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenmill.config import (
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     SPEC_METHODS,
     CacheConfig,
@@ -89,6 +90,10 @@ class EngineArgs:
     enable_prefix_caching: bool = _knob(CacheConfig.enable_prefix_caching,
                                         "reuse the KV of prompt prefixes seen before", _KV,
                                         spelling="--no-prefix-caching")
+    kv_cache_dtype: str = _knob(CacheConfig.kv_cache_dtype,
+                                "KV cache storage: auto (the model's dtype), or int8 / fp8 (e4m3) with a scale per "
+                                "token and KV head, about twice the tokens of bfloat16 in the same memory", _KV,
+                                choices=KV_CACHE_DTYPES)
 
     max_num_seqs: int = _knob(SchedulerConfig.max_num_seqs, "cap on requests running at once", _SCHED)
     max_num_batched_tokens: int = _knob(SchedulerConfig.max_num_batched_tokens, "token budget per step", _SCHED)
@@ -163,6 +168,7 @@ class EngineArgs:
                 kv_cache_memory=None if self.kv_cache_memory is None else parse_byte_size("kv_cache_memory",
                                                                                           self.kv_cache_memory),
                 gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens),

@@ -104,4 +104,5 @@ def run_worst_case_step(model: nn.Module, layers: list[Attention], num_tokens: i
     finally:
         for layer in layers:  # let the scratch cache go; init_cache binds the real one
             layer.kv_cache = None
+            layer.kv_scales = None
         del scratch
