@@ -21,7 +21,7 @@ class Int4LinearMethod(QuantizedLinearMethod):
         layer.int4pack = int4pack_supported(layer.output_size, self.spec.group_size)
         if layer.int4pack:
             packed, scales_and_zeros = int4pack_weight(qweight, scales, qzeros, layer.compute_dtype)
-            set_kernel_tensors(layer, int4_packed=packed, int4_scales_and_zeros=scales_and_zeros)
+            set_kernel_tensors(layer, qweight=packed, scales_and_zeros=scales_and_zeros)  # aten's int4 layout
         else:
             set_kernel_tensors(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous(),
                                qzeros=qzeros.float().contiguous())
@@ -31,5 +31,5 @@ class Int4LinearMethod(QuantizedLinearMethod):
             return cuda_matmul(layer, x, 4, self.spec.group_size, self.use_triton)
         if layer.int4pack:  # at every batch size, as int8's kernel (quant/int8.py)
             assert self.spec.group_size is not None
-            return int4pack_matmul(x, layer.int4_packed, self.spec.group_size, layer.int4_scales_and_zeros)
+            return int4pack_matmul(x, layer.qweight, self.spec.group_size, layer.scales_and_zeros)
         return tiled_dequant_matmul(x, layer.qweight, layer.scales, layer.qzeros, 4)

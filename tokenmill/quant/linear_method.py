@@ -110,7 +110,7 @@ class QuantizedLinearMethod(QuantMethod):
     def prepare(self, layer: LinearBase, qweight: torch.Tensor, scales: torch.Tensor,
                 qzeros: torch.Tensor | None) -> None:
         """Turn the canonical tensors into the kernel's layout (set_kernel_tensors), keeping only what `matmul`
-        reads."""
+        reads; the codes keep the name `qweight` in every layout."""
 
     @abstractmethod
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,17 @@ def make_quant_method(spec: QuantSpec, *, quantize_on_load: bool, float_method: 
 
 
 def linear_method_for(requested: str | None, checkpoint_config: dict[str, Any], load_format: str,
-                      float_method: QuantMethod, *, use_triton: bool = False,
+                      float_method: QuantMethod, *, loader_quantizes: bool = False, use_triton: bool = False,
                       fp8_scaled_mm: bool = False) -> QuantMethod:
     """The linear method a model loads with: `float_method` for a float model without a `quantization`
-    setting; else the checkpoint's scheme, or `requested` quantized on load. Random weights (benchmarks) are
-    drawn in float and quantized like a float checkpoint's, whatever scheme the checkpoint names."""
-    spec, on_load = resolve_quant_spec(requested, checkpoint_quant_spec(checkpoint_config))
+    setting (or with "none"); else the checkpoint's scheme, or `requested` for a float checkpoint.
+
+    A float checkpoint's weights are quantized by the layers as they load, unless `loader_quantizes`: the
+    loader then hands canonical tensors for every linear weight itself (a GGUF file repacks or re-quantizes
+    its blocks). Random weights (benchmarks) are drawn in float and quantized by the layers."""
+    spec, from_float = resolve_quant_spec(requested, checkpoint_quant_spec(checkpoint_config))
     if spec is None:
         return float_method
-    return make_quant_method(spec, quantize_on_load=on_load or load_format == "random", float_method=float_method,
-                             use_triton=use_triton, fp8_scaled_mm=fp8_scaled_mm)
+    on_load = load_format == "random" or (from_float and not loader_quantizes)
+    return make_quant_method(spec, quantize_on_load=on_load, float_method=float_method, use_triton=use_triton,
+                             fp8_scaled_mm=fp8_scaled_mm)

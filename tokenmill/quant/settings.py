@@ -1,8 +1,9 @@
 """The `quantization` engine setting: which method to quantize a float checkpoint with on load, and how the
 setting meets a checkpoint that is quantized already.
 
-Spelling: METHOD[:gN][:sym], e.g. "int8", "int4", "int4:g32", "w2:g64", "int4:g128:sym". Defaults (RTN on
-load): int8 and fp8 per output channel; int4 and w2 in groups of 64 with a zero-point. Group 64 rather than
+Spelling: METHOD[:gN][:sym], e.g. "int8", "int4", "int4:g32", "w2:g64", "int4:g128:sym"; or "none": load
+a quantized checkpoint dequantized, as a float model (the reference its quantized runs are compared with).
+Defaults (RTN on load): int8 and fp8 per output channel; int4 and w2 in groups of 64 with a zero-point. Group 64 rather than
 128 because it divides the widths of small models (SmolLM2's hidden size 576 is 4.5 groups of 128) as well
 as every multiple of 128; a zero-point because round-to-nearest with one fits the weights' range better
 than a symmetric grid at the same cost in the kernels.
@@ -13,14 +14,19 @@ from __future__ import annotations
 from tokenmill.errors import ConfigError
 from tokenmill.quant.codes import METHODS, QuantSpec
 
+NONE = "none"
 DEFAULT_GROUP_SIZE = {"int4": 64, "w2": 64}
 _ZERO_POINT_BY_DEFAULT = ("int4", "w2")
 
 
-def parse_quantization(value: str) -> QuantSpec:
-    """The QuantSpec a `quantization` setting asks for; ConfigError("quantization", ...) when malformed."""
+def parse_quantization(value: str) -> QuantSpec | None:
+    """The QuantSpec a `quantization` setting asks for (None for "none"); ConfigError("quantization", ...) when
+    malformed."""
     if not isinstance(value, str) or not value:
-        raise ConfigError("quantization", f"must be one of {', '.join(METHODS)} (optionally :gN, :sym), got {value!r}")
+        raise ConfigError("quantization", f"must be {NONE} or one of {', '.join(METHODS)} (optionally :gN, :sym), "
+                                          f"got {value!r}")
+    if value.strip().lower() == NONE:
+        return None
     method, *options = value.strip().lower().split(":")
     if method not in METHODS:
         raise ConfigError("quantization", f"unknown method {method!r} (one of {', '.join(METHODS)})")
@@ -38,17 +44,21 @@ def parse_quantization(value: str) -> QuantSpec:
 
 
 def resolve_quant_spec(requested: str | None, checkpoint: QuantSpec | None) -> tuple[QuantSpec | None, bool]:
-    """(the spec the model loads with, whether to quantize float weights while loading).
+    """(the spec the model loads with, whether it is a float checkpoint's to quantize while loading).
 
-    A quantized checkpoint loads as it is; asking for another method than it has is an error, since
-    re-quantizing quantized weights would only lose more."""
+    A quantized checkpoint loads as it is, or dequantized with "none"; asking for another method than it has
+    is an error, since re-quantizing quantized weights would only lose more."""
+    asked = None if requested is None else parse_quantization(requested)
     if checkpoint is None:
-        return (parse_quantization(requested), True) if requested is not None else (None, False)
-    if requested is not None:
-        asked = parse_quantization(requested)
-        if asked.method != checkpoint.method or (":" in requested and asked != checkpoint):
-            raise ConfigError("quantization", f"{requested!r} was asked for, but the checkpoint is quantized as "
-                                              f"{_spelling(checkpoint)}; leave quantization unset to load it")
+        return asked, asked is not None
+    if requested is None:
+        return checkpoint, False
+    if asked is None:  # "none": the loader dequantizes the checkpoint for a float model
+        return None, False
+    if asked.method != checkpoint.method or (":" in requested and asked != checkpoint):
+        raise ConfigError("quantization", f"{requested!r} was asked for, but the checkpoint is quantized as "
+                                          f"{_spelling(checkpoint)}; leave quantization unset to load it as that, "
+                                          f"or set it to {NONE!r} to load it dequantized")
     return checkpoint, False
 
 

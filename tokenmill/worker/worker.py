@@ -24,7 +24,8 @@ from tokenmill.core.request import draft_room
 from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
 from tokenmill.errors import ConfigError
 from tokenmill.layers.linear import UnquantizedLinearMethod
-from tokenmill.models.loader import load_model
+from tokenmill.models.gguf import is_gguf_path
+from tokenmill.models.loader import checkpoint_config_dict, load_model
 from tokenmill.platform import (attention_backend, default_compile, fp8_matmul_available, resolve_device,
                                 triton_available)
 from tokenmill.quant.methods import linear_method_for
@@ -32,10 +33,13 @@ from tokenmill.sample.sampler import Sampler
 from tokenmill.sample.state import SamplingState, make_generator
 from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
 from tokenmill.worker import sampling
+from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_cuda_graph, capture_sizes, graphs_usable
 from tokenmill.worker.drafter import Drafter, DraftRequest
 from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
 from tokenmill.worker.input_batch import StepInputs
-from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block, check_pool_holds_context
+from tokenmill.worker.kv_cache_alloc import (allocate_kv_caches, bytes_per_block, check_pool_holds_context,
+                                             resolve_kv_cache_dtype)
+from tokenmill.worker.memory_sizing import GpuMemoryProfile, kv_cache_budget, measure_gpu_memory, run_worst_case_step
 from tokenmill.worker.model_runner import ModelRunner
 from tokenmill.worker.request_failures import RequestFailures
 from tokenmill.worker.step_timer import time_forward
@@ -51,14 +55,18 @@ class Worker:
         self.device = resolve_device(config.device)
         num_params = _count_params(config)
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
+        self.compile = self.compile and not config.enforce_eager
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
         float_method = UnquantizedLinearMethod(prepack_cpu=not self.compile)
-        quant = linear_method_for(config.quantization, _checkpoint_config(config.model), config.load_format,
-                                  float_method, use_triton=self.device.type == "cuda" and triton_available(),
+        quant = linear_method_for(config.quantization, checkpoint_config_dict(config.model), config.load_format,
+                                  float_method, loader_quantizes=is_gguf_path(config.model),
+                                  use_triton=self.device.type == "cuda" and triton_available(),
                                   fp8_scaled_mm=fp8_matmul_available(self.device))
         self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
                                            load_format=config.load_format, progress=show_progress, quant=quant)
         self.dtype: torch.dtype = self.model.model.embed_tokens.weight.dtype
+        # What the target's KV pages are stored as: the model's dtype, or int8 / fp8 codes with scales.
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:
             raise ConfigError("max_model_len", f"{self.max_model_len} exceeds the model's max_position_embeddings "
@@ -87,25 +95,42 @@ class Worker:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        per_block = bytes_per_block(self.model.attention_layers(), cache.block_size, self.dtype)
+        per_block = bytes_per_block(self.model.attention_layers(), cache.block_size, self.kv_dtype)
         if self.drafter is not None:
             per_block += self.drafter.kv_bytes_per_block(cache.block_size)
-        return cache.kv_cache_memory_bytes // per_block
+        return kv_cache_budget(cache, self.device, self._measure_gpu_memory,
+                               self.config.scheduler.max_num_batched_tokens) // per_block
+
+    def _measure_gpu_memory(self) -> GpuMemoryProfile:
+        scheduler = self.config.scheduler
+        num_tokens = min(scheduler.max_num_batched_tokens, self.max_model_len)
+        return measure_gpu_memory(self.device, lambda: run_worst_case_step(
+            self.model, self.model.attention_layers(), num_tokens, scheduler.max_num_seqs,
+            self.config.cache.block_size, self.kv_dtype, self.device, self.runner.forward_tokens))
 
     def init_cache(self, num_blocks: int) -> None:
         block_size = self.config.cache.block_size
         check_pool_holds_context(num_blocks, block_size, self.max_model_len)
         self.num_blocks = num_blocks
-        allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.dtype, self.device,
-                           attention_backend(self.device))
+        backend = attention_backend(self.device)
+        scheduler = self.config.scheduler
+        graph_sizes = capture_sizes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens) \
+            if graphs_usable(self.device, self.config.enforce_eager, backend, self.model) else []
+        # With graphs the pool has one block more than the scheduler hands out: the padding rows' scratch block.
+        allocate_kv_caches(self.model.attention_layers(), num_blocks + bool(graph_sizes), block_size, self.kv_dtype,
+                           self.device, backend)
         max_blocks = -(-(self.max_model_len + self.num_lookahead_tokens) // block_size)
-        self.runner.allocate_inputs(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
+        self.runner.allocate_inputs(scheduler.max_num_batched_tokens, max_blocks, block_size, self.device,
+                                    max_graph_batch=max(graph_sizes, default=0))
         if self.compile:
             if self.show_progress:
                 print("compiling the model forward (torch.compile, once per start) ...", file=sys.stderr, flush=True)
             self.runner.warm_up(self._warm_up_steps())
             if self.show_progress:
                 print(f"compiled in {self.runner.compile_seconds:.1f} s", file=sys.stderr, flush=True)
+        if graph_sizes:
+            self.runner.capture_graphs(DecodeGraphs(graph_sizes, pad_block=num_blocks),
+                                       capture_cuda_graph())
         if self.drafter is not None:
             self.drafter.init_cache(num_blocks, block_size)
             scheduler = self.config.scheduler
@@ -334,15 +359,6 @@ def _without_failed(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], 
         mask_rows = [j for j, row in enumerate(rows) if row in new_index]
         mask = (bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows]) if mask_rows else None
     return [plain[i] for i in kept], mask
-
-
-def _checkpoint_config(model_path: str) -> dict[str, Any]:
-    """config.json of a checkpoint folder, where its `quantization_config` says how its weights are stored
-    (a GGUF file says it per tensor: {} here)."""
-    from tokenmill.models.arch_config import read_config_json
-    from tokenmill.models.gguf import is_gguf_path
-
-    return {} if is_gguf_path(model_path) else read_config_json(model_path)
 
 
 def _count_params(config: EngineConfig) -> int:
