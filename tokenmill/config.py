@@ -109,7 +109,8 @@ class EngineConfig:
     thinking: ThinkingConfig = ThinkingConfig()
     # torch.compile (inductor) for the model forward; None: on where it measured faster (see platform.py).
     compile: bool | None = None
-    # Weight quantization applied while loading a float checkpoint: METHOD[:gN][:sym] (quant/settings.py).
+    # Weight quantization applied while loading a float checkpoint: METHOD[:gN][:sym], or "none" to load a
+    # quantized checkpoint dequantized (quant/settings.py).
     quantization: str | None = None
     # No CUDA graphs and no torch.compile, whatever `compile` says (--enforce-eager).
     enforce_eager: bool = False

@@ -77,7 +77,7 @@ class EngineArgs:
     quantization: str | None = _knob(
         EngineConfig.quantization, "quantize a float checkpoint's linear weights while loading: int8, int4, w2 or "
         "fp8, optionally :gN (group size; int4/w2 default 64) and :sym (no zero-point); a quantized checkpoint "
-        "loads as it is", _MODEL)
+        "loads as it is, or dequantized with none", _MODEL)
     enforce_eager: bool = _knob(EngineConfig.enforce_eager, "run every step eagerly: no CUDA graphs and no "
                                 "torch.compile (wins over --compile)", _MODEL)
 
