@@ -4,7 +4,8 @@ One decoder layer's projections (fused QKV 960x576, output 576x576, fused gate-u
 each run at batch 1 (decode) and 32 (a batch of decodes, or a prefill chunk), by every CPU path the quant
 methods can take:
 
-- `float`: F.linear on the weight in the activations' dtype (the unquantized engine's eager baseline);
+- `float`: F.linear on the weight in the activations' dtype; `float-onednn` (bfloat16 / float16): the same
+  on oneDNN's prepacked layout, the unquantized engine's eager baseline;
 - `int8pack`: aten._weight_int8pack_mm on int8 codes with per-channel scales (quant/int8.py);
 - `int4pack`: aten._weight_int4pack_mm_for_cpu, group 64 (quant/int4.py; 576 is not a multiple of 128);
 - `tiled-<method>`: the tiled dequantize-then-matmul (quant/cpu_kernels.py) for int8, int4 g64, w2 g64, fp8;
@@ -43,6 +44,11 @@ def _paths(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[Matmul, 
     paths: dict[str, tuple[Matmul, int]] = {}
     plain = weight.to(dtype)
     paths["float"] = (lambda x: F.linear(x, plain), plain.numel() * plain.element_size())
+    if dtype != torch.float32 and torch.backends.mkldnn.is_available():
+        # The engine's eager bfloat16 baseline: oneDNN's blocked layout (UnquantizedLinearMethod(prepack_cpu)).
+        packed_float = torch.ops.mkldnn._reorder_linear_weight(plain, 1)
+        paths["float-onednn"] = (lambda x: torch.ops.mkldnn._linear_pointwise(x, packed_float, None, "none", [], ""),
+                                 plain.numel() * plain.element_size())
 
     int8 = QuantSpec("int8")
     q8, s8, _ = quantize_rtn(int8, weight)
