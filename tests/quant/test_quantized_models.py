@@ -86,7 +86,8 @@ def test_random_weights_quantize_too(llama: Path) -> None:
     ("int4:x7", ConfigError, "quantization: unknown option 'x7'"),
     ("int4:g12", ConfigError, "quantization.group_size: int4 takes a group size that is a multiple of 8, got 12"),
     ("fp8:g32", ConfigError, "fp8 takes no group size"),
-    ("int4", ConfigError, "quantization.group_size: group size 64 does not divide the layer width 96"),
+    ("int4", ConfigError, r"quantization.group_size: group size 64 does not divide the layer width 96 \(a group "
+                          r"size that divides it: 32\)"),
 ])
 def test_bad_settings_are_refused_by_name(setting: str, error: type, message: str, llama: Path) -> None:
     with pytest.raises(error, match=message):

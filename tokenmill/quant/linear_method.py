@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from tokenmill.errors import ModelLoadError
+from tokenmill.errors import ConfigError, ModelLoadError
 from tokenmill.layers.linear import LinearBase, QuantMethod, UnquantizedLinearMethod
 from tokenmill.quant.codes import QuantSpec, quantize_rtn
 
@@ -48,7 +48,10 @@ class QuantizedLinearMethod(QuantMethod):
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype, device: torch.device) -> None:
         spec, out = self.spec, layer.output_size
-        rows, cols = spec.qweight_shape(out, layer.input_size)  # ConfigError when the group does not divide
+        try:
+            rows, cols = spec.qweight_shape(out, layer.input_size)  # ConfigError when the group does not divide
+        except ConfigError as exc:
+            raise ConfigError(exc.setting, f"{exc.message}{_group_hint(layer.input_size)}") from exc
         groups = spec.groups(layer.input_size)
         tensors = {"qweight": torch.empty(rows, cols, dtype=spec.qweight_dtype(), device=device),
                    "scales": torch.empty(out, groups, dtype=torch.float32, device=device)}
@@ -122,6 +125,12 @@ class QuantizedLinearMethod(QuantMethod):
         if layer.bias is not None:
             out = out + layer.bias
         return out.reshape(*x.shape[:-1], layer.output_size)
+
+
+def _group_hint(width: int) -> str:
+    """The largest usual group size (a power of two, 32 to 256) that divides `width`, as a suggestion."""
+    fits = [g for g in (256, 128, 64, 32) if width % g == 0]
+    return f" (a group size that divides it: {fits[0]})" if fits else ""
 
 
 def set_kernel_tensors(layer: nn.Module, **tensors: torch.Tensor | None) -> None:
