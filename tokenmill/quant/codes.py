@@ -56,6 +56,12 @@ class QuantSpec:
         return _BITS[self.method]
 
     @property
+    def has_qzeros(self) -> bool:
+        """Whether the stored weight carries qzeros: the packed methods always do (symmetric ones hold the
+        midpoint), int8 and fp8 never."""
+        return self.method in _GROUPED
+
+    @property
     def codes_per_byte(self) -> int:
         return 8 // self.bits if self.method in _GROUPED else 1
 

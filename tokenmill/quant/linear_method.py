@@ -27,11 +27,6 @@ from tokenmill.quant.codes import QuantSpec, quantize_rtn
 CANONICAL = ("qweight", "scales", "qzeros")
 
 
-def has_zero_points(spec: QuantSpec) -> bool:
-    """Whether the canonical weight carries qzeros (int4 and w2 always do; symmetric ones hold the midpoint)."""
-    return spec.method in ("int4", "w2")
-
-
 class QuantizedLinearMethod(QuantMethod):
     """Base of the weight-only methods; subclasses implement `prepare` (repack) and `matmul`."""
 
@@ -55,7 +50,7 @@ class QuantizedLinearMethod(QuantMethod):
         groups = spec.groups(layer.input_size)
         tensors = {"qweight": torch.empty(rows, cols, dtype=spec.qweight_dtype(), device=device),
                    "scales": torch.empty(out, groups, dtype=torch.float32, device=device)}
-        if has_zero_points(spec):
+        if spec.has_qzeros:
             tensors["qzeros"] = torch.empty(out, groups, dtype=torch.float32, device=device)
         if self.quantize_on_load:
             for name, tensor in tensors.items():
