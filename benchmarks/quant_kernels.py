@@ -8,7 +8,8 @@ methods can take:
   on oneDNN's prepacked layout, the unquantized engine's eager baseline;
 - `int8pack`: aten._weight_int8pack_mm on int8 codes with per-channel scales (quant/int8.py);
 - `int4pack`: aten._weight_int4pack_mm_for_cpu, group 64 (quant/int4.py; 576 is not a multiple of 128);
-- `tiled-<method>`: the tiled dequantize-then-matmul (quant/cpu_kernels.py) for int8, int4 g64, w2 g64, fp8;
+- `tiled-<method>`: the tiled dequantize-then-matmul (quant/cpu_kernels.py) for int8, int8 g32 (what a GGUF
+  Q8_0 file loads as), int4 g64, w2 g64, fp8;
 - `dequant+linear`: dequantize the whole int8 weight, then F.linear (what the tiled path avoids).
 
     PYTHONPATH=$PWD python benchmarks/quant_kernels.py [--batch 1 32] [--dtype bfloat16] [--threads 2]
@@ -56,6 +57,9 @@ def _paths(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[Matmul, 
     paths["int8pack"] = (lambda x: int8pack_matmul(x, q8, channel_scales), q8.numel() + s8.numel() * 4)
     paths["tiled-int8"] = (lambda x: tiled_dequant_matmul(x, q8, s8, None, 8), q8.numel() + s8.numel() * 4)
     paths["dequant+linear"] = (lambda x: F.linear(x, dequantize(int8, q8, s8).to(dtype)), q8.numel() + s8.numel() * 4)
+
+    q8g, s8g, _ = quantize_rtn(QuantSpec("int8", 32), weight)  # GGUF Q8_0's layout: int8 in groups of 32
+    paths["tiled-int8-g32"] = (lambda x: tiled_dequant_matmul(x, q8g, s8g, None, 8), q8g.numel() + s8g.numel() * 4)
 
     int4 = QuantSpec("int4", 64, True)
     q4, s4, z4 = quantize_rtn(int4, weight)
