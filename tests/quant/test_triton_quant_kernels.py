@@ -29,22 +29,26 @@ def _signature(kernel, act: str, bits: int) -> dict[str, str]:  # noqa: ANN001
     return {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
 
 
-@pytest.mark.parametrize(("kind", "act", "bits", "group"), [
-    ("gemv", "bf16", 8, 0), ("gemv", "bf16", 4, 128), ("gemv", "fp16", 2, 64), ("gemv", "fp32", 4, 32),
-    ("gemm", "bf16", 8, 0), ("gemm", "bf16", 4, 128), ("gemm", "bf16", 2, 64), ("gemm", "fp32", 4, 32),
+@pytest.mark.parametrize(("kind", "act", "bits", "group", "rows"), [
+    ("gemv", "bf16", 8, 0, 1), ("gemv", "bf16", 4, 128, 8), ("gemv", "fp16", 2, 64, 4), ("gemv", "fp32", 4, 32, 2),
+    ("gemm", "bf16", 8, 0, 64), ("gemm", "bf16", 4, 128, 64), ("gemm", "bf16", 2, 64, 64), ("gemm", "fp32", 4, 32, 64),
 ])
-def test_kernels_compile_for_hopper(kind: str, act: str, bits: int, group: int) -> None:
+def test_kernels_compile_for_hopper(kind: str, act: str, bits: int, group: int, rows: int) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tokenmill.kernels.triton_quant_matmul import block_k_for, quant_gemm_kernel, quant_gemv_kernel
+    from tokenmill.kernels.triton_quant_matmul import block_k_for, gemv_blocks, quant_gemm_kernel, quant_gemv_kernel
 
-    kernel = quant_gemv_kernel if kind == "gemv" else quant_gemm_kernel
-    constexprs = {"BITS": bits, "GROUP": group, "HAS_ZEROS": bits < 8, "BLOCK_N": 128 if kind == "gemv" else 64,
-                  "BLOCK_K": block_k_for(group or None)}
-    if kind == "gemm":
-        constexprs.update(IEEE=act == "fp32", BLOCK_M=64)
+    block_k = block_k_for(group or None)
+    if kind == "gemv":
+        kernel = quant_gemv_kernel
+        block_m, block_n, block_k = gemv_blocks(rows, block_k)
+        constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    else:
+        kernel = quant_gemm_kernel
+        constexprs = {"IEEE": act == "fp32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": block_k}
+    constexprs.update(BITS=bits, GROUP=group, HAS_ZEROS=bits < 8)
     source = ASTSource(fn=kernel, signature=_signature(kernel, act, bits), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert len(compiled.asm["cubin"]) > 0

@@ -8,7 +8,7 @@ W[n, k] = (code[k, n] - zeros[k // group, n]) * scales[k // group, n]; the torch
 
 Two kernels, picked by the number of rows:
 - decode (few rows): a split-K GEMV. Each program reads a [K-slice, BLOCK_N] strip of the weight once and
-  reduces it against one row of x without tensor cores; the K slices give enough programs to fill the GPU
+  reduces it against every row of x without tensor cores; the K slices give enough programs to fill the GPU
   when N alone would not. Partial sums go to a [splits, M, N] buffer summed afterwards (deterministic, unlike
   atomics, so greedy decoding is reproducible).
 - prefill (many rows): a tiled GEMM with tl.dot on each [BLOCK_K, BLOCK_N] tile of centered codes in registers.
@@ -54,23 +54,35 @@ def _centered_codes(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, 
 def quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, partial_ptr, M, N, K, k_per_split,
                       stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """partial[split, m, n] = sum over this split's K range of x[m, k] * W[n, k]."""
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """partial[split, m, n] = sum over this split's K range of x[m, k] * W[n, k], for all M (<= BLOCK_M) rows
+    at once: each weight tile is read once and reduced against every row (a decode batch), in registers."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    m = tl.program_id(2)
+    rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k = k0 + rk
-        x = tl.load(x_ptr + m * stride_xm + k * stride_xk, mask=k < k_end, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
+                    mask=(rm < M)[:, None] & (k < k_end)[None, :], other=0.0).to(tl.float32)
         codes, scales = _centered_codes(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg,
                                         stride_sn, BITS, GROUP, HAS_ZEROS)
-        acc += tl.sum(x[:, None] * codes, axis=0) * scales
-    tl.store(partial_ptr + (split * M + m) * N + rn, acc, mask=rn < N)
+        acc += tl.sum(x[:, :, None] * codes[None, :, :], axis=1) * scales[None, :]
+    tl.store(partial_ptr + (split * M + rm[:, None]) * N + rn[None, :], acc,
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def gemv_blocks(rows: int, block_k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the GEMV for `rows` rows: the [BLOCK_M, BLOCK_K, BLOCK_N] products stay
+    at 8192 values a program (64 a thread at 4 warps), so more rows take narrower tiles. A smaller K tile
+    still divides the group size (block_k is the largest of 64 / 32 / 16 that does)."""
+    block_m = triton.next_power_of_2(rows)
+    block_n = 128 if block_m <= 2 else 64
+    return block_m, block_n, max(16, min(block_k, 8192 // (block_m * block_n)))
 
 
 @triton.jit
@@ -120,18 +132,18 @@ def quant_matmul(x: torch.Tensor, qweight_kn: torch.Tensor, scales_gn: torch.Ten
     group = 0 if group_size is None else group_size
     zeros = zeros_gn if zeros_gn is not None else scales_gn  # never read when HAS_ZEROS is False
     if M <= GEMV_MAX_ROWS:
-        block_n = 128
+        block_m, block_n, gemv_k = gemv_blocks(M, block_k)
         n_blocks = triton.cdiv(N, block_n)
-        k_tiles = triton.cdiv(K, block_k)
-        splits = max(1, min(k_tiles, triton.cdiv(_TARGET_PROGRAMS, n_blocks * M)))
-        k_per_split = triton.cdiv(k_tiles, splits) * block_k  # whole tiles, so no tile straddles a group
+        k_tiles = triton.cdiv(K, gemv_k)
+        splits = max(1, min(k_tiles, triton.cdiv(_TARGET_PROGRAMS, n_blocks)))
+        k_per_split = triton.cdiv(k_tiles, splits) * gemv_k  # whole tiles, so no tile straddles a group
         splits = triton.cdiv(K, k_per_split)
         partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-        quant_gemv_kernel[(n_blocks, splits, M)](
+        quant_gemv_kernel[(n_blocks, splits)](
             x, qweight_kn, scales_gn, zeros, partial, M, N, K, k_per_split,
             x.stride(0), x.stride(1), qweight_kn.stride(0), qweight_kn.stride(1), scales_gn.stride(0),
-            scales_gn.stride(1), BITS=bits, GROUP=group, HAS_ZEROS=zeros_gn is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k)
+            scales_gn.stride(1), BITS=bits, GROUP=group, HAS_ZEROS=zeros_gn is not None, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=gemv_k)
         return partial.sum(0).to(x.dtype)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m, block_n = 64, 64
