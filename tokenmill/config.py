@@ -8,6 +8,8 @@ from tokenmill.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "random")  # random: weights of the checkpoint's shape, for benchmarks
+# auto: triton on CUDA when triton is installed, torch otherwise (platform.resolve_attention_backend).
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class EngineConfig:
     thinking: ThinkingConfig = ThinkingConfig()
     # torch.compile (inductor) for the model forward; None: on where it measured faster (see platform.py).
     compile: bool | None = None
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.spec.validate()
@@ -109,6 +112,9 @@ class EngineConfig:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError("attention_backend",
+                              f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         _positive("block_size", self.cache.block_size)
         if self.cache.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.cache.num_kv_blocks)

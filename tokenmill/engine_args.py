@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tokenmill.config import (
+    ATTENTION_BACKENDS,
     DTYPES,
     LOAD_FORMATS,
     SPEC_METHODS,
@@ -72,6 +73,10 @@ class EngineArgs:
     seed: int = _knob(EngineConfig.seed, "engine seed for requests without their own", _MODEL)
     compile: bool | None = _knob(EngineConfig.compile,
                                  "torch.compile the model forward (default: where it measured faster)", _MODEL)
+    attention_backend: str = _knob(EngineConfig.attention_backend,
+                                   "attention implementation: auto (triton on CUDA when installed, else torch), "
+                                   "torch, or triton (CUDA; on a CPU only under TRITON_INTERPRET=1)", _MODEL,
+                                   choices=ATTENTION_BACKENDS)
 
     block_size: int = _knob(CacheConfig.block_size, "tokens per KV block", _KV)
     num_kv_blocks: int | None = _knob(CacheConfig.num_kv_blocks, "exact KV pool size in blocks", _KV)
@@ -166,6 +171,7 @@ class EngineArgs:
             ),
             thinking=ThinkingConfig(start=self.reasoning_start, end=self.reasoning_end, wrap_up=self.thinking_wrap_up),
             compile=self.compile,
+            attention_backend=self.attention_backend,
         )
 
 

@@ -36,6 +36,7 @@ CASES: dict[str, Case] = {
     "max_model_len": _case(["--max-model-len", "777"], 777, lambda c: c.max_model_len),
     "seed": _case(["--seed", "123"], 123, lambda c: c.seed),
     "compile": _case(["--compile"], True, lambda c: c.compile),
+    "attention_backend": _case(["--attention-backend", "torch"], "torch", lambda c: c.attention_backend),
     "block_size": _case(["--block-size", "32"], 32, lambda c: c.cache.block_size),
     "num_kv_blocks": _case(["--num-kv-blocks", "999"], 999, lambda c: c.cache.num_kv_blocks),
     "kv_cache_memory_gb": _case(["--kv-cache-memory-gb", "0.75"], 0.75, lambda c: c.cache.kv_cache_memory_bytes,

@@ -47,6 +47,7 @@ class Worker:
                  show_progress: bool = False) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        self.attention_backend = attention_backend(self.device, config.attention_backend)  # before the slow load
         num_params = _count_params(config)
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
@@ -92,7 +93,7 @@ class Worker:
         check_pool_holds_context(num_blocks, block_size, self.max_model_len)
         self.num_blocks = num_blocks
         allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.dtype, self.device,
-                           attention_backend(self.device))
+                           self.attention_backend)
         max_blocks = -(-(self.max_model_len + self.num_lookahead_tokens) // block_size)
         self.runner.allocate_inputs(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
         if self.compile:

@@ -1,0 +1,86 @@
+"""Paged attention through the Triton kernels of `tokenmill.kernels` (the GPU backend).
+
+The KV layout is the torch backend's, [2, num_blocks, block_size, num_kv_heads, head_dim], so the two are
+interchangeable over the same pool. Each layer stores its new keys and values by slot mapping, then either
+- every sequence has one new query (a decode step): the split-KV decode kernel, its contexts cut into as many
+  partitions as it takes to fill the GPU; or
+- otherwise (prefill chunks, prefix hits, draft verification, mixed steps): the varlen kernel over the cache.
+Triton is imported when this module is, which `tokenmill.platform` does only when this backend is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tokenmill.attention.base import AttentionBackend
+from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.errors import ConfigError
+from tokenmill.kernels.triton_decode_attention import num_partitions_for, paged_decode_attention
+from tokenmill.kernels.triton_kv_store import store_kv
+from tokenmill.kernels.triton_varlen_attention import paged_varlen_attention
+
+# KV-cache element types the kernels read directly (a quantized cache needs its scales; not supported here).
+KV_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class _Plan:
+    decode_only: bool  # one new query per sequence: the split-KV decode kernel
+    seq_lens: torch.Tensor  # [S] on the device
+    query_start_loc: torch.Tensor  # [S + 1] on the device
+    max_query_len: int
+    num_seqs: int
+    max_seq_len: int
+    partitions: dict[int, int] = field(default_factory=dict)  # num_kv_heads -> decode partitions
+
+    def num_partitions(self, num_kv_heads: int) -> int:
+        count = self.partitions.get(num_kv_heads)
+        if count is None:
+            count = self.partitions[num_kv_heads] = num_partitions_for(self.num_seqs, num_kv_heads, self.max_seq_len)
+        return count
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
+                   device: torch.device) -> _Plan:
+        query_lens = metadata.query_lens
+        return _Plan(
+            decode_only=bool(len(query_lens)) and bool((query_lens == 1).all()),
+            seq_lens=torch.from_numpy(np.ascontiguousarray(metadata.seq_lens)).to(device, non_blocking=True),
+            query_start_loc=torch.from_numpy(np.ascontiguousarray(metadata.query_start_loc)).to(
+                device, non_blocking=True),
+            max_query_len=int(query_lens.max()) if len(query_lens) else 0,
+            num_seqs=metadata.num_seqs,
+            max_seq_len=metadata.max_seq_len,
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        if kv_cache.dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype", f"the triton attention backend reads float16, bfloat16 or float32 "
+                                                f"KV caches, not {kv_cache.dtype}; use attention_backend='torch'")
+        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        plan: _Plan = self.plan_for(metadata, sliding_window, kv_cache.shape[1], query.device)
+        query = query if query.stride(-1) == 1 else query.contiguous()
+        if plan.decode_only:
+            return paged_decode_attention(query, kv_cache, metadata.block_tables, plan.seq_lens, scale,
+                                          sliding_window, softcap, plan.num_partitions(kv_cache.shape[3]))
+        return paged_varlen_attention(query, kv_cache, metadata.block_tables, plan.seq_lens, plan.query_start_loc,
+                                      plan.max_query_len, scale, sliding_window, softcap)
