@@ -37,3 +37,10 @@ def test_a_kernel_off_by_more_than_rounding_fails_its_case() -> None:
     assert KernelCase("off", 1e-2, lambda: (want * 1.02, want)).run()["ok"] is False
     assert KernelCase("nan", 1e-2, lambda: (want.masked_fill(want > 2, float("nan")), want)).run()["ok"] is False
     assert KernelCase("same", 1e-2, lambda: (want.clone(), want)).run()["ok"] is True
+
+
+def test_case_names_are_unique_at_both_sizes() -> None:
+    # The device check reports results by name: two cases with one name would hide one of them.
+    assert len(set(CASES)) == len(CASES)
+    full = [case.name for case in kernel_cases(True, torch.device("cpu"), torch.bfloat16)]
+    assert len(set(full)) == len(full)
