@@ -29,6 +29,16 @@ def tanh(x):
 
 
 @triton.jit
+def score_tile(q, k, scale, softcap, USE_SOFTCAP: tl.constexpr):
+    """q [M, D] . k [N, D] -> scores [M, N] in base 2 (times log2(e)), so the softmax runs on exp2, the GPU's
+    native exponential; soft-capped first when USE_SOFTCAP (the cap applies to natural-unit scores)."""
+    scores = mma(q, tl.trans(k.to(q.dtype)))
+    if USE_SOFTCAP:
+        return softcap * tanh(scores * (scale / softcap)) * 1.4426950408889634
+    return scores * (scale * 1.4426950408889634)
+
+
+@triton.jit
 def visible_range(first_query_pos, last_query_pos, seq_len, window, USE_WINDOW: tl.constexpr):
     """[first, end) of the key positions that any query at positions [first_query_pos, last_query_pos] sees:
     causal (keys up to the query's own position) and, with a window, only the last `window` of them."""

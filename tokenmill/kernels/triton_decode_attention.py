@@ -3,7 +3,8 @@
 Twin: `reference.paged_decode_attention`. Each program takes one sequence, one KV head and one partition of
 the context: the query heads sharing that KV head are the rows of its tile (GQA reads each key once), and
 partitions of a long context run in parallel, so a batch of few sequences still fills the GPU. Each partition
-writes its normalised output and log-sum-exp; a second kernel merges the partitions by their log-sum-exp.
+writes its normalised output and log-sum-exp (base 2, as the exp2 softmax); a second kernel merges the
+partitions by their log-sum-exp.
 A partition's keys are read tile by tile through the block table (token n of a sequence lives in block
 block_table[n // block_size] at offset n % block_size), so any block size works, not only powers of two.
 """
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.kernels.triton_attention_common import mma, tanh, visible_range
+from tokenmill.kernels.triton_attention_common import mma, score_tile, visible_range
 
 # Programs to aim for: a few waves of the 132 SMs of an H100/H200.
 TARGET_PROGRAMS = 132 * 4
@@ -61,20 +62,18 @@ def decode_partition_kernel(
         kv_mask = token_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_cache_ptr + where, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + where, mask=kv_mask, other=0.0)
-        scores = mma(q, tl.trans(k.to(q.dtype))) * scale
-        if USE_SOFTCAP:
-            scores = softcap * tanh(scores / softcap)
+        scores = score_tile(q, k, scale, softcap, USE_SOFTCAP)
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v)
         m_i = m_new
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if SPLIT:
         empty = l_i == 0.0  # a partition past the context's end: weight zero in the merge
-        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2, as the scores
         normalised = acc / tl.where(empty, 1.0, l_i)[:, None]
         tl.store(part_out_ptr + seq * stride_pt + heads[:, None] * stride_ph + partition * stride_pp + dims[None, :],
                  normalised, mask=out_mask)
@@ -96,7 +95,7 @@ def merge_partitions_kernel(
     dims = tl.arange(0, BLOCK_D)
     part_ok = parts < num_partitions
     lse = tl.load(part_lse_ptr + seq * stride_lt + head * stride_lh + parts, mask=part_ok, other=float("-inf"))
-    weights = tl.exp(lse - tl.max(lse, axis=0))
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
     outs = tl.load(part_out_ptr + seq * stride_pt + head * stride_ph + parts[:, None] * stride_pp + dims[None, :],
                    mask=part_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     merged = tl.sum(outs * weights[:, None], axis=0) / tl.sum(weights, axis=0)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.kernels.triton_attention_common import mma, tanh, visible_range
+from tokenmill.kernels.triton_attention_common import mma, score_tile, visible_range
 
 
 @triton.jit
@@ -59,16 +59,14 @@ def varlen_attention_kernel(
             kv_mask = token_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_cache_ptr + where, mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + where, mask=kv_mask, other=0.0)
-            scores = mma(q, tl.trans(k.to(q.dtype))) * scale
-            if USE_SOFTCAP:
-                scores = softcap * tanh(scores / softcap)
+            scores = score_tile(q, k, scale, softcap, USE_SOFTCAP)
             visible = token_ok[None, :] & (tokens[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 visible = visible & (tokens[None, :] > q_pos[:, None] - window)
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + mma(p.to(v.dtype), v)
             m_i = m_new
