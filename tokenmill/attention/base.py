@@ -17,6 +17,9 @@ from tokenmill.attention.metadata import AttentionMetadata
 
 class AttentionBackend(ABC):
     name: str = "base"
+    # True when forward() reads only device tensors of the metadata (seq_lens_device, block_tables,
+    # slot_mapping) with shapes fixed by the padded batch, so a decode step can be captured in a CUDA graph.
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:

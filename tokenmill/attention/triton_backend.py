@@ -6,6 +6,12 @@ interchangeable over the same pool. Each layer stores its new keys and values by
   partitions as it takes to fill the GPU; or
 - otherwise (prefill chunks, prefix hits, draft verification, mixed steps): the varlen kernel over the cache.
 Triton is imported when this module is, which `tokenmill.platform` does only when this backend is chosen.
+
+CUDA graphs: a decode step padded to a graph's batch size carries its lengths on the device
+(`metadata.seq_lens_device`). Then the plan reads nothing from the host arrays: lengths come from that tensor,
+and the partition count from the static bounds (rows and width of the block table), so a captured graph
+replays correctly for any lengths. The kernel divides each context among the partitions by its actual length
+on the device, so partitions past a short context are empty and cost one early exit.
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ KV_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class _Plan:
     decode_only: bool  # one new query per sequence: the split-KV decode kernel
     seq_lens: torch.Tensor  # [S] on the device
-    query_start_loc: torch.Tensor  # [S + 1] on the device
+    query_start_loc: torch.Tensor | None  # [S + 1] on the device; None for decode-only steps (not read)
     max_query_len: int
     num_seqs: int
-    max_seq_len: int
+    max_seq_len: int  # sizes the decode partitions: the longest context, or its static bound in a graph step
     partitions: dict[int, int] = field(default_factory=dict)  # num_kv_heads -> decode partitions
 
     def num_partitions(self, num_kv_heads: int) -> int:
@@ -45,18 +51,23 @@ class _Plan:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    supports_cuda_graphs = True
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
     def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
                    device: torch.device) -> _Plan:
+        if metadata.seq_lens_device is not None:  # a padded decode step, maybe being captured in a graph
+            rows, width = metadata.block_tables.shape
+            return _Plan(decode_only=True, seq_lens=metadata.seq_lens_device, query_start_loc=None, max_query_len=1,
+                         num_seqs=rows, max_seq_len=width * metadata.block_size)
         query_lens = metadata.query_lens
+        decode_only = bool(len(query_lens)) and bool((query_lens == 1).all())
         return _Plan(
-            decode_only=bool(len(query_lens)) and bool((query_lens == 1).all()),
-            seq_lens=torch.from_numpy(np.ascontiguousarray(metadata.seq_lens)).to(device, non_blocking=True),
-            query_start_loc=torch.from_numpy(np.ascontiguousarray(metadata.query_start_loc)).to(
-                device, non_blocking=True),
+            decode_only=decode_only,
+            seq_lens=_to_device(metadata.seq_lens, device),
+            query_start_loc=None if decode_only else _to_device(metadata.query_start_loc, device),
             max_query_len=int(query_lens.max()) if len(query_lens) else 0,
             num_seqs=metadata.num_seqs,
             max_seq_len=metadata.max_seq_len,
@@ -82,5 +93,10 @@ class TritonAttentionBackend(AttentionBackend):
         if plan.decode_only:
             return paged_decode_attention(query, kv_cache, metadata.block_tables, plan.seq_lens, scale,
                                           sliding_window, softcap, plan.num_partitions(kv_cache.shape[3]))
+        assert plan.query_start_loc is not None
         return paged_varlen_attention(query, kv_cache, metadata.block_tables, plan.seq_lens, plan.query_start_loc,
                                       plan.max_query_len, scale, sliding_window, softcap)
+
+
+def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(host)).to(device, non_blocking=True)

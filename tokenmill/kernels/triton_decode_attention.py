@@ -95,10 +95,12 @@ def merge_partitions_kernel(
     dims = tl.arange(0, BLOCK_D)
     part_ok = parts < num_partitions
     lse = tl.load(part_lse_ptr + seq * stride_lt + head * stride_lh + parts, mask=part_ok, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    top = tl.max(lse, axis=0)
+    weights = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # an empty context (padding) weighs 0
     outs = tl.load(part_out_ptr + seq * stride_pt + head * stride_ph + parts[:, None] * stride_pp + dims[None, :],
                    mask=part_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-    merged = tl.sum(outs * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    total = tl.sum(weights, axis=0)
+    merged = tl.sum(outs * weights[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, merged.to(out_ptr.dtype.element_ty),
              mask=dims < HEAD_DIM)
 
