@@ -25,14 +25,15 @@ from tokenmill.kernels import (  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 232448  # 227 KiB: the most one block may use on an H100/H200
 INDEX_POINTERS = {"block_tables_ptr", "seq_lens_ptr", "query_start_ptr", "slot_ptr"}
+INT32_POINTERS = {"work_ptr"}
 FLOAT32_POINTERS = {"part_out_ptr", "part_lse_ptr"}
 FLOAT_ARGS = {"scale", "softcap", "eps"}
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def signature(kernel: Any, dtype: torch.dtype, constexprs: dict[str, Any]) -> dict[str, str]:
-    """Argument types by naming convention: *_ptr are pointers (indices int64, split-KV partials float32, the
-    rest the model dtype), scale/softcap/eps float32, every other argument a 32-bit int."""
+    """Argument types by naming convention: *_ptr are pointers (indices int64, the varlen work list int32,
+    split-KV partials float32, the rest the model dtype), scale/softcap/eps float32, other arguments int32."""
     types = {}
     for param in kernel.params:
         name = param.name
@@ -40,6 +41,8 @@ def signature(kernel: Any, dtype: torch.dtype, constexprs: dict[str, Any]) -> di
             types[name] = "constexpr"
         elif name in INDEX_POINTERS:
             types[name] = "*i64"
+        elif name in INT32_POINTERS:
+            types[name] = "*i32"
         elif name in FLOAT32_POINTERS:
             types[name] = "*fp32"
         elif name.endswith("_ptr"):

@@ -26,7 +26,7 @@ from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.errors import ConfigError
 from tokenmill.kernels.triton_decode_attention import num_partitions_for, paged_decode_attention
 from tokenmill.kernels.triton_kv_store import store_kv
-from tokenmill.kernels.triton_varlen_attention import paged_varlen_attention
+from tokenmill.kernels.triton_varlen_attention import paged_varlen_attention, work_items
 
 # KV-cache element types the kernels read directly (a quantized cache needs its scales; not supported here).
 KV_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,16 +37,25 @@ class _Plan:
     decode_only: bool  # one new query per sequence: the split-KV decode kernel
     seq_lens: torch.Tensor  # [S] on the device
     query_start_loc: torch.Tensor | None  # [S + 1] on the device; None for decode-only steps (not read)
-    max_query_len: int
+    query_lens: np.ndarray  # on the host: the varlen kernel's work list is built from them
     num_seqs: int
     max_seq_len: int  # sizes the decode partitions: the longest context, or its static bound in a graph step
     partitions: dict[int, int] = field(default_factory=dict)  # num_kv_heads -> decode partitions
+    work: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict)  # varlen work lists
 
     def num_partitions(self, num_kv_heads: int) -> int:
         count = self.partitions.get(num_kv_heads)
         if count is None:
             count = self.partitions[num_kv_heads] = num_partitions_for(self.num_seqs, num_kv_heads, self.max_seq_len)
         return count
+
+    def work_for(self, group: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """The varlen work list for layers of this shape (built by the first such layer of the step)."""
+        key = (group, head_dim, dtype)
+        work = self.work.get(key)
+        if work is None:
+            work = self.work[key] = work_items(self.query_lens, group, head_dim, dtype, self.seq_lens.device)
+        return work
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -60,15 +69,15 @@ class TritonAttentionBackend(AttentionBackend):
                    device: torch.device) -> _Plan:
         if metadata.seq_lens_device is not None:  # a padded decode step, maybe being captured in a graph
             rows, width = metadata.block_tables.shape
-            return _Plan(decode_only=True, seq_lens=metadata.seq_lens_device, query_start_loc=None, max_query_len=1,
-                         num_seqs=rows, max_seq_len=width * metadata.block_size)
+            return _Plan(decode_only=True, seq_lens=metadata.seq_lens_device, query_start_loc=None,
+                         query_lens=np.ones(rows, dtype=np.int64), num_seqs=rows, max_seq_len=width * metadata.block_size)
         query_lens = metadata.query_lens
         decode_only = bool(len(query_lens)) and bool((query_lens == 1).all())
         return _Plan(
             decode_only=decode_only,
             seq_lens=_to_device(metadata.seq_lens, device),
             query_start_loc=None if decode_only else _to_device(metadata.query_start_loc, device),
-            max_query_len=int(query_lens.max()) if len(query_lens) else 0,
+            query_lens=query_lens,
             num_seqs=metadata.num_seqs,
             max_seq_len=metadata.max_seq_len,
         )
@@ -94,8 +103,9 @@ class TritonAttentionBackend(AttentionBackend):
             return paged_decode_attention(query, kv_cache, metadata.block_tables, plan.seq_lens, scale,
                                           sliding_window, softcap, plan.num_partitions(kv_cache.shape[3]))
         assert plan.query_start_loc is not None
+        work = plan.work_for(query.shape[1] // kv_cache.shape[3], query.shape[2], query.dtype)
         return paged_varlen_attention(query, kv_cache, metadata.block_tables, plan.seq_lens, plan.query_start_loc,
-                                      plan.max_query_len, scale, sliding_window, softcap)
+                                      work, scale, sliding_window, softcap)
 
 
 def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:

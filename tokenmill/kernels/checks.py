@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenmill.kernels import reference
@@ -102,8 +103,8 @@ def _varlen_case(shape: AttentionShape, query_lens: list[int], seq_lens: list[in
         lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
         starts = torch.tensor([0] + query_lens, dtype=torch.int64, device=device).cumsum(0)
         scale = shape.head_dim ** -0.5
-        got = kernel.paged_varlen_attention(query, cache, tables, lens, starts, max(query_lens), scale, window,
-                                            softcap)
+        work = kernel.work_items(np.array(query_lens), shape.heads // shape.kv_heads, shape.head_dim, dtype, device)
+        got = kernel.paged_varlen_attention(query, cache, tables, lens, starts, work, scale, window, softcap)
         return got, reference.paged_varlen_attention(query, cache, tables, lens, starts, scale, window, softcap)
 
     name = (f"varlen h{shape.heads}/{shape.kv_heads} d{shape.head_dim} bs{shape.block_size} "

@@ -1,15 +1,18 @@
 """Paged attention for any number of new queries per sequence: prefill chunks, prefix-cache hits and draft
 verification, all read back from the paged cache (this step's keys are stored first).
 
-Twin: `reference.paged_varlen_attention`. A program takes one sequence, one KV head and a tile of BLOCK_M rows,
-where a row is a (query, query head of that KV head's group) pair, so each key tile is loaded once for the
-whole group. Queries sit at the last positions of their sequence; the key tiles walked are only those some
+Twin: `reference.paged_varlen_attention`. A program takes one work item (a sequence and a tile of BLOCK_M of its
+rows, a row being a (query, query head of the KV head's group) pair, so each key tile is loaded once for the
+whole group) and one KV head. The work list holds only tiles with rows in them, the ones that see the most
+keys first: a step mixing a 2,048-token prefill chunk with hundreds of decodes launches no programs that would
+only exit. Queries sit at the last positions of their sequence; the key tiles walked are only those some
 row of the tile can see (causal, sliding window), and masking within a tile handles the rest. Online softmax
 in float32 (flash attention's running max and sum).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -19,19 +22,19 @@ from tokenmill.kernels.triton_attention_common import mma, score_tile, visible_r
 
 @triton.jit
 def varlen_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, work_ptr, out_ptr,
     scale, softcap, window, block_size,
     stride_qt, stride_qh, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
+    seq = tl.load(work_ptr + 2 * tl.program_id(0)).to(tl.int64)
+    tile = tl.load(work_ptr + 2 * tl.program_id(0) + 1)
     kv_head = tl.program_id(1)
-    tile = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq).to(tl.int32)
     q_len = tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_start
-    if tile * BLOCK_M < q_len * GROUP:
+    if tile * BLOCK_M < q_len * GROUP:  # always, for a work list from work_items
         seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         query = rows // GROUP
@@ -82,13 +85,27 @@ def launch_config(group: int, head_dim: int, dtype: torch.dtype) -> dict[str, in
             "num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}
 
 
+def work_items(query_lens: np.ndarray, group: int, head_dim: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """[W, 2] int32 (sequence, row tile) pairs for the kernel's launch, from the host's query lengths (no
+    device sync): every tile holding some sequence's rows, those furthest into their sequence first (they see
+    the most keys), so the longest programs start early."""
+    block_m = launch_config(group, head_dim, dtype)["BLOCK_M"]
+    tiles = -(-np.asarray(query_lens, dtype=np.int64) * group // block_m)
+    seqs = np.repeat(np.arange(len(tiles)), tiles)
+    tile = np.arange(len(seqs)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    order = np.argsort(-tile, kind="stable")
+    pairs = np.stack((seqs[order], tile[order]), axis=1).astype(np.int32)
+    return torch.from_numpy(pairs).to(device, non_blocking=True)
+
+
 def paged_varlen_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
-    max_query_len: int,
+    work: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
@@ -96,20 +113,18 @@ def paged_varlen_attention(
 ) -> torch.Tensor:
     """query [T, H, D]; sequence i owns queries [query_start_loc[i], query_start_loc[i + 1]) at the last
     positions of its seq_lens[i] tokens, whose keys and values are in kv_cache [2, blocks, block_size, kvh, D].
-    `max_query_len` (a host value, so no sync) sizes the grid."""
+    `work`: work_items of the step's query lengths (built once per step, shared by every layer)."""
     num_tokens, num_heads, head_dim = query.shape
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(query) if out is None else out
-    num_seqs = seq_lens.shape[0]
-    if num_tokens == 0 or num_seqs == 0:
+    if num_tokens == 0 or work.shape[0] == 0:
         return out
     config = launch_config(group, head_dim, query.dtype)
     warps, stages = config.pop("num_warps"), config.pop("num_stages")
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len * group, config["BLOCK_M"]))
-    varlen_attention_kernel[grid](
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+    varlen_attention_kernel[(work.shape[0], num_kv_heads)](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, work, out,
         scale, softcap or 0.0, sliding_window or 0, k_cache.shape[1],
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
