@@ -69,3 +69,18 @@ def test_llm_refuses_triton_on_the_cpu_before_loading_anything(tmp_path) -> None
     with pytest.raises(ConfigError) as error:
         LLM(model=str(tmp_path), device="cpu", attention_backend="triton")
     assert error.value.setting == "attention_backend"
+
+
+def test_triton_backend_refuses_a_quantized_kv_cache_naming_the_setting() -> None:
+    pytest.importorskip("triton")
+    from tokenmill.attention.metadata import build_attention_metadata
+    from tokenmill.attention.triton_backend import TritonAttentionBackend
+
+    backend = TritonAttentionBackend()
+    cache = torch.zeros(backend.kv_cache_shape(4, 16, 2, 16), dtype=torch.int8)
+    metadata = build_attention_metadata([0], [3], [[1]], 16, CPU)
+    query, key = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    with pytest.raises(ConfigError) as error:
+        backend.forward(query, key, key, cache, metadata, 0.25, None)
+    assert error.value.setting == "kv_cache_dtype"
+    assert "attention_backend='torch'" in str(error.value)

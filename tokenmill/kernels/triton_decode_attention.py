@@ -19,7 +19,7 @@ from tokenmill.kernels.triton_attention_common import mma, score_tile, visible_r
 
 # Programs to aim for: a few waves of the 132 SMs of an H100/H200.
 TARGET_PROGRAMS = 132 * 4
-MIN_PARTITION_TOKENS = 256  # below this a partition's fixed cost (the merge) outweighs its parallelism
+MIN_PARTITION_TOKENS = 128  # below this a partition's fixed cost (the merge) outweighs its parallelism
 MAX_PARTITIONS = 64
 
 
