@@ -10,6 +10,8 @@ import pytest
 
 from tests.kernels.interpreted import run_interpreted
 
+pytest.importorskip("triton")  # tests extra: the kernels need it, even interpreted
+
 FAMILIES = ("llama", "gemma2")
 SCENARIOS = ("batched", "chunked", "prefix_hit", "speculative")
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.kernels.interpreted import REPO, run_script_interpreted
+
+pytest.importorskip("triton")  # tests extra: the kernels need it, even interpreted
 
 
 def test_tiny_run_prints_the_table_and_writes_every_shape(tmp_path) -> None:

@@ -48,6 +48,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1) or k_cache.stride(2) != head_dim:
+        raise ValueError("store_kv needs each half of the cache contiguous per block (slot = row of a flat view)")
     config = launch_config(num_kv_heads, head_dim)
     num_warps = config.pop("num_warps")
     kv_store_kernel[(num_tokens,)](
