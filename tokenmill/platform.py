@@ -35,12 +35,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_attention_backend(choice: str, device: torch.device) -> str:
+def resolve_attention_backend(choice: str, device: torch.device, quantized_kv: bool = False) -> str:
     """'torch' or 'triton' for EngineConfig.attention_backend on this device. 'auto' takes triton on CUDA when it
-    is installed; an explicit 'triton' needs the package, and a CUDA device or the Triton interpreter."""
+    is installed; an explicit 'triton' needs the package, and a CUDA device or the Triton interpreter.
+    `quantized_kv` (an int8/fp8 KV cache) keeps attention on torch: only its backend reads such a cache."""
     if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+        return "triton" if device.type == "cuda" and triton_installed() and not quantized_kv else "torch"
     if choice == "triton":
+        if quantized_kv:
+            raise ConfigError("kv_cache_dtype", "a quantized KV cache is read by the torch attention backend only, "
+                                                "not by attention_backend='triton'; use 'auto' for either setting")
         if not triton_installed():
             raise ConfigError("attention_backend", "'triton' needs the triton package, which is not installed")
         if device.type != "cuda" and not triton_interpreted():
@@ -52,9 +56,9 @@ def resolve_attention_backend(choice: str, device: torch.device) -> str:
     return choice
 
 
-def attention_backend(device: torch.device, choice: str = "auto") -> AttentionBackend:
+def attention_backend(device: torch.device, choice: str = "auto", quantized_kv: bool = False) -> AttentionBackend:
     """The attention implementation for a device (resolve_attention_backend picks which)."""
-    if resolve_attention_backend(choice, device) == "triton":
+    if resolve_attention_backend(choice, device, quantized_kv) == "triton":
         from tokenmill.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()

@@ -84,3 +84,24 @@ def test_triton_backend_refuses_a_quantized_kv_cache_naming_the_setting() -> Non
         backend.forward(query, key, key, cache, metadata, 0.25, None)
     assert error.value.setting == "kv_cache_dtype"
     assert "attention_backend='torch'" in str(error.value)
+
+
+def test_a_quantized_kv_cache_keeps_auto_on_torch_and_refuses_triton() -> None:
+    pytest.importorskip("triton")
+    assert resolve_attention_backend("auto", torch.device("cuda"), quantized_kv=True) == "torch"
+    with pytest.raises(ConfigError) as error:
+        resolve_attention_backend("triton", torch.device("cuda"), quantized_kv=True)
+    assert error.value.setting == "kv_cache_dtype"
+
+
+def test_triton_backend_refuses_kv_scales() -> None:
+    pytest.importorskip("triton")
+    from tokenmill.attention.metadata import build_attention_metadata
+    from tokenmill.attention.triton_backend import TritonAttentionBackend
+
+    backend = TritonAttentionBackend()
+    cache = torch.zeros(backend.kv_cache_shape(4, 16, 2, 16))
+    metadata = build_attention_metadata([0], [3], [[1]], 16, CPU)
+    query, key = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        backend.forward(query, key, key, cache, metadata, 0.25, None, kv_scales=torch.ones(2, 4, 16, 2))

@@ -92,8 +92,10 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None,
         softcap: float | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if kv_cache.dtype not in KV_CACHE_DTYPES:
+        """`kv_scales` (the scales beside a quantized cache) must be None: the kernels read plain caches."""
+        if kv_scales is not None or kv_cache.dtype not in KV_CACHE_DTYPES:
             raise ConfigError("kv_cache_dtype", f"the triton attention backend reads float16, bfloat16 or float32 "
                                                 f"KV caches, not {kv_cache.dtype}; use attention_backend='torch'")
         store_kv(key, value, kv_cache, metadata.slot_mapping)
