@@ -119,8 +119,12 @@ def launch_config(group: int, head_dim: int, dtype: torch.dtype) -> dict[str, in
 
 
 def merge_config(head_dim: int, num_partitions: int) -> dict[str, int]:
-    return {"HEAD_DIM": head_dim, "BLOCK_P": max(triton.next_power_of_2(num_partitions), 2),
-            "BLOCK_D": triton.next_power_of_2(head_dim), "num_warps": 1 if head_dim <= 64 else 2}
+    """Two partition tile sizes only: each distinct one is a compile, and graph capture over many batch sizes
+    (each its own partition count) would otherwise compile several at start-up."""
+    block_p = 8 if num_partitions <= 8 else triton.next_power_of_2(MAX_PARTITIONS)
+    block_d = triton.next_power_of_2(head_dim)
+    return {"HEAD_DIM": head_dim, "BLOCK_P": block_p, "BLOCK_D": block_d,
+            "num_warps": 4 if block_p * block_d >= 4096 else 1}
 
 
 def paged_decode_attention(
