@@ -8,6 +8,8 @@ from tokenmill.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "random")  # random: weights of the checkpoint's shape, for benchmarks
+# auto: triton on CUDA when triton is installed, torch otherwise (platform.resolve_attention_backend).
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 # auto: the model's dtype; int8 / fp8 (e4m3): quantized with a scale per token and KV head (quant/kv_cache.py)
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
@@ -112,6 +114,7 @@ class EngineConfig:
     # Weight quantization applied while loading a float checkpoint: METHOD[:gN][:sym], or "none" to load a
     # quantized checkpoint dequantized (quant/settings.py).
     quantization: str | None = None
+    attention_backend: str = "auto"
     # No CUDA graphs and no torch.compile, whatever `compile` says (--enforce-eager).
     enforce_eager: bool = False
 
@@ -125,6 +128,9 @@ class EngineConfig:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError("attention_backend",
+                              f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         _positive("block_size", self.cache.block_size)
         if self.cache.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError("kv_cache_dtype",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tokenmill.config import (
+    ATTENTION_BACKENDS,
     DTYPES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
@@ -78,6 +79,10 @@ class EngineArgs:
         EngineConfig.quantization, "quantize a float checkpoint's linear weights while loading: int8, int4, w2 or "
         "fp8, optionally :gN (group size; int4/w2 default 64) and :sym (no zero-point); a quantized checkpoint "
         "loads as it is, or dequantized with none", _MODEL)
+    attention_backend: str = _knob(EngineConfig.attention_backend,
+                                   "attention implementation: auto (triton on CUDA when installed, else torch), "
+                                   "torch, or triton (CUDA; on a CPU only under TRITON_INTERPRET=1)", _MODEL,
+                                   choices=ATTENTION_BACKENDS)
     enforce_eager: bool = _knob(EngineConfig.enforce_eager, "run every step eagerly: no CUDA graphs and no "
                                 "torch.compile (wins over --compile)", _MODEL)
 
@@ -189,6 +194,7 @@ class EngineArgs:
             thinking=ThinkingConfig(start=self.reasoning_start, end=self.reasoning_end, wrap_up=self.thinking_wrap_up),
             compile=self.compile,
             quantization=self.quantization,
+            attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
         )
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
 
 import torch
 
 from tokenmill.attention.base import AttentionBackend
 from tokenmill.errors import ConfigError
+from tokenmill.kernels.dispatch import triton_installed
 
 
 def cuda_available() -> bool:
@@ -15,7 +16,12 @@ def cuda_available() -> bool:
 
 
 def triton_available() -> bool:
-    return cuda_available() and importlib.util.find_spec("triton") is not None
+    return cuda_available() and triton_installed()
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU through its interpreter (slow; for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supports_float8_storage(device: torch.device) -> bool:
@@ -40,8 +46,33 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def attention_backend(device: torch.device) -> AttentionBackend:
-    """The attention implementation for a device (the torch one until a faster one exists there)."""
+def resolve_attention_backend(choice: str, device: torch.device, quantized_kv: bool = False) -> str:
+    """'torch' or 'triton' for EngineConfig.attention_backend on this device. 'auto' takes triton on CUDA when it
+    is installed; an explicit 'triton' needs the package, and a CUDA device or the Triton interpreter.
+    `quantized_kv` (an int8/fp8 KV cache) keeps attention on torch: only its backend reads such a cache."""
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_installed() and not quantized_kv else "torch"
+    if choice == "triton":
+        if quantized_kv:
+            raise ConfigError("kv_cache_dtype", "a quantized KV cache is read by the torch attention backend only, "
+                                                "not by attention_backend='triton'; use 'auto' for either setting")
+        if not triton_installed():
+            raise ConfigError("attention_backend", "'triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not triton_interpreted():
+            raise ConfigError("attention_backend", f"'triton' runs on CUDA devices, not {device.type}; on the CPU "
+                                                   "only under the Triton interpreter (TRITON_INTERPRET=1, for tests)")
+        return choice
+    if choice != "torch":
+        raise ConfigError("attention_backend", f"must be 'auto', 'torch' or 'triton', got {choice!r}")
+    return choice
+
+
+def attention_backend(device: torch.device, choice: str = "auto", quantized_kv: bool = False) -> AttentionBackend:
+    """The attention implementation for a device (resolve_attention_backend picks which)."""
+    if resolve_attention_backend(choice, device, quantized_kv) == "triton":
+        from tokenmill.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
     from tokenmill.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()

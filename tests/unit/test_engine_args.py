@@ -37,6 +37,7 @@ CASES: dict[str, Case] = {
     "seed": _case(["--seed", "123"], 123, lambda c: c.seed),
     "compile": _case(["--compile"], True, lambda c: c.compile),
     "quantization": _case(["--quantization", "int4:g32"], "int4:g32", lambda c: c.quantization),
+    "attention_backend": _case(["--attention-backend", "torch"], "torch", lambda c: c.attention_backend),
     "enforce_eager": _case(["--enforce-eager"], True, lambda c: c.enforce_eager),
     "kv_cache_memory": _case(["--kv-cache-memory", "500MB"], "500MB", lambda c: c.cache.kv_cache_memory,
                              500_000_000),

@@ -154,3 +154,60 @@ def weight_only_quant_matmul(x: torch.Tensor, qweight_kn: torch.Tensor, scales_g
         codes = codes - zeros_gn.float().repeat_interleave(group, dim=0)
     weight_kn = codes * scales_gn.float().repeat_interleave(group, dim=0)
     return (x.float() @ weight_kn).to(x.dtype)
+def paged_varlen_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of every sequence's new queries over its paged context, in float32: the twin of the Triton
+    varlen kernel (prefill chunks, prefix hits, draft verification).
+
+    query [T, H, D]; kv_cache [2, blocks, block_size, kvh, D]; sequence i owns queries
+    [query_start_loc[i], query_start_loc[i + 1]), at the last positions of its seq_lens[i] tokens. A query at
+    position p sees keys at positions <= p, and only those > p - sliding_window when a window is set. Scores are
+    soft-capped (softcap * tanh(score / softcap)) when softcap is set. Output in query's dtype."""
+    block_size, heads, kv_heads = kv_cache.shape[2], query.shape[1], kv_cache.shape[3]
+    out = torch.empty_like(query)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for seq, seq_len in enumerate(lens):
+        first, last = starts[seq], starts[seq + 1]
+        if last == first:
+            continue
+        blocks = block_tables[seq, : -(-seq_len // block_size)]
+        keys = kv_cache[0, blocks].reshape(-1, kv_heads, kv_cache.shape[-1])[:seq_len].float()
+        values = kv_cache[1, blocks].reshape(-1, kv_heads, kv_cache.shape[-1])[:seq_len].float()
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)  # [H, L, D]
+        values = values.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        q = query[first:last].float().transpose(0, 1)  # [H, q, D]
+        scores = torch.matmul(q, keys.transpose(1, 2)) * scale
+        if softcap is not None:
+            scores = soft_cap(scores, softcap)
+        q_pos = torch.arange(seq_len - (last - first), seq_len, device=query.device)[:, None]
+        k_pos = torch.arange(seq_len, device=query.device)[None, :]
+        visible = k_pos <= q_pos
+        if sliding_window is not None:
+            visible &= k_pos > q_pos - sliding_window
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out[first:last] = torch.matmul(weights, values).transpose(0, 1).to(query.dtype)
+    return out
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One new query per sequence (query [S, H, D], at position seq_lens[i] - 1): the twin of the split-KV
+    decode kernel; the varlen twin with one query each."""
+    query_start_loc = torch.arange(query.shape[0] + 1, device=query.device)
+    return paged_varlen_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                                  softcap)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.kernels.dispatch import use_triton_kernels
 from tokenmill.kernels.reference import apply_rotary, rotary_cos_sin_cache
 
 
@@ -54,4 +55,8 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if use_triton_kernels(x):
+            from tokenmill.kernels import triton_rotary
+
+            return triton_rotary.apply_rotary(x, cos, sin)
         return apply_rotary(x, cos, sin)

@@ -39,11 +39,11 @@ def allocate_kv_caches(
     """Allocate each layer's cache in its backend's layout (the platform's backend by default) and bind it.
 
     `dtype` int8 or float8_e4m3fn makes a quantized cache, its scales bound beside it."""
+    quantized = is_quantized_kv(dtype)
     if backend is None:
         from tokenmill.platform import attention_backend
 
-        backend = attention_backend(device)
-    quantized = is_quantized_kv(dtype)
+        backend = attention_backend(device, quantized_kv=quantized)
     if quantized and not backend.stores_quantized_kv:
         raise ConfigError("kv_cache_dtype", f"the {backend.name} attention backend cannot store a quantized "
                                             f"({dtype}) KV cache; use auto")

@@ -53,6 +53,9 @@ class Worker:
                  show_progress: bool = False) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        # Chosen before the slow load, so a backend that cannot run here fails first.
+        self.attention_backend = attention_backend(self.device, config.attention_backend,
+                                                   quantized_kv=config.cache.kv_cache_dtype != "auto")
         num_params = _count_params(config)
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
         self.compile = self.compile and not config.enforce_eager
@@ -112,7 +115,7 @@ class Worker:
         block_size = self.config.cache.block_size
         check_pool_holds_context(num_blocks, block_size, self.max_model_len)
         self.num_blocks = num_blocks
-        backend = attention_backend(self.device)
+        backend = self.attention_backend
         scheduler = self.config.scheduler
         graph_sizes = capture_sizes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens) \
             if graphs_usable(self.device, self.config.enforce_eager, backend, self.model) else []
