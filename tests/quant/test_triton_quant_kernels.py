@@ -25,7 +25,7 @@ def test_kernels_equal_their_twin_under_the_interpreter() -> None:
 
 
 def _signature(kernel, act: str, bits: int) -> dict[str, str]:  # noqa: ANN001
-    constexprs = {"BITS", "GROUP", "HAS_ZEROS", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_K"}
+    constexprs = {"BITS", "GROUP", "HAS_ZEROS", "BLOCK_M", "BLOCK_N", "BLOCK_K"}
     types = {"x_ptr": f"*{act}", "q_ptr": "*i8" if bits == 8 else "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
              "partial_ptr": "*fp32", "out_ptr": f"*{act}"}
     return {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
@@ -51,7 +51,7 @@ def test_kernels_compile_for_hopper(kind: str, act: str, bits: int, group: int, 
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
     else:
         kernel = quant_gemm_kernel
-        constexprs = {"IEEE": act == "fp32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": block_k}
+        constexprs = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": block_k}
     constexprs.update(BITS=bits, GROUP=group, HAS_ZEROS=bits < 8)
     source = ASTSource(fn=kernel, signature=_signature(kernel, act, bits), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))

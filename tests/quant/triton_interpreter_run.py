@@ -1,9 +1,6 @@
 """Run under TRITON_INTERPRET=1 (in its own process, set before triton is imported): every Triton quantized
-matmul against its torch twin on random inputs; exits non-zero naming the first case that differs.
-
-The interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns (triton 3.9 stores bfloat16 as
-uint16 in numpy and hands them to np.matmul as integers); GPUs multiply bfloat16 exactly into float32
-accumulators, so the dot is patched to do that, and nothing else is."""
+matmul against its torch twin on random inputs; exits non-zero naming the first case that differs. (Under the
+interpreter the GEMM's bfloat16 dot operands are widened to float32, kernels/triton_attention_common.mma.)"""
 
 from __future__ import annotations
 
@@ -12,31 +9,12 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting this process"
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
 
 from tokenmill.kernels.reference import weight_only_quant_matmul  # noqa: E402
 from tokenmill.kernels.triton_quant_matmul import GEMV_MAX_ROWS, quant_matmul  # noqa: E402
 from tokenmill.quant.codes import QuantSpec, dequantize, quantize_rtn  # noqa: E402
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda  # noqa: E402
-
-_plain_dot = interpreter.InterpreterBuilder.create_dot
-
-
-def _bf16_as_f32(handle: interpreter.TensorHandle) -> interpreter.TensorHandle:
-    if handle.dtype.scalar != tl.bfloat16:
-        return handle
-    as_f32 = (handle.data.astype(np.uint32) << 16).view(np.float32)
-    return interpreter.TensorHandle(as_f32, tl.float32)
-
-
-def _exact_bf16_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # noqa: ANN001, ANN202
-    return _plain_dot(self, _bf16_as_f32(a), _bf16_as_f32(b), d, input_precision, max_num_imprecise_acc)
-
-
-interpreter.InterpreterBuilder.create_dot = _exact_bf16_dot
 
 # (spec, M, N, K): GEMV and GEMM row counts, N off the block size, K tiles of 64 / 32 / 16.
 CASES = [

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.triton_attention_common import mma
+
 GEMV_MAX_ROWS = 8  # above this the weight is re-read per row often enough that tensor-core tiles win
 _TARGET_PROGRAMS = 264  # about two waves on a 132-SM Hopper; the GEMV splits K until it has this many
 
@@ -88,7 +90,7 @@ def gemv_blocks(rows: int, block_k: int) -> tuple[int, int, int]:
 @triton.jit
 def quant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                       stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, IEEE: tl.constexpr,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, n] = sum_k x[m, k] * W[n, k], one [BLOCK_M, BLOCK_N] tile per program, float32 accumulation."""
     pid_m = tl.program_id(0)
@@ -103,10 +105,7 @@ def quant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                     mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
         codes, scales = _centered_codes(q_ptr, s_ptr, z_ptr, k, rn, k0, N, K, stride_qk, stride_qn, stride_sg,
                                         stride_sn, BITS, GROUP, HAS_ZEROS)
-        if IEEE:  # float32 activations: exact float32 products, not TF32's 10-bit mantissas
-            acc += tl.dot(x, codes, input_precision="ieee") * scales[None, :]
-        else:
-            acc += tl.dot(x, codes.to(x.dtype)) * scales[None, :]
+        acc += mma(x, codes.to(x.dtype)) * scales[None, :]  # float32 activations: exact products, not TF32
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -152,6 +151,5 @@ def quant_matmul(x: torch.Tensor, qweight_kn: torch.Tensor, scales_gn: torch.Ten
         x, qweight_kn, scales_gn, zeros, out, M, N, K,
         x.stride(0), x.stride(1), qweight_kn.stride(0), qweight_kn.stride(1), scales_gn.stride(0),
         scales_gn.stride(1), out.stride(0), out.stride(1), BITS=bits, GROUP=group,
-        HAS_ZEROS=zeros_gn is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k)
+        HAS_ZEROS=zeros_gn is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
