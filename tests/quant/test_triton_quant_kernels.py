@@ -22,6 +22,7 @@ def test_kernels_equal_their_twin_under_the_interpreter() -> None:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cases agree" in result.stdout and "method wiring agrees" in result.stdout
+    assert "device check cases agree" in result.stdout
 
 
 def _signature(kernel, act: str, bits: int) -> dict[str, str]:  # noqa: ANN001

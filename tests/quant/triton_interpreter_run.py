@@ -11,6 +11,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before
 
 import torch  # noqa: E402
 
+from tokenmill.kernels.quant_checks import quant_kernel_cases  # noqa: E402
 from tokenmill.kernels.reference import weight_only_quant_matmul  # noqa: E402
 from tokenmill.kernels.triton_quant_matmul import GEMV_MAX_ROWS, quant_matmul  # noqa: E402
 from tokenmill.quant.codes import QuantSpec, dequantize, quantize_rtn  # noqa: E402
@@ -42,6 +43,17 @@ def main() -> None:
                 sys.exit(f"{spec} M={m} N={n} K={k} {dtype}: relative error {error:.3g} > {tolerance}")
     print(f"{len(CASES) * 2} cases agree")
     _check_method_wiring(generator)
+    _check_device_check_cases()
+
+
+def _check_device_check_cases() -> None:
+    """The small quantized-matmul cases of the device check's kernel section (kernels/quant_checks.py)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for case in quant_kernel_cases(full=False, device=torch.device("cpu"), dtype=dtype):
+            result = case.run()
+            if not result["ok"]:
+                sys.exit(f"device check case {case.name}: {result}")
+    print("device check cases agree")
 
 
 def _check_method_wiring(generator: torch.Generator) -> None:
