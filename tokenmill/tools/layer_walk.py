@@ -55,7 +55,9 @@ class LayerWalk:
         self.states, self.extras = self._capture_layer_inputs()
 
     def _capture_layer_inputs(self) -> tuple[list[tuple], list[list[tuple]]]:
-        """Per batch, the first layer's arguments; per layer and batch, the arguments after (hidden, residual)."""
+        """Per batch, the first layer's arguments; per layer and batch, the arguments after (hidden, residual)
+        (the rotary tables it is called with). The layers are stood in for by a pass-through while the model
+        runs, so this costs the embedding, not a forward."""
         states: list[tuple] = []
         extras: list[list[tuple]] = [[] for _ in self.layers]
 
@@ -66,13 +68,20 @@ class LayerWalk:
                 extras[index].append(args[2:])
             return record
 
+        def pass_through(hidden: torch.Tensor, residual: torch.Tensor | None, *rest: object) -> tuple:
+            return hidden, hidden if residual is None else residual
+
         handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(self.layers)]
+        for layer in self.layers:
+            layer.forward = pass_through  # an instance attribute: nn.Module.__call__ runs it after the hooks
         try:
             with torch.no_grad():
                 for ids, positions, metadata in self.batches:
                     with forward_context(metadata):
                         self.model(ids, positions)
         finally:
+            for layer in self.layers:
+                del layer.forward
             for handle in handles:
                 handle.remove()
         return states, extras
@@ -102,6 +111,5 @@ class LayerWalk:
 
     def advance(self, index: int) -> None:
         """Recompute layer `index` (now quantized) and make its outputs the next layer's inputs."""
-        outputs = self._run(index)
         if index + 1 < len(self.layers):
-            self.states = [(hidden, residual) for hidden, residual in outputs]
+            self.states = [(hidden, residual) for hidden, residual in self._run(index)]

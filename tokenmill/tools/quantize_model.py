@@ -107,6 +107,8 @@ def _check_widths(widths: dict[str, int], spec: QuantSpec) -> None:
 def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, options: QuantizeOptions,
                         log: Callable[[str], None] = print) -> QuantizeSummary:
     start = time.perf_counter()
+    printer = log
+    log = lambda message: printer(f"[{time.perf_counter() - start:6.1f} s] {message}")  # progress with time
     options.spec()  # bad method or group size: refused before the model loads
     algo = options.resolved_algo()
     log(f"loading {model_path}")
@@ -136,5 +138,5 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, options: Qu
                               result.rtn_loss if calibrated else None, len(windows),
                               "the 2-bit fit" if quantizer.fit else "RTN")
     for line in summary.lines():
-        log(line)
+        printer(line)
     return summary
