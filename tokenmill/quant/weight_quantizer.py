@@ -4,6 +4,7 @@ tool and QAT for the canonical stored tensors."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,10 @@ import torch
 from tokenmill.quant.codes import QuantSpec, dequantize, quantize_rtn
 from tokenmill.quant.group_quant import block_params, stored_tensors
 from tokenmill.quant.w2_fit import fit_block, fit_weight
+
+# Default group sizes, largest first: the first dividing every layer width is taken (SmolLM2's 576 takes 64 for
+# int4). int8 and fp8: per output channel.
+DEFAULT_GROUPS = {"int4": (128, 64, 32), "w2": (64, 32)}
 
 StoredWeight = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (qweight, scales, qzeros)
 
@@ -38,3 +43,13 @@ class WeightQuantizer:
     def fake(self, weight: torch.Tensor) -> torch.Tensor:
         """dequantize(quantize(weight)) in float32: the weight the quantized model will compute with."""
         return dequantize(self.spec, *self.quantize(weight))
+
+
+def default_spec(method: str, widths: Sequence[int] = (), group_size: int | None = None,
+                 zero_point: bool = False) -> QuantSpec:
+    """The spec for a model whose quantized layers have these input widths: the group size given, or the
+    method's default that divides them all; w2 always has a zero-point."""
+    if group_size is None and method in DEFAULT_GROUPS:
+        candidates = DEFAULT_GROUPS[method]
+        group_size = next((g for g in candidates if all(w % g == 0 for w in widths)), candidates[-1])
+    return QuantSpec(method, group_size, zero_point or method == "w2")

@@ -14,16 +14,13 @@ from tokenmill.errors import ConfigError
 from tokenmill.models.loader import load_model, resolve_dtype
 from tokenmill.quant.calibration import DEFAULT_SAMPLES, DEFAULT_WINDOW, calibration_windows
 from tokenmill.quant.codes import METHODS, QuantSpec
-from tokenmill.quant.weight_quantizer import WeightQuantizer
+from tokenmill.quant.weight_quantizer import WeightQuantizer, default_spec
 from tokenmill.tools.layer_walk import LayerWalk, quantizable_linears
 from tokenmill.tools.quantize_layers import (QuantizedLayers, quantize_awq_layers, quantize_gptq_layers,
                                              quantize_rtn_layers)
 from tokenmill.tools.quantized_checkpoint import write_quantized_checkpoint
 
 ALGOS = ("rtn", "fit", "gptq", "awq")
-# Default group sizes, largest first: the first dividing every layer width is taken (SmolLM2's 576 takes 64 for
-# int4). int8 and fp8: per output channel.
-DEFAULT_GROUPS = {"int4": (128, 64, 32), "w2": (64, 32)}
 CALIBRATED = ("gptq", "awq")
 
 
@@ -41,11 +38,7 @@ class QuantizeOptions:
         """The spec for layers of these input widths (they pick the default group size)."""
         if self.method not in METHODS:
             raise ConfigError("method", f"unknown method {self.method!r} (one of {', '.join(METHODS)})")
-        group = self.group_size
-        if group is None and self.method in DEFAULT_GROUPS:
-            candidates = DEFAULT_GROUPS[self.method]
-            group = next((g for g in candidates if all(w % g == 0 for w in widths)), candidates[-1])
-        return QuantSpec(self.method, group, self.zero_point or self.method == "w2")
+        return default_spec(self.method, widths, self.group_size, self.zero_point)
 
     def resolved_algo(self) -> str:
         algo = self.algo or ("fit" if self.method == "w2" else "rtn")
@@ -105,7 +98,7 @@ def _check_widths(widths: dict[str, int], spec: QuantSpec) -> None:
 
 
 def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, options: QuantizeOptions,
-                        log: Callable[[str], None] = print) -> QuantizeSummary:
+                        log: Callable[[str], None] = lambda line: print(line, flush=True)) -> QuantizeSummary:
     start = time.perf_counter()
     printer = log
     log = lambda message: printer(f"[{time.perf_counter() - start:6.1f} s] {message}")  # progress with time
