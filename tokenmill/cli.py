@@ -126,9 +126,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from tokenmill.tools.quantize_model import QuantizeOptions, quantize_checkpoint
 
+    sizes = {k: v for k, v in (("samples", args.samples), ("window", args.window)) if v is not None}
     options = QuantizeOptions(method=args.method, algo=args.algo, group_size=args.group_size,
-                              zero_point=args.zero_point, calibration=args.calibration, samples=args.samples,
-                              window=args.window)
+                              zero_point=args.zero_point, calibration=args.calibration, **sizes)
     quantize_checkpoint(args.model, args.out, options)
 
 
@@ -241,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--zero-point", action="store_true", help="int4 with a zero-point per group (w2 always)")
     quantize.add_argument("--calibration", nargs="+", default=None, metavar="FILE",
                           help="text files to calibrate GPTQ/AWQ on (default: stdlib docstrings and code)")
-    quantize.add_argument("--samples", type=int, default=256, help="calibration windows")
-    quantize.add_argument("--window", type=int, default=128, help="tokens per calibration window")
+    quantize.add_argument("--samples", type=int, default=None, help="calibration windows (default 128)")
+    quantize.add_argument("--window", type=int, default=None, help="tokens per calibration window (default 128)")
     quantize.add_argument("--out", required=True, help="output folder")
     quantize.set_defaults(func=cmd_quantize)
 

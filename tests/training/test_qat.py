@@ -77,7 +77,8 @@ def test_export_holds_exactly_the_weights_the_forward_used(runs: dict[str, Path]
 
 
 def test_qat_export_beats_rtn_after_plain_training(runs: dict[str, Path]) -> None:
-    text = "".join(p.read_text() for p in sorted((write_toy_corpus(runs["root"] / "eval", seed=7) / "pkg").glob("*.py")))
+    eval_files = sorted((write_toy_corpus(runs["root"] / "eval", seed=7) / "pkg").glob("*.py"))
+    text = "".join(p.read_text() for p in eval_files)
     plain_tokenizer = (runs["plain"] / "tokenizer.json").read_text()
     assert plain_tokenizer == (runs["qat"] / "tokenizer.json").read_text()  # same ids: the losses compare
     rtn_dir = runs["root"] / "plain_w2"

@@ -25,8 +25,13 @@ class ScaleSearch:
     rtn_loss: float  # the same at alpha = 0 (plain RTN)
 
 
-def _output_error(inputs: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor) -> float:
-    return float((inputs @ weight.T - reference).square().sum())
+def scaled_output_error(quantizer: WeightQuantizer, weight: torch.Tensor, inputs: torch.Tensor,
+                        scales: torch.Tensor) -> float:
+    """|X W^T - X (Q(W diag s) diag 1/s)^T|^2: the output error of quantizing with input scales s."""
+    w = weight.detach().float()
+    x = inputs.detach().float().reshape(-1, w.shape[1])
+    approx = quantizer.fake(w * scales) / scales
+    return float((x @ (approx - w).T).square().sum())
 
 
 def search_scales(quantizer: WeightQuantizer, weight: torch.Tensor, inputs: torch.Tensor,
@@ -36,7 +41,6 @@ def search_scales(quantizer: WeightQuantizer, weight: torch.Tensor, inputs: torc
     magnitudes to values shared by channels that must scale together (GQA: query heads sharing a value head)."""
     w = weight.detach().float()
     x = inputs.detach().float().reshape(-1, w.shape[1])
-    reference = x @ w.T
     magnitude = x.abs().mean(0).clamp(min=1e-8)
     if tie is not None:
         magnitude = tie(magnitude)
@@ -46,8 +50,7 @@ def search_scales(quantizer: WeightQuantizer, weight: torch.Tensor, inputs: torc
         alpha = step / grid
         scales = magnitude.pow(alpha)
         scales = scales / (scales.max() * scales.min()).sqrt()  # centred around 1, as the weights' range is
-        approx = quantizer.fake(w * scales) / scales
-        loss = _output_error(x, reference, approx)
+        loss = scaled_output_error(quantizer, w, x, scales)
         if step == 0:
             rtn_loss = loss
         if best is None or loss < best.loss:

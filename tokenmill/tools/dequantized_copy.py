@@ -35,7 +35,8 @@ def dequantized_tensors(folder: str | Path, dtype: torch.dtype = torch.float32) 
             layer = name[: -len(".qweight")]
             if f"{layer}.scales" not in raw:
                 raise ModelLoadError(f"{folder}: {name} has no {layer}.scales")
-            out[f"{layer}.weight"] = dequantize(spec, tensor, raw[f"{layer}.scales"], raw.get(f"{layer}.qzeros")).to(dtype)
+            weight = dequantize(spec, tensor, raw[f"{layer}.scales"], raw.get(f"{layer}.qzeros"))
+            out[f"{layer}.weight"] = weight.to(dtype)
         elif not name.endswith(_SUFFIXES):
             out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return out

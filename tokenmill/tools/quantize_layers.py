@@ -13,8 +13,8 @@ from torch import nn
 
 from tokenmill.layers.linear import LinearBase
 from tokenmill.layers.norm import OffsetRMSNorm
-from tokenmill.quant.awq import (fold_into_norm, fold_into_rows, scale_columns, search_scales, tie_heads,
-                                 value_row_scales)
+from tokenmill.quant.awq import (fold_into_norm, fold_into_rows, scale_columns, scaled_output_error, search_scales,
+                                 tie_heads, value_row_scales)
 from tokenmill.quant.codes import dequantize
 from tokenmill.quant.gptq import InputStatistics, gptq_quantize, output_error
 from tokenmill.quant.weight_quantizer import StoredWeight, WeightQuantizer
@@ -105,6 +105,9 @@ def awq_folds(layer: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], None
 def quantize_awq_layers(model: nn.Module, quantizer: WeightQuantizer, walk: LayerWalk, log: Log) -> QuantizedLayers:
     result = QuantizedLayers()
     generator = torch.Generator().manual_seed(0)
+    # The search rounds with RTN even when the final codes come from the 2-bit fit: the fit at each of the
+    # grid's alphas would cost twenty fits per layer, and the scales it favours are the same in kind.
+    search_quantizer = WeightQuantizer(quantizer.spec)
     for index, layer in enumerate(walk.layers):
         linears = quantizable_linears(layer)
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
@@ -112,8 +115,13 @@ def quantize_awq_layers(model: nn.Module, quantizer: WeightQuantizer, walk: Laye
         searches = {}
         for name, fold, tie in awq_folds(layer):
             if name in linears:
-                searches[name] = (search_scales(quantizer, linears[name].weight, torch.cat(inputs[name]), tie=tie),
-                                  fold)
+                x = torch.cat(inputs[name])
+                found = search_scales(search_quantizer, linears[name].weight, x, tie=tie)
+                if search_quantizer != quantizer:  # report the errors of the codes actually written
+                    weight = linears[name].weight
+                    found.loss = scaled_output_error(quantizer, weight, x, found.scales)
+                    found.rtn_loss = scaled_output_error(quantizer, weight, x, torch.ones_like(found.scales))
+                searches[name] = (found, fold)
         # Fold every scale first (the float layer is unchanged by them), then quantize the scaled weights.
         for name, (search, fold) in searches.items():
             fold(search.scales)
