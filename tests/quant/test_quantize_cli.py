@@ -117,3 +117,14 @@ def test_bad_flags_are_refused_with_a_clear_error(llama: Path, tmp_path: Path, c
     assert main(["quantize", str(llama), *flags, "--out", str(tmp_path / "q")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3", "qwen3_moe"])  # q/k norms, fused checkpoint
+def test_other_families_quantize_and_load(family: str, tmp_path: Path) -> None:  # tensors, Gemma norms, experts
+    source = make_checkpoint(family, tmp_path / "src")
+    out = tmp_path / "q"
+    assert main(["quantize", str(source), "--method", "int8", "--algo", "awq", "--samples", "8", "--window", "48",
+                 "--out", str(out)]) == 0
+    reference = logits_of(source)
+    quantized = logits_of(write_dequantized_copy(out, tmp_path / "twin"))
+    assert 0 < ((quantized - reference).norm() / reference.norm()).item() < 0.05
