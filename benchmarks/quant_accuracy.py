@@ -31,17 +31,19 @@ SETS = ("english", "code")
 
 @dataclass
 class Row:
-    config: str  # "bfloat16" or method:algo[:group]
+    config: str  # "bfloat16" or method:algo[:group[:zp]]
     perplexity: dict[str, float]  # per held-out set
     relative: dict[str, float]  # perplexity / bfloat16's - 1
     quantize_seconds: float | None = None
 
 
-def parse_config(config: str) -> tuple[str, str, int | None]:
+def parse_config(config: str) -> tuple[str, str, int | None, bool]:
+    """method:algo[:group[:zp]] -> (method, algo, group or None for the default, zero-point)."""
     parts = config.split(":")
-    if len(parts) not in (2, 3):
-        raise SystemExit(f"--configs: {config!r} is not method:algo or method:algo:group")
-    return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else None
+    if len(parts) not in (2, 3, 4) or (len(parts) == 4 and parts[3] != "zp"):
+        raise SystemExit(f"--configs: {config!r} is not method:algo[:group[:zp]]")
+    group = int(parts[2]) if len(parts) > 2 and parts[2] else None
+    return parts[0], parts[1], group, len(parts) == 4
 
 
 def heldout_windows(tokenizer, window: int, max_tokens: int) -> dict[str, list[list[int]]]:
@@ -81,11 +83,12 @@ def quantized_folder(model: str, config: str, work_dir: Path, samples: int, cali
     """The folder of one configuration, made by `tokenmill quantize` unless it is already there."""
     from tokenmill.tools.quantize_model import QuantizeOptions, quantize_checkpoint
 
-    method, algo, group = parse_config(config)
+    method, algo, group, zero_point = parse_config(config)
     folder = work_dir / config.replace(":", "-")
     if (folder / "config.json").is_file():
         return folder, None
-    options = QuantizeOptions(method=method, algo=algo, group_size=group, samples=samples, window=calib_window)
+    options = QuantizeOptions(method=method, algo=algo, group_size=group, zero_point=zero_point, samples=samples,
+                              window=calib_window)
     start = time.perf_counter()
     quantize_checkpoint(model, folder, options, log=log)
     return folder, time.perf_counter() - start
@@ -94,7 +97,8 @@ def quantized_folder(model: str, config: str, work_dir: Path, samples: int, cali
 def run(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="/work/models/smollm2-135m", help="checkpoint folder or GGUF file")
-    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="method:algo[:group] ...")
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                        help="method:algo[:group[:zp]] ... (e.g. int4:gptq:64:zp; an empty group is the default)")
     parser.add_argument("--work-dir", default="quant_accuracy_models", help="where quantized folders are kept")
     parser.add_argument("--fake-quant", action="store_true",
                         help="score each folder's dequantized float twin (before the quantized methods exist)")

@@ -20,7 +20,9 @@ from tokenmill.quant.gptq import InputStatistics, gptq_quantize, output_error
 from tokenmill.quant.weight_quantizer import StoredWeight, WeightQuantizer
 from tokenmill.tools.layer_walk import LayerWalk, quantizable_linears
 
-AWQ_TOKENS_PER_BATCH = 256  # activation rows per batch kept for AWQ's search (its cost grows with them)
+# Activation rows AWQ's search scores each alpha on, sampled evenly from the batches: its cost is one matmul of
+# these rows per alpha and linear layer, so it is capped (the mean |x| per channel settles long before).
+AWQ_SEARCH_ROWS = 2048
 Log = Callable[[str], None]
 
 
@@ -108,10 +110,11 @@ def quantize_awq_layers(model: nn.Module, quantizer: WeightQuantizer, walk: Laye
     # The search rounds with RTN even when the final codes come from the 2-bit fit: the fit at each of the
     # grid's alphas would cost twenty fits per layer, and the scales it favours are the same in kind.
     search_quantizer = WeightQuantizer(quantizer.spec)
+    per_batch = max(1, AWQ_SEARCH_ROWS // len(walk.batches))
     for index, layer in enumerate(walk.layers):
         linears = quantizable_linears(layer)
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
-        walk.collect(index, lambda name, x: inputs[name].append(_sample_rows(x, AWQ_TOKENS_PER_BATCH, generator)))
+        walk.collect(index, lambda name, x: inputs[name].append(_sample_rows(x, per_batch, generator)))
         searches = {}
         for name, fold, tie in awq_folds(layer):
             if name in linears:
