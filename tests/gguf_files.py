@@ -28,6 +28,20 @@ _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 
+def _engine_has_quantization() -> bool:
+    import dataclasses
+
+    from tokenmill.engine_args import EngineArgs
+
+    return "quantization" in {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+# Engines load a quantized GGUF file quantized by default (its linear layers repacked, not dequantized); the
+# comparisons with transformers, which dequantizes, ask for the dequantized weights. Empty until the engine
+# has the `quantization` setting.
+DEQUANTIZED: dict[str, str] = {"quantization": "none"} if _engine_has_quantization() else {}
+
+
 def gguf_name(hf_name: str) -> str:
     stem, _, leaf = hf_name.rpartition(".")
     if stem in _GLOBAL_NAMES:

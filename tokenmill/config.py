@@ -8,6 +8,8 @@ from tokenmill.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "random")  # random: weights of the checkpoint's shape, for benchmarks
+# auto: the model's dtype; int8 / fp8 (e4m3): quantized with a scale per token and KV head (quant/kv_cache.py)
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,11 @@ class CacheConfig:
     num_kv_blocks: int | None = None  # exact pool size; None sizes it from kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 2 << 30
     enable_prefix_caching: bool = True
+    # A fixed KV budget in bytes (--kv-cache-memory): wins over kv_cache_memory_bytes and, on a GPU, skips the
+    # memory profile. None: kv_cache_memory_bytes on the CPU, the profile on a GPU.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may fill when profiling sizes the pool
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ class EngineConfig:
     thinking: ThinkingConfig = ThinkingConfig()
     # torch.compile (inductor) for the model forward; None: on where it measured faster (see platform.py).
     compile: bool | None = None
+    # No CUDA graphs and no torch.compile, whatever `compile` says (--enforce-eager).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         self.spec.validate()
@@ -110,12 +119,22 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         _positive("block_size", self.cache.block_size)
+        if self.cache.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype",
+                              f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.cache.kv_cache_dtype!r}")
         if self.cache.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.cache.num_kv_blocks)
         _positive("max_num_seqs", self.scheduler.max_num_seqs)
         _positive("max_num_batched_tokens", self.scheduler.max_num_batched_tokens)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
+        if self.cache.kv_cache_memory is not None:
+            _positive("kv_cache_memory", self.cache.kv_cache_memory)
+        utilization = self.cache.gpu_memory_utilization
+        # `not 0 < u <= 1` also refuses NaN; a bool is not a share.
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+            raise ConfigError("gpu_memory_utilization",
+                              f"must be a share of the GPU's memory in (0, 1], got {utilization!r}")
 
 
 def _positive(name: str, value: object) -> None:

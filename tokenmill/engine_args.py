@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenmill.config import (
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     SPEC_METHODS,
     CacheConfig,
@@ -22,6 +23,7 @@ from tokenmill.config import (
     SpecConfig,
     ThinkingConfig,
 )
+from tokenmill.byte_sizes import parse_byte_size
 from tokenmill.model_catalog import resolve_models
 from tokenmill.errors import ConfigError
 
@@ -72,14 +74,26 @@ class EngineArgs:
     seed: int = _knob(EngineConfig.seed, "engine seed for requests without their own", _MODEL)
     compile: bool | None = _knob(EngineConfig.compile,
                                  "torch.compile the model forward (default: where it measured faster)", _MODEL)
+    enforce_eager: bool = _knob(EngineConfig.enforce_eager, "run every step eagerly: no CUDA graphs and no "
+                                "torch.compile (wins over --compile)", _MODEL)
 
     block_size: int = _knob(CacheConfig.block_size, "tokens per KV block", _KV)
     num_kv_blocks: int | None = _knob(CacheConfig.num_kv_blocks, "exact KV pool size in blocks", _KV)
     kv_cache_memory_gb: float = _knob(CacheConfig.kv_cache_memory_bytes / _GIB,
                                       "KV pool size when --num-kv-blocks is unset", _KV)
+    kv_cache_memory: str | int | None = _knob(
+        CacheConfig.kv_cache_memory, "fixed KV pool budget in bytes, e.g. 4GiB or 500MB: skips the GPU memory "
+        "profile and wins over --kv-cache-memory-gb", _KV)
+    gpu_memory_utilization: float = _knob(CacheConfig.gpu_memory_utilization,
+                                          "share of the GPU's memory the engine may fill (weights, a worst-case "
+                                          "step, KV pool) when the KV pool is sized by profiling", _KV)
     enable_prefix_caching: bool = _knob(CacheConfig.enable_prefix_caching,
                                         "reuse the KV of prompt prefixes seen before", _KV,
                                         spelling="--no-prefix-caching")
+    kv_cache_dtype: str = _knob(CacheConfig.kv_cache_dtype,
+                                "KV cache storage: auto (the model's dtype), or int8 / fp8 (e4m3) with a scale per "
+                                "token and KV head, about twice the tokens of bfloat16 in the same memory", _KV,
+                                choices=KV_CACHE_DTYPES)
 
     max_num_seqs: int = _knob(SchedulerConfig.max_num_seqs, "cap on requests running at once", _SCHED)
     max_num_batched_tokens: int = _knob(SchedulerConfig.max_num_batched_tokens, "token budget per step", _SCHED)
@@ -151,6 +165,10 @@ class EngineArgs:
                 num_kv_blocks=self.num_kv_blocks,
                 kv_cache_memory_bytes=int(gb * _GIB),
                 enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_memory=None if self.kv_cache_memory is None else parse_byte_size("kv_cache_memory",
+                                                                                          self.kv_cache_memory),
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens),
@@ -166,6 +184,7 @@ class EngineArgs:
             ),
             thinking=ThinkingConfig(start=self.reasoning_start, end=self.reasoning_end, wrap_up=self.thinking_wrap_up),
             compile=self.compile,
+            enforce_eager=self.enforce_eager,
         )
 
 

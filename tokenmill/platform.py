@@ -18,6 +18,17 @@ def triton_available() -> bool:
     return cuda_available() and importlib.util.find_spec("triton") is not None
 
 
+def supports_float8_storage(device: torch.device) -> bool:
+    """Whether torch can hold float8_e4m3fn tensors on the device and convert to and from them (what an fp8 KV
+    cache needs; no fp8 matmul is involved). Asked by converting one value there."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        return False
+    try:
+        return bool(torch.ones(1, device=device).to(torch.float8_e4m3fn).float().item() == 1.0)
+    except (RuntimeError, TypeError):  # no float8 kernels for this device in this build
+        return False
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present, else CPU; an explicit 'cuda' without a GPU is an error."""
     if device == "auto":

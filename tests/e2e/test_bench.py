@@ -74,6 +74,7 @@ def test_bench_command_with_random_weights_from_a_config(tiny_path, tmp_path, ca
     assert _number(rows["ceiling tok/s"]) == pytest.approx(result["ceiling_tok_per_s"], rel=1e-3)
     assert _number(rows["% of ceiling"]) == pytest.approx(result["pct_of_ceiling"], rel=1e-3, abs=1e-3)
     assert not any(key.startswith("sol") for key in result)
+    assert rows["cuda graphs"] == "no" and report["cuda_graph_sizes"] == []  # a CPU run captures none
 
 
 def test_transformers_peer_runs_at_the_same_batch_size(tiny_path, tmp_path, capsys):

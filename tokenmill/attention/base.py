@@ -17,10 +17,21 @@ from tokenmill.attention.metadata import AttentionMetadata
 
 class AttentionBackend(ABC):
     name: str = "base"
+    # True when forward() reads only device tensors of the metadata (seq_lens_device, block_tables,
+    # slot_mapping) with shapes fixed by the padded batch, so a decode step can be captured in a CUDA graph.
+    supports_cuda_graphs: bool = False
+    # Whether the backend stores and reads quantized KV (int8 / fp8 codes with per-token scales,
+    # quant/kv_cache.py); the allocator refuses a quantized cache for a backend that does not.
+    stores_quantized_kv: bool = False
 
     @abstractmethod
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """Shape of one layer's paged KV cache tensor."""
+
+    def kv_scales_shape(self, num_blocks: int, block_size: int, num_kv_heads: int) -> tuple[int, ...]:
+        """Shape of one layer's KV scales when its cache is quantized: one per token per KV head, for keys and
+        values, beside the pages (block b's scales are [:, b])."""
+        return (2, num_blocks, block_size, num_kv_heads)
 
     @abstractmethod
     def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
@@ -39,11 +50,13 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None,
         softcap: float | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query [T, H, D], key/value [T, KVH, D] of this step's tokens -> attention output [T, H, D].
 
-        Stores key/value in kv_cache at metadata.slot_mapping first. Scores are q.k * scale; a query sees the
-        keys of its sequence up to its own position, and only the last `sliding_window` of them when set.
+        Stores key/value in kv_cache at metadata.slot_mapping first; a quantized cache stores codes there and
+        their scales in `kv_scales` (None: a cache of plain values). Scores are q.k * scale; a query sees the keys
+        of its sequence up to its own position, and only the last `sliding_window` of them when set.
         `softcap` (Gemma 2's attn_logit_softcapping), when set, squashes each score to
         softcap * tanh(score / softcap) before masking and softmax; None leaves scores as they are."""
 

@@ -36,6 +36,10 @@ class AttentionMetadata:
     # What every layer would otherwise rebuild from the above (masks, gather indices): the first layer of
     # the step fills it, the others reuse it. Keyed by the backend and its per-layer options.
     plans: dict[Any, Any] = field(default_factory=dict)
+    # seq_lens on the device, set for steps padded to a CUDA-graph batch size (worker/cuda_graphs.py). A graph
+    # replays without Python, so a backend that captures (`supports_cuda_graphs`) must read lengths from here
+    # and size its launch grids from static bounds (block_tables.shape), never from the host arrays above.
+    seq_lens_device: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

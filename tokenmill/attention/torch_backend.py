@@ -12,6 +12,11 @@ Two kinds of work per step:
 
 Soft-capped scores (Gemma 2) are not expressible with SDPA: with a softcap every path above attends
 through one plain matmul-softmax instead (`_capped_attention`), over the same pages and masks.
+
+A quantized cache (int8 / fp8 codes, quant/kv_cache.py) has its scales [2, num_blocks, block_size,
+num_kv_heads] beside it: every path reads the same pages and scales and dequantizes them to the query's dtype
+before attending. A fresh prompt chunk then reads its keys back from the cache too, so every query sees the
+stored values whichever way its prompt was chunked.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from tokenmill.attention.base import AttentionBackend
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.kernels.reference import soft_cap, store_kv
+from tokenmill.quant.kv_cache import dequantize_kv, store_kv_quantized
 
 # Sequences with at most this many new queries are attended in one padded batch; longer ones (prefill
 # chunks) one at a time, where padding would waste more than the loop costs.
@@ -66,6 +72,7 @@ class _Plan:
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    stores_quantized_kv = True
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
@@ -80,35 +87,45 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None,
         softcap: float | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        if kv_scales is None:
+            store_kv(key, value, kv_cache, metadata.slot_mapping)
+        else:
+            store_kv_quantized(key, value, kv_cache, kv_scales, metadata.slot_mapping)
         plan: _Plan = self.plan_for(metadata, sliding_window, kv_cache.shape[1], query.device)
         if plan.single is not None:
             start, length = plan.single
             context = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1]).narrow(1, start, length)
+            if kv_scales is not None:
+                scales = kv_scales.view(2, -1, kv_scales.shape[-1]).narrow(1, start, length)
+                context = dequantize_kv(context, scales, query.dtype)
             # 4-d inputs: CPU SDPA takes its flash kernel for them (3-d ones fall to a path 2.5x slower).
             attended = _sdpa(query.transpose(0, 1)[None], context[0].transpose(0, 1)[None],
                              context[1].transpose(0, 1)[None], None, scale, softcap)
             return attended[0].transpose(0, 1)
         if plan.whole_step_short:
             assert plan.short is not None
-            return _attend_short(query, kv_cache, plan.short, scale, softcap)
+            return _attend_short(query, kv_cache, kv_scales, plan.short, scale, softcap)
         out = torch.empty_like(query)
         for item in plan.long:
             q = query[item.q_start : item.q_end].transpose(0, 1)  # [H, q, D]
-            if item.fresh and key.dtype == kv_cache.dtype:
+            if item.fresh and kv_scales is None and key.dtype == kv_cache.dtype:
                 k = key[item.q_start : item.q_end].transpose(0, 1)
                 v = value[item.q_start : item.q_end].transpose(0, 1)
-                if softcap is None:
-                    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-                else:
-                    attended = _capped_attention(q, k, v, None, scale, softcap, causal=True)
+            else:  # what the cache holds (dequantized), so chunked and whole prompts see the same keys
+                k, v = _gather_one(kv_cache, kv_scales, metadata.block_tables[item.seq],
+                                   int(metadata.seq_lens[item.seq]), q.dtype)
+            if not item.fresh:
+                attended = _sdpa(q, k, v, item.mask, scale, softcap)
+            elif softcap is None:
+                attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
             else:
-                k, v = _gather_one(kv_cache, metadata.block_tables[item.seq], int(metadata.seq_lens[item.seq]))
-                attended = _sdpa(q, k.to(q.dtype), v.to(q.dtype), item.mask, scale, softcap)
+                attended = _capped_attention(q, k, v, None, scale, softcap, causal=True)
             out[item.q_start : item.q_end] = attended.transpose(0, 1)
         if plan.short is not None:
-            _write_short(out, _attend_short(query, kv_cache, plan.short, scale, softcap), plan.short, metadata)
+            attended = _attend_short(query, kv_cache, kv_scales, plan.short, scale, softcap)
+            _write_short(out, attended, plan.short, metadata)
         return out
 
     def build_plan(self, metadata: AttentionMetadata, sliding_window: int | None, num_blocks: int,
@@ -165,15 +182,17 @@ def _short_batch(
     return _ShortBatch(seqs, max_q, max_len, rows_of_pages, page_range, rows, mask, (first, last))
 
 
-def _attend_short(query: torch.Tensor, kv_cache: torch.Tensor, batch: _ShortBatch, scale: float,
-                  softcap: float | None) -> torch.Tensor:
+def _attend_short(query: torch.Tensor, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, batch: _ShortBatch,
+                  scale: float, softcap: float | None) -> torch.Tensor:
     """[S * max_q, H, D] attention of the short-query sequences, each padded to the longest context."""
     num_seqs, heads, head_dim = len(batch.seqs), query.shape[1], query.shape[2]
     if batch.page_range is not None:
         first_block, count = batch.page_range
         pages = kv_cache[:, first_block : first_block + count]  # a view: the blocks are already in order
+        if kv_scales is not None:
+            pages = dequantize_kv(pages, kv_scales[:, first_block : first_block + count], query.dtype)
     else:
-        pages = gather_pages(kv_cache, batch.page_rows)
+        pages = gather_pages(kv_cache, batch.page_rows, kv_scales, query.dtype)
     pages = pages.reshape(2, num_seqs, -1, kv_cache.shape[-2], kv_cache.shape[-1])
     key, value = pages[0, :, : batch.max_len].transpose(1, 2), pages[1, :, : batch.max_len].transpose(1, 2)
     if batch.rows is None:
@@ -203,17 +222,24 @@ def page_rows(block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return torch.cat((flat, flat + num_blocks))
 
 
-def gather_pages(kv_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def gather_pages(kv_cache: torch.Tensor, rows: torch.Tensor, kv_scales: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The pages at `rows` (page_rows) as [2, len(rows) // 2 * block_size, kvh, d]: one row-wise copy, which
-    runs several times faster on CPU than advanced indexing of the 5-d cache (docs/perf.md)."""
+    runs several times faster on CPU than advanced indexing of the 5-d cache (docs/perf.md). With the scales
+    of a quantized cache, the pages come dequantized to `dtype`."""
     pages = kv_cache.view(kv_cache.shape[0] * kv_cache.shape[1], -1).index_select(0, rows)
-    return pages.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    pages = pages.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    if kv_scales is None:
+        return pages
+    scales = kv_scales.view(kv_scales.shape[0] * kv_scales.shape[1], -1).index_select(0, rows)
+    return dequantize_kv(pages, scales.view(2, -1, kv_scales.shape[-1]), dtype)
 
 
-def _gather_one(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [kvh, seq_len, d] of one sequence, gathered from its pages."""
+def _gather_one(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, block_table: torch.Tensor, seq_len: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [kvh, seq_len, d] of one sequence in `dtype`, gathered from its pages."""
     blocks = block_table[: -(-seq_len // kv_cache.shape[2])]
-    pages = gather_pages(kv_cache, page_rows(blocks, kv_cache.shape[1]))[:, :seq_len]
+    pages = gather_pages(kv_cache, page_rows(blocks, kv_cache.shape[1]), kv_scales, dtype)[:, :seq_len].to(dtype)
     return pages[0].transpose(0, 1), pages[1].transpose(0, 1)
 
 

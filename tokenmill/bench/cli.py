@@ -94,6 +94,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
                   "compile_s": engine.worker.compile_seconds, "result": asdict(result)}
         rows = [("device", report["device"]), ("dtype", report["dtype"]), ("startup_s", f"{startup_s:.2f}"),
                 ("compiled", f"yes, {report['compile_s']:.1f} s of the start-up" if engine.worker.compile else "no")]
+        graphs = engine.worker.runner.graphs
+        report["cuda_graph_sizes"] = graphs.sizes if graphs is not None else []
+        rows.append(("cuda graphs", f"{len(graphs.sizes)} sizes, captured in {graphs.capture_seconds:.1f} s"
+                     if graphs is not None else "no"))
         rows += as_rows(result)
         stats = engine.stats()
         rows += spec_rows(stats)

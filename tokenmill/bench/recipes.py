@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenmill.bench.prompts import PromptMaker, random_prompts
-from tokenmill.bench.roofline import kv_bytes_per_sequence, measure_bandwidth, weight_bytes_per_step
+from tokenmill.bench.roofline import Bandwidth, kv_bytes_per_sequence, measure_bandwidth, weight_bytes_per_step
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
 
@@ -111,8 +111,11 @@ def time_one_batch(
 def run_latency(
     engine: LLMEngine, input_len: int = 128, output_len: int = 256, batch_size: int = 1, runs: int = 3, seed: int = 0,
     structured: str = "none", temperature: float | None = None, prompts: PromptMaker | None = None,
+    bandwidth: Bandwidth | None = None,
 ) -> LatencyResult:
-    """Batch-`batch_size` decode (greedy unless `temperature`); one warm-up, then the median of `runs`."""
+    """Batch-`batch_size` decode (greedy unless `temperature`); one warm-up, then the median of `runs`.
+    The ceiling divides by `bandwidth` when the caller measured it already (the device check), else by a
+    fresh measurement."""
     rng = random.Random(seed)
     params = bench_params(output_len, structured, default_temperature(structured, temperature))
     samples: list[tuple[float, float, float]] = []
@@ -124,7 +127,7 @@ def run_latency(
     bytes_per_step = weight_bytes_per_step(engine.model, batch_size) + batch_size * kv_bytes_per_sequence(
         engine.model, input_len + output_len // 2, engine.dtype
     )
-    bandwidth = measure_bandwidth(engine.device)
+    bandwidth = bandwidth or measure_bandwidth(engine.device)
     ceiling = batch_size * bandwidth.bytes_per_s / bytes_per_step
     return LatencyResult(
         batch_size=batch_size,

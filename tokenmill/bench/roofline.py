@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tokenmill.layers.moe import SparseMoeBlock
+from tokenmill.quant.kv_cache import kv_bytes_per_token_head
 
 # A streaming read through a buffer k times the last-level cache finds at most ~1/k of it still cached
 # (less under LRU), so 4x keeps the cache's help under a few percent. Bounds: 256 MiB is already far past
@@ -110,16 +111,13 @@ def weight_bytes_per_step(model: nn.Module, batch_size: int = 1) -> int:
 
 
 def kv_bytes_per_sequence(model: nn.Module, context_len: int, dtype: torch.dtype) -> int:
-    """KV bytes one sequence reads per step at a given context length, in the cache's own element size
-    (`dtype` only where no cache is bound yet)."""
+    """KV bytes one sequence reads per step at a given context length, in the cache's own dtype (a quantized
+    cache's scales included; `dtype` only where no cache is bound yet)."""
     total = 0
     for layer in model.attention_layers():
         cache = getattr(layer, "kv_cache", None)
-        if isinstance(cache, torch.Tensor):
-            element = cache.element_size()
-        else:
-            element = torch.empty((), dtype=dtype).element_size()
-        total += 2 * context_len * layer.num_kv_heads * layer.head_dim * element
+        cache_dtype = cache.dtype if isinstance(cache, torch.Tensor) else dtype
+        total += 2 * context_len * layer.num_kv_heads * kv_bytes_per_token_head(cache_dtype, layer.head_dim)
     return total
 
 

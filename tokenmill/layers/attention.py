@@ -35,12 +35,13 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.softcap = softcap  # attention-score soft-capping (Gemma 2); None: plain scores
         self.kv_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None  # beside a quantized cache: a scale per token and KV head
         self.backend: AttentionBackend | None = None
         self.layer_id = next(_layer_ids)  # how the compiled graph's custom op finds this layer
         _layers[self.layer_id] = self
 
-    def bind(self, kv_cache: torch.Tensor, backend: AttentionBackend) -> None:
-        self.kv_cache, self.backend = kv_cache, backend
+    def bind(self, kv_cache: torch.Tensor, backend: AttentionBackend, kv_scales: torch.Tensor | None = None) -> None:
+        self.kv_cache, self.backend, self.kv_scales = kv_cache, backend, kv_scales
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """query [T, H, D], key/value [T, KVH, D] -> [T, H * D]."""
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         if self.kv_cache is None or self.backend is None:
             raise RuntimeError("attention layer has no KV cache bound; the worker binds it")
         out = self.backend.forward(query, key, value, self.kv_cache, get_attention_metadata(), self.scale,
-                                   self.sliding_window, self.softcap)
+                                   self.sliding_window, self.softcap, kv_scales=self.kv_scales)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
 

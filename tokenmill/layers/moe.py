@@ -33,6 +33,9 @@ _layers: weakref.WeakValueDictionary[int, FusedExperts] = weakref.WeakValueDicti
 
 
 class FusedExperts(nn.Module):
+    # The experts' matmuls are sized by token counts read on the host: a CUDA graph cannot capture that.
+    cuda_graph_safe = False
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
                  device: torch.device, part_names: Sequence[str] = EXPERT_PARTS) -> None:
         super().__init__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -13,13 +13,14 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import QuantMethod
-from tokenmill.models.arch_config import ArchConfig, read_arch_config
+from tokenmill.models.arch_config import ArchConfig, read_arch_config, read_config_json
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.models.registry import model_class_for
 from tokenmill.utils.progress import ProgressBar
 
 if TYPE_CHECKING:
     from tokenmill.models.gguf.reader import GGUFFile
+    from tokenmill.quant.codes import QuantSpec
 
 # The one table from dtype names (config.DTYPES, less "auto") to torch dtypes.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,13 +82,41 @@ def load_model(
         from tokenmill.models.gguf.weights import gguf_tensors, one_thread
 
         with one_thread():
-            fill_weights(model, gguf_tensors(gguf, arch), str(model_path), progress)
+            fill_weights(model, gguf_tensors(gguf, arch, _quant_spec(quant)), str(model_path), progress)
     elif load_format == "auto":
-        fill_weights(model, _safetensors_tensors(Path(model_path)), str(model_path), progress)
+        from tokenmill.models.quantized_checkpoint import quantized_checkpoint_tensors
+
+        tensors = quantized_checkpoint_tensors(_safetensors_tensors(Path(model_path)),
+                                               checkpoint_config_dict(model_path), _quant_spec(quant))
+        fill_weights(model, tensors, str(model_path), progress)
     else:
         raise ModelLoadError(f"load_format {load_format!r} is not supported (use auto or random)")
     process_weights_after_loading(model)
     return model.eval(), arch
+
+
+def _quant_spec(quant: QuantMethod | None) -> QuantSpec | None:
+    """The canonical layout the model's quantized layers take (a quant method's `spec`); None: float weights,
+    so quantized checkpoints are dequantized as they load."""
+    return getattr(quant, "spec", None)
+
+
+def checkpoint_config_dict(model_path: str | Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict, or for a GGUF file the one its metadata stands for (with the
+    `quantization_config` its block types map onto): what quant/checkpoint_spec.py reads the spec from."""
+    if is_gguf_path(model_path):
+        from tokenmill.models.gguf.config import gguf_config_dict
+        from tokenmill.models.gguf.reader import GGUFFile
+
+        return gguf_config_dict(GGUFFile(model_path))
+    config = read_config_json(model_path)
+    legacy = Path(model_path) / "quantize_config.json"  # AutoGPTQ's own file, from before quantization_config
+    if "quantization_config" not in config and legacy.is_file():
+        try:
+            config["quantization_config"] = {"quant_method": "gptq", **json.loads(legacy.read_text())}
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelLoadError(f"{legacy}: not a valid JSON object ({exc})") from exc
+    return config
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

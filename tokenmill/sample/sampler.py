@@ -30,7 +30,8 @@ def apply_filters(logits: torch.Tensor, states: Sequence[SamplingState]) -> torc
     top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in states], device=device)
     top_p = torch.tensor([s.params.top_p for s in states], device=device)
     min_p = torch.tensor([s.params.min_p for s in states], device=device)
-    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+    # Which filters run is decided from the host-side params, not from the device tensors: no sync.
+    if any(0 < s.params.top_k < vocab or s.params.top_p < 1.0 for s in states):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)[None, :]
         remove = ranks >= top_k.clamp(max=vocab)[:, None]
@@ -42,7 +43,7 @@ def apply_filters(logits: torch.Tensor, states: Sequence[SamplingState]) -> torc
         remove[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    if bool((min_p > 0).any()):
+    if any(s.params.min_p > 0 for s in states):
         probs = logits.softmax(dim=-1)
         threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -61,11 +62,24 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
     ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
     top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top > 0 else (None, None)
     results: list[TokenLogprobs] = []
-    chosen_list, ranks_list, ids = chosen.tolist(), ranks.tolist(), token_ids.tolist()
+    # One wait for the device, not one per row: every result comes to the host together.
+    chosen_list, ranks_list, ids, top_id_rows, top_value_rows = to_host(chosen, ranks, token_ids, top_ids, top_values)
     for row in range(logits.shape[0]):
-        top = [] if top_ids is None else list(zip(top_ids[row].tolist(), top_values[row].tolist()))
+        top = [] if top_ids is None else list(zip(top_id_rows[row], top_value_rows[row]))
         results.append((int(ids[row]), float(chosen_list[row]), int(ranks_list[row]), top))
     return results
+
+
+def to_host(*tensors: torch.Tensor | None) -> list[list]:
+    """Each tensor as a (nested) list, read from the device after one synchronization instead of one each
+    (non-blocking copies land in pinned memory); None stays an empty list."""
+    present = [t for t in tensors if t is not None]
+    if present and present[0].device.type == "cuda":
+        copies = iter([t.to("cpu", non_blocking=True) for t in present])
+        torch.cuda.current_stream(present[0].device).synchronize()
+    else:
+        copies = iter(present)
+    return [next(copies).tolist() if t is not None else [] for t in tensors]
 
 
 class Sampler:

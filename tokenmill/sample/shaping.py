@@ -48,8 +48,9 @@ def shape_logits(
         for row, ids in bans:
             kept = shaped[row].clone()
             shaped[row, ids] = float("-inf")
-            if bool(torch.isinf(shaped[row]).all()):  # the grammar allows only EOS while min_tokens forbids it
-                shaped[row] = kept
+            # When the grammar allows only EOS while min_tokens forbids it, the ban yields; decided on the
+            # device (torch.where), so the step does not wait for it.
+            shaped[row] = torch.where(torch.isinf(shaped[row]).all(), kept, shaped[row])
     if forced is not None and any(t is not None for t in forced):
         shaped = shaped.clone() if shaped is logits else shaped
         for row, token in enumerate(forced):
@@ -80,7 +81,7 @@ def apply_penalties(
     frequency = torch.tensor([s.params.frequency_penalty for s in states], device=device)[:, None]
     presence = torch.tensor([s.params.presence_penalty for s in states], device=device)[:, None]
     output_counts = _token_counts(tokens, vocab, device)
-    if bool((repetition != 1.0).any()):
+    if any(s.params.repetition_penalty != 1.0 for s in states):  # from the params: no device sync
         prompt_counts = _token_counts([s.prompt_token_ids for s in states], vocab, device)
         seen = (prompt_counts + output_counts) > 0
         penalized = torch.where(logits > 0, logits / repetition, logits * repetition)

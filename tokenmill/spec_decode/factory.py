@@ -16,6 +16,7 @@ from tokenmill.spec_decode.lookup_then_draft import LookupThenDraftProposer
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.proposer import Proposer
 from tokenmill.spec_decode.speculator import Speculator
+from tokenmill.worker.kv_cache_alloc import resolve_kv_cache_dtype
 
 
 def build_speculator(config: EngineConfig, device: torch.device, target_vocab_size: int) -> Speculator:
@@ -50,7 +51,9 @@ def build_proposer(
     assert draft_model is not None
     model = DraftModelProposer(
         draft_model,
-        next(draft_model.parameters()).dtype,  # the draft keeps its KV in its own dtype
+        # The draft keeps its KV in its own dtype, quantized as the target's when kv_cache_dtype asks: its
+        # blocks share the pool's budget, so int8 KV doubles the tokens of both.
+        resolve_kv_cache_dtype(config.cache.kv_cache_dtype, next(draft_model.parameters()).dtype, device),
         device,
         target_vocab_size,
         make_generator(config.seed + 1, device),  # unseeded requests' draft samples (the sampler has seed)

@@ -5,6 +5,10 @@ the last step; the step's token ids, positions and slot mapping are written into
 with vectorized numpy (no per-token Python loops), and the tensors the model reads are views of those
 buffers (on a GPU: persistent device buffers filled by one copy each), so a CUDA graph can later capture
 exactly these addresses.
+
+The pinned host buffers are rewritten every step while their copies to the device may still be queued.
+That is safe because every step ends by reading its sampled ids on the host, after which those copies have
+run; an engine that prepares step n+1 during step n would need a second set of host buffers.
 """
 
 from __future__ import annotations
@@ -31,14 +35,32 @@ class StepInputs:
     logits_indices: torch.Tensor | None  # None: every flat row, in order (a step of plain decodes)
     logits_row_starts: list[int]
 
+    # The same step padded to a CUDA-graph batch size (None: not a graph step); its leading rows are the
+    # tensors above (the same memory), the rest harmless padding rows (worker/cuda_graphs.py).
+    padded: PaddedStep | None = None
+
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
 
+@dataclass
+class PaddedStep:
+    """A decode step of n requests padded to `size` rows, every tensor at the same address each step."""
+
+    input_ids: torch.Tensor  # [size]
+    positions: torch.Tensor  # [size]
+    attention: AttentionMetadata  # slot_mapping [size], block_tables [size, max_blocks], seq_lens_device [size]
+    num_real: int  # n: rows [0, n) are the step's requests
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
 class InputBatch:
     def __init__(self, max_num_tokens: int, max_blocks_per_request: int, block_size: int,
-                 device: torch.device, initial_rows: int = 64) -> None:
+                 device: torch.device, initial_rows: int = 64, max_graph_batch: int = 0) -> None:
         self.block_size = block_size
         self.device = device
         self.max_blocks = max_blocks_per_request
@@ -52,6 +74,11 @@ class InputBatch:
         self._host = {name: torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=pin)
                       for name in ("input_ids", "positions", "slots")}
         self._input_ids, self._positions, self._slots = (self._host[n].numpy() for n in ("input_ids", "positions", "slots"))
+        # Padded graph steps also read a full-width block table and the lengths from fixed device buffers.
+        pin_graph = pin and max_graph_batch > 0
+        self._host["graph_tables"] = torch.zeros(max_graph_batch, max_blocks_per_request, dtype=torch.int64,
+                                                 pin_memory=pin_graph)
+        self._host["graph_seq_lens"] = torch.zeros(max_graph_batch, dtype=torch.int64, pin_memory=pin_graph)
         self._device = {name: host if device.type == "cpu" else torch.empty_like(host, device=device)
                         for name, host in self._host.items()}
 
@@ -67,7 +94,9 @@ class InputBatch:
         if row is not None:
             self._num_blocks[row] = 0
 
-    def prepare(self, scheduler_output: SchedulerOutput) -> StepInputs:
+    def prepare(self, scheduler_output: SchedulerOutput, pad_to: int | None = None, pad_block: int = 0) -> StepInputs:
+        """The step's inputs; with pad_to, a step of plain decodes is also laid out as `padded` (pad_to rows,
+        the extra ones reading and writing only block pad_block, which no request owns)."""
         chunks = scheduler_output.chunks
         count = len(chunks)
         rows = np.fromiter((self._sync_block_table(c.req_id, c.block_table) for c in chunks), np.int64, count)
@@ -101,22 +130,63 @@ class InputBatch:
                 end = int(cu_query[index])
                 logits_rows.extend(range(end - 1 - chunk.num_spec_tokens, end))
         every_row = len(logits_rows) == num_tokens  # then the rows are 0..num_tokens-1 in order
+        graph_step = pad_to is not None and every_row and num_tokens == count <= pad_to
+        if graph_step:
+            self._write_padding(count, pad_to, pad_block, tables, self._num_blocks[rows], seq_lens)
+        length = pad_to if graph_step else num_tokens
         metadata = AttentionMetadata(
-            slot_mapping=self._view("slots", num_tokens),
+            slot_mapping=self._host["slots"][:0],  # set below, once padding rows (if any) are written
             block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
             block_size=self.block_size,
             seq_lens=seq_lens,
             query_start_loc=np.concatenate(([0], cu_query)),
             block_tables_host=tables,
         )
+        input_ids, positions, slots = (self._view(name, length) for name in ("input_ids", "positions", "slots"))
+        metadata.slot_mapping = slots[:num_tokens]
+        padded = self._padded_step(input_ids, positions, slots, count) if graph_step else None
         return StepInputs(
-            input_ids=self._view("input_ids", num_tokens),
-            positions=self._view("positions", num_tokens),
+            input_ids=input_ids[:num_tokens],
+            positions=positions[:num_tokens],
             attention=metadata,
             sampling_chunks=sampling_chunks,
             logits_indices=None if every_row else torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
             logits_row_starts=row_starts,
+            padded=padded,
         )
+
+    def _write_padding(self, count: int, pad_to: int, pad_block: int, tables: np.ndarray, owned: np.ndarray,
+                       seq_lens: np.ndarray) -> None:
+        """Host rows of a graph step: the requests' tables and lengths, then padding rows that hold token 0 at
+        position 0 and see only block pad_block (their KV lands there; nobody reads it)."""
+        if pad_to > len(self._host["graph_seq_lens"]):
+            raise ValueError(f"a graph step of {pad_to} rows exceeds the {len(self._host['graph_seq_lens'])} "
+                             f"allocated (max_graph_batch)")
+        self._input_ids[count:pad_to] = 0
+        self._positions[count:pad_to] = 0
+        self._slots[count:pad_to] = pad_block * self.block_size
+        graph_tables = self._host["graph_tables"].numpy()
+        # Past its own `owned` blocks a row holds pad_block, never ids left by an earlier request or step.
+        graph_tables[:pad_to] = pad_block
+        width = tables.shape[1]
+        graph_tables[:count, :width] = np.where(np.arange(width) < owned[:, None], tables, pad_block)
+        graph_seq_lens = self._host["graph_seq_lens"].numpy()
+        graph_seq_lens[:count] = seq_lens
+        graph_seq_lens[count:pad_to] = 1
+
+    def _padded_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     count: int) -> PaddedStep:
+        size = int(input_ids.shape[0])
+        metadata = AttentionMetadata(
+            slot_mapping=slots,
+            block_tables=self._view("graph_tables", size),
+            block_size=self.block_size,
+            seq_lens=self._host["graph_seq_lens"].numpy()[:size].copy(),
+            query_start_loc=np.arange(size + 1, dtype=np.int64),
+            block_tables_host=self._host["graph_tables"].numpy()[:size].copy(),
+            seq_lens_device=self._view("graph_seq_lens", size),
+        )
+        return PaddedStep(input_ids, positions, metadata, count)
 
     def _sync_block_table(self, req_id: str, table: list[int]) -> int:
         """The request's row, with the blocks it gained since last step appended (O(new blocks))."""

@@ -1,8 +1,9 @@
 """Owns the persistent input buffers and the model's forward pass; nothing about requests or sampling.
 
-This is the part a CUDA graph will wrap: persistent input buffers in, hidden states out. With `compile`,
+This is the part a CUDA graph wraps: persistent input buffers in, hidden states out. With `compile`,
 the model forward runs through torch.compile (inductor) with dynamic token counts; attention stays an
-opaque custom op inside the graph (layers/attention.py).
+opaque custom op inside the graph (layers/attention.py). With `capture_graphs`, plain decode steps are
+padded to a captured batch size and replayed (worker/cuda_graphs.py); every other step runs eagerly.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from tokenmill.attention.metadata import forward_context
-from tokenmill.core.sched_io import SchedulerOutput
-from tokenmill.worker.input_batch import InputBatch, StepInputs
+from tokenmill.core.sched_io import ScheduledChunk, SchedulerOutput
+from tokenmill.worker.cuda_graphs import Capture, DecodeGraphs
+from tokenmill.worker.input_batch import InputBatch, PaddedStep, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +34,42 @@ class ModelRunner:
             self._forward = compile_forward(model)
             self._logits = compile_forward(model.compute_logits)
         self.compile_seconds = 0.0
+        self.graphs: DecodeGraphs | None = None  # set once captured
 
     def allocate_inputs(self, max_num_tokens: int, max_blocks_per_request: int, block_size: int,
-                        device: torch.device) -> None:
-        self.input_batch = InputBatch(max_num_tokens, max_blocks_per_request, block_size, device)
+                        device: torch.device, max_graph_batch: int = 0) -> None:
+        self.input_batch = InputBatch(max_num_tokens, max_blocks_per_request, block_size, device,
+                                      max_graph_batch=max_graph_batch)
 
     def prepare(self, scheduler_output: SchedulerOutput) -> StepInputs:
-        """The step's inputs, written into the persistent buffers."""
+        """The step's inputs, written into the persistent buffers (padded too, when a graph will replay it)."""
         assert self.input_batch is not None, "allocate_inputs() must run first"
-        return self.input_batch.prepare(scheduler_output)
+        if self.graphs is None:
+            return self.input_batch.prepare(scheduler_output)
+        return self.input_batch.prepare(scheduler_output, self.graphs.pad_to(scheduler_output), self.graphs.pad_block)
+
+    @torch.inference_mode()
+    def capture_graphs(self, graphs: DecodeGraphs, capture: Capture) -> None:
+        """Capture a decode step at each of graphs.sizes; from then on plain decode steps replay them."""
+        assert self.input_batch is not None, "allocate_inputs() must run first"
+        input_batch = self.input_batch
+
+        def dummy_step(size: int) -> PaddedStep:
+            # One real row at position 0 on the scratch block, the rest padding: every KV write lands there.
+            chunk = ScheduledChunk("cuda-graph-capture", [0], 0, [graphs.pad_block], sample=True)
+            inputs = input_batch.prepare(SchedulerOutput(chunks=[chunk]), size, graphs.pad_block)
+            input_batch.remove(chunk.req_id)
+            assert inputs.padded is not None
+            return inputs.padded
+
+        graphs.capture(self._forward, dummy_step, capture)
+        self.graphs = graphs
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the step's tokens."""
+        if inputs.padded is not None and self.graphs is not None:
+            return self.graphs.replay(inputs.padded)
         with forward_context(inputs.attention):
             return self._forward(inputs.input_ids, inputs.positions)
 

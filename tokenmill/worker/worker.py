@@ -30,10 +30,13 @@ from tokenmill.sample.sampler import Sampler
 from tokenmill.sample.state import SamplingState, make_generator
 from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
 from tokenmill.worker import sampling
+from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_cuda_graph, capture_sizes, graphs_usable
 from tokenmill.worker.drafter import Drafter, DraftRequest
 from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
 from tokenmill.worker.input_batch import StepInputs
-from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block, check_pool_holds_context
+from tokenmill.worker.kv_cache_alloc import (allocate_kv_caches, bytes_per_block, check_pool_holds_context,
+                                             resolve_kv_cache_dtype)
+from tokenmill.worker.memory_sizing import GpuMemoryProfile, kv_cache_budget, measure_gpu_memory, run_worst_case_step
 from tokenmill.worker.model_runner import ModelRunner
 from tokenmill.worker.request_failures import RequestFailures
 from tokenmill.worker.step_timer import time_forward
@@ -49,11 +52,14 @@ class Worker:
         self.device = resolve_device(config.device)
         num_params = _count_params(config)
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
+        self.compile = self.compile and not config.enforce_eager
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
         quant = UnquantizedLinearMethod(prepack_cpu=not self.compile)
         self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
                                            load_format=config.load_format, progress=show_progress, quant=quant)
         self.dtype: torch.dtype = self.model.model.embed_tokens.weight.dtype
+        # What the target's KV pages are stored as: the model's dtype, or int8 / fp8 codes with scales.
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:
             raise ConfigError("max_model_len", f"{self.max_model_len} exceeds the model's max_position_embeddings "
@@ -82,25 +88,42 @@ class Worker:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        per_block = bytes_per_block(self.model.attention_layers(), cache.block_size, self.dtype)
+        per_block = bytes_per_block(self.model.attention_layers(), cache.block_size, self.kv_dtype)
         if self.drafter is not None:
             per_block += self.drafter.kv_bytes_per_block(cache.block_size)
-        return cache.kv_cache_memory_bytes // per_block
+        return kv_cache_budget(cache, self.device, self._measure_gpu_memory,
+                               self.config.scheduler.max_num_batched_tokens) // per_block
+
+    def _measure_gpu_memory(self) -> GpuMemoryProfile:
+        scheduler = self.config.scheduler
+        num_tokens = min(scheduler.max_num_batched_tokens, self.max_model_len)
+        return measure_gpu_memory(self.device, lambda: run_worst_case_step(
+            self.model, self.model.attention_layers(), num_tokens, scheduler.max_num_seqs,
+            self.config.cache.block_size, self.kv_dtype, self.device, self.runner.forward_tokens))
 
     def init_cache(self, num_blocks: int) -> None:
         block_size = self.config.cache.block_size
         check_pool_holds_context(num_blocks, block_size, self.max_model_len)
         self.num_blocks = num_blocks
-        allocate_kv_caches(self.model.attention_layers(), num_blocks, block_size, self.dtype, self.device,
-                           attention_backend(self.device))
+        backend = attention_backend(self.device)
+        scheduler = self.config.scheduler
+        graph_sizes = capture_sizes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens) \
+            if graphs_usable(self.device, self.config.enforce_eager, backend, self.model) else []
+        # With graphs the pool has one block more than the scheduler hands out: the padding rows' scratch block.
+        allocate_kv_caches(self.model.attention_layers(), num_blocks + bool(graph_sizes), block_size, self.kv_dtype,
+                           self.device, backend)
         max_blocks = -(-(self.max_model_len + self.num_lookahead_tokens) // block_size)
-        self.runner.allocate_inputs(self.config.scheduler.max_num_batched_tokens, max_blocks, block_size, self.device)
+        self.runner.allocate_inputs(scheduler.max_num_batched_tokens, max_blocks, block_size, self.device,
+                                    max_graph_batch=max(graph_sizes, default=0))
         if self.compile:
             if self.show_progress:
                 print("compiling the model forward (torch.compile, once per start) ...", file=sys.stderr, flush=True)
             self.runner.warm_up(self._warm_up_steps())
             if self.show_progress:
                 print(f"compiled in {self.runner.compile_seconds:.1f} s", file=sys.stderr, flush=True)
+        if graph_sizes:
+            self.runner.capture_graphs(DecodeGraphs(graph_sizes, pad_block=num_blocks),
+                                       capture_cuda_graph())
         if self.drafter is not None:
             self.drafter.init_cache(num_blocks, block_size)
             scheduler = self.config.scheduler

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tokenmill.models.arch_config import ArchConfig, parse_arch_config
+from tokenmill.models.gguf.canonical import gguf_quant_entry
 from tokenmill.models.gguf.dequant import dequantize
 from tokenmill.models.gguf.reader import GGUFFile
 
@@ -89,6 +90,9 @@ def gguf_config_dict(gguf: GGUFFile) -> dict[str, Any]:
     stops = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
     config["eos_token_id"] = list(dict.fromkeys(int(t) for t in stops if t is not None))
     config["torch_dtype"] = _natural_dtype(gguf)
+    quantization = gguf_quant_entry(gguf)  # the spec its linear layers' block types map onto (canonical.py)
+    if quantization is not None:
+        config["quantization_config"] = quantization
     return config
 
 

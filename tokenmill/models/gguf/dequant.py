@@ -29,12 +29,32 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
+# Block parts: the scale (and min) of each block and its codes in element order. The dequantizers below and
+# the repacking into tokenmill's quantized layout (gguf/canonical.py) both read blocks through these.
+
+def q4_0_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 blocks -> (d [n, 1] float32, codes [n, 32] uint8 0..15); W = d * (code - 8)."""
+    return _f16(b, 0), _nibbles(b[:, 2:])
+
+
+def q4_1_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 blocks -> (d, m [n, 1] float32, codes [n, 32] uint8 0..15); W = d * code + m."""
+    return _f16(b, 0), _f16(b, 2), _nibbles(b[:, 4:])
+
+
+def q8_0_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks -> (d [n, 1] float32, codes [n, 32] int8); W = code * d."""
+    return _f16(b, 0), b[:, 2:].contiguous().view(torch.int8)
+
+
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+    d, q = q4_0_parts(b)
+    return d * (q.to(torch.int8) - 8).float()
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
+    d, m, q = q4_1_parts(b)
+    return d * q.float() + m
 
 
 def _high_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -54,7 +74,8 @@ def _q5_1(b: torch.Tensor) -> torch.Tensor:
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+    d, q = q8_0_parts(b)
+    return q.float() * d
 
 
 def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,10 +92,17 @@ def _sub_block_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return (groups & 0x0F).reshape(-1, 8, 32)
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def q4_k_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks -> (scale, offset [n, 8, 1] float32, codes [n, 8, 32] uint8 0..15) per 32-element
+    sub-block; W = scale * code - offset."""
     sc, mn = _k_scales(b[:, 4:16])
     scale, offset = (_f16(b, 0) * sc).unsqueeze(-1), (_f16(b, 2) * mn).unsqueeze(-1)
-    return (scale * _sub_block_nibbles(b[:, 16:]).float() - offset).reshape(-1, _K)
+    return scale, offset, _sub_block_nibbles(b[:, 16:])
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    scale, offset, q = q4_k_parts(b)
+    return (scale * q.float() - offset).reshape(-1, _K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
