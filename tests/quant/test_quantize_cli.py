@@ -128,3 +128,15 @@ def test_other_families_quantize_and_load(family: str, tmp_path: Path) -> None: 
     reference = logits_of(source)
     quantized = logits_of(write_dequantized_copy(out, tmp_path / "twin"))
     assert 0 < ((quantized - reference).norm() / reference.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("flags", [["--method", "int4", "--group-size", "32", "--algo", "gptq"],
+                                   ["--method", "w2", "--group-size", "32"],  # fractional zero-points
+                                   ["--method", "int8", "--algo", "awq"], ["--method", "fp8"]])
+def test_the_engine_loader_reads_the_folder_as_its_dequantized_twin(llama: Path, tmp_path: Path,
+                                                                    flags: list[str]) -> None:
+    """The loader's own reading of tokenmill checkpoints (models/quantized_checkpoint.py, dequantizing for a float
+    model) agrees with the twin this tool's tests measure."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(llama), *flags, "--samples", "8", "--window", "48", "--out", str(out)]) == 0
+    assert torch.equal(logits_of(out), logits_of(write_dequantized_copy(out, tmp_path / "twin")))

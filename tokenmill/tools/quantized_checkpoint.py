@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
-
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from tokenmill.models.gguf import is_gguf_path
+from tokenmill.models.loader import checkpoint_config_dict
 from tokenmill.quant.codes import QuantSpec
 from tokenmill.quant.weight_quantizer import StoredWeight
 
@@ -59,15 +58,6 @@ def checkpoint_tensors(model: nn.Module, stored: dict[str, StoredWeight],
     return tensors
 
 
-def _source_config(model_path: Path) -> dict[str, Any]:
-    if is_gguf_path(model_path):
-        from tokenmill.models.gguf.config import gguf_config_dict
-        from tokenmill.models.gguf.reader import GGUFFile
-
-        return gguf_config_dict(GGUFFile(model_path))
-    return json.loads((model_path / "config.json").read_text())
-
-
 def _write_tokenizer(model_path: Path, out: Path) -> None:
     if is_gguf_path(model_path):
         from tokenmill.models.gguf.reader import GGUFFile
@@ -92,7 +82,7 @@ def write_quantized_checkpoint(model_path: str | Path, out_dir: str | Path, mode
     out.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model, stored, float_dtype)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = _source_config(model_path)
+    config = checkpoint_config_dict(model_path)  # a GGUF file's: the config its metadata stands for
     config["quantization_config"] = spec.to_config()
     dtype_keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
     for key in dtype_keys:  # the float tensors' dtype, under whichever name the source config uses
