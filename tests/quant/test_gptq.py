@@ -31,9 +31,11 @@ def test_gptq_output_error_is_below_rtn(spec: QuantSpec, fit: bool) -> None:
     for chunk in inputs.split(512):
         stats.add(chunk)
     quantizer = WeightQuantizer(spec, fit)
-    result = gptq_quantize(quantizer, weight, stats)
+    in_order = gptq_quantize(quantizer, weight, stats, act_order=False)
+    result = gptq_quantize(quantizer, weight, stats)  # act-order, the default
     rtn_error = output_error(weight, quantizer.fake(weight), stats.xxt)
-    assert result.loss < 0.8 * rtn_error
+    assert in_order.loss < 0.8 * rtn_error
+    assert result.loss < 0.8 * in_order.loss  # measured 0.4-0.6 here: act-order pays on uneven channels
     # The reported loss is the true ||W X - W' X||^2 of the stored weight.
     stored = dequantize(spec, *result.stored)
     assert torch.allclose(stored, result.dequantized, atol=1e-6)
@@ -41,12 +43,15 @@ def test_gptq_output_error_is_below_rtn(spec: QuantSpec, fit: bool) -> None:
     assert result.loss == pytest.approx(direct, rel=1e-3)
 
 
-def test_gptq_codes_are_in_range_and_shapes_canonical() -> None:
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_codes_are_in_range_and_shapes_canonical(act_order: bool) -> None:
     spec = QuantSpec("int4", 32, True)
     weight = torch.randn(40, 128, generator=torch.Generator().manual_seed(3))
     stats = InputStatistics(128)
     stats.add(correlated_inputs(512, 128, seed=4))
-    qweight, scales, qzeros = gptq_quantize(WeightQuantizer(spec), weight, stats).stored
+    result = gptq_quantize(WeightQuantizer(spec), weight, stats, act_order=act_order)
+    qweight, scales, qzeros = result.stored
+    assert torch.equal(dequantize(spec, qweight, scales, qzeros), result.dequantized)
     assert qweight.shape == spec.qweight_shape(40, 128) and qweight.dtype == torch.uint8
     assert scales.shape == qzeros.shape == (40, 4) and scales.dtype == qzeros.dtype == torch.float32
     assert int(codes_of(spec, qweight).max()) <= 15

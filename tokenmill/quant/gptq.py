@@ -63,23 +63,35 @@ def _inverse_cholesky(xxt: torch.Tensor, count: int, damping: float,
 
 
 def gptq_quantize(quantizer: WeightQuantizer, weight: torch.Tensor, stats: InputStatistics,
-                  damping: float = DEFAULT_DAMPING, block_size: int = DEFAULT_BLOCK) -> GPTQResult:
+                  damping: float = DEFAULT_DAMPING, block_size: int = DEFAULT_BLOCK,
+                  act_order: bool = True) -> GPTQResult:
+    """`act_order`: quantize columns in order of falling input energy (H's diagonal), the ones that matter most
+    first, while later ones can still absorb their errors; groups stay contiguous in the stored layout, so their
+    parameters are then chosen up front from the weight ("static groups")."""
     spec = quantizer.spec
     if spec.method == "fp8":
         raise ValueError("GPTQ quantizes integer codes; fp8 is per-channel RTN")
     original = weight.detach().float()
-    w = original.clone()
-    out, width = w.shape
+    out, width = original.shape
     group = spec.group_size or width
     spec.groups(width)  # refuses a group that does not divide the width
     if group < width and block_size % group:
         block_size = group * max(1, block_size // group)  # a block holds whole groups
-    u = _inverse_cholesky(stats.xxt, stats.count, damping, w)
+    order = torch.argsort(torch.diagonal(stats.xxt), descending=True) if act_order else torch.arange(width)
+    w = original[:, order].clone()
+    u = _inverse_cholesky(stats.xxt[order][:, order], stats.count, damping, w)
     codes = torch.zeros_like(w)
     scales = torch.zeros(out, width // group)
     zeros = torch.zeros(out, width // group)
+    static_groups = None
+    if act_order:
+        for g in range(width // group):  # from the weight as it is, dead columns zeroed
+            columns = torch.argsort(order)[g * group:(g + 1) * group]
+            scales[:, g], zeros[:, g] = quantizer.block_params(w[:, columns])
+        static_groups = order // group
     with _one_thread():
-        _quantize_columns(quantizer, w, u, codes, scales, zeros, group, block_size)
+        _quantize_columns(quantizer, w, u, codes, scales, zeros, group, block_size, static_groups)
+    codes = codes[:, torch.argsort(order)]
     grouped = (codes.reshape(out, -1, group) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
     dequantized = grouped.reshape(out, width)
     loss = output_error(original, dequantized, stats.xxt)
@@ -99,8 +111,10 @@ def _one_thread() -> Iterator[None]:
 
 
 def _quantize_columns(quantizer: WeightQuantizer, w: torch.Tensor, u: torch.Tensor, codes: torch.Tensor,
-                      scales: torch.Tensor, zeros: torch.Tensor, group: int, block_size: int) -> None:
-    """The GPTQ sweep: fills codes, scales and zeros, updating w's not yet quantized columns as it goes."""
+                      scales: torch.Tensor, zeros: torch.Tensor, group: int, block_size: int,
+                      static_groups: torch.Tensor | None) -> None:
+    """The GPTQ sweep: fills codes (and, unless `static_groups` gives each column's group with its parameters
+    already chosen, scales and zeros), updating w's not yet quantized columns as it goes."""
     spec = quantizer.spec
     width = w.shape[1]
     for start in range(0, width, block_size):
@@ -110,14 +124,17 @@ def _quantize_columns(quantizer: WeightQuantizer, w: torch.Tensor, u: torch.Tens
         u_block = u[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if column % group == 0:  # the group starts here: its parameters from its columns as they are now
+            if static_groups is not None:
+                g = int(static_groups[column])
+            elif column % group == 0:  # the group starts here: its parameters from its columns as they are now
                 g = column // group
                 if group == width or group > end - start:
                     source = w[:, column:column + group]
                 else:
                     source = block[:, i:i + group]
                 scales[:, g], zeros[:, g] = quantizer.block_params(source)
-            g = column // group
+            else:
+                g = column // group
             q = round_codes(spec, block[:, i], scales[:, g], zeros[:, g])
             codes[:, column] = q
             dq = dequantize_codes(q, scales[:, g], zeros[:, g])
