@@ -35,13 +35,14 @@ def scaled_output_error(quantizer: WeightQuantizer, weight: torch.Tensor, inputs
 
 
 def search_scales(quantizer: WeightQuantizer, weight: torch.Tensor, inputs: torch.Tensor,
-                  grid: int = DEFAULT_GRID,
-                  tie: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScaleSearch:
-    """weight [out, in], inputs [n, in] -> the best per-channel scales. `tie` maps the per-channel activation
+                  grid: int = DEFAULT_GRID, tie: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  magnitude: torch.Tensor | None = None) -> ScaleSearch:
+    """weight [out, in], inputs [n, in] -> the best per-channel scales. `magnitude`: mean |x| per channel when
+    known from more tokens than `inputs` (which only score the alphas); by default, the inputs'. `tie` maps the
     magnitudes to values shared by channels that must scale together (GQA: query heads sharing a value head)."""
     w = weight.detach().float()
     x = inputs.detach().float().reshape(-1, w.shape[1])
-    magnitude = x.abs().mean(0).clamp(min=1e-8)
+    magnitude = (x.abs().mean(0) if magnitude is None else magnitude.float()).clamp(min=1e-8)
     if tie is not None:
         magnitude = tie(magnitude)
     best: ScaleSearch | None = None

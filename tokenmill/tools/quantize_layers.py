@@ -21,8 +21,9 @@ from tokenmill.quant.weight_quantizer import StoredWeight, WeightQuantizer
 from tokenmill.tools.layer_walk import LayerWalk, quantizable_linears
 
 # Activation rows AWQ's search scores each alpha on, sampled evenly from the batches: its cost is one matmul of
-# these rows per alpha and linear layer, so it is capped (the mean |x| per channel settles long before).
-AWQ_SEARCH_ROWS = 2048
+# these rows per alpha and linear layer, so it is capped. The scales themselves (mean |x| per channel) come
+# from every calibration token.
+AWQ_SEARCH_ROWS = 512
 Log = Callable[[str], None]
 
 
@@ -114,12 +115,18 @@ def quantize_awq_layers(model: nn.Module, quantizer: WeightQuantizer, walk: Laye
     for index, layer in enumerate(walk.layers):
         linears = quantizable_linears(layer)
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
-        walk.collect(index, lambda name, x: inputs[name].append(_sample_rows(x, per_batch, generator)))
+        magnitude = {name: torch.zeros(module.input_size) for name, module in linears.items()}
+
+        def keep(name: str, x: torch.Tensor) -> None:
+            inputs[name].append(_sample_rows(x, per_batch, generator))
+            magnitude[name] += x.detach().float().abs().reshape(-1, x.shape[-1]).sum(0) / walk.num_tokens
+
+        walk.collect(index, keep)
         searches = {}
         for name, fold, tie in awq_folds(layer):
             if name in linears:
                 x = torch.cat(inputs[name])
-                found = search_scales(search_quantizer, linears[name].weight, x, tie=tie)
+                found = search_scales(search_quantizer, linears[name].weight, x, tie=tie, magnitude=magnitude[name])
                 if search_quantizer != quantizer:  # report the errors of the codes actually written
                     weight = linears[name].weight
                     found.loss = scaled_output_error(quantizer, weight, x, found.scales)
