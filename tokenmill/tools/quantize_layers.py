@@ -38,7 +38,8 @@ def _set_weight(module: LinearBase, quantizer: WeightQuantizer, stored: StoredWe
     module.weight.data.copy_(dequantize(quantizer.spec, *stored).to(module.weight.dtype))
 
 
-def quantize_rtn_layers(model: nn.Module, quantizer: WeightQuantizer, log: Log) -> QuantizedLayers:
+def quantize_without_data(model: nn.Module, quantizer: WeightQuantizer, log: Log) -> QuantizedLayers:
+    """RTN or the alternating fit: each linear layer from its weight alone."""
     result = QuantizedLayers()
     for index, layer in enumerate(model.model.layers):
         for name, module in quantizable_linears(layer).items():

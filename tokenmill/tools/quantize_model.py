@@ -17,7 +17,7 @@ from tokenmill.quant.codes import METHODS, QuantSpec
 from tokenmill.quant.weight_quantizer import WeightQuantizer, default_spec
 from tokenmill.tools.layer_walk import LayerWalk, quantizable_linears
 from tokenmill.tools.quantize_layers import (QuantizedLayers, quantize_awq_layers, quantize_gptq_layers,
-                                             quantize_rtn_layers)
+                                             quantize_without_data)
 from tokenmill.tools.quantized_checkpoint import write_quantized_checkpoint
 
 ALGOS = ("rtn", "fit", "gptq", "awq")
@@ -125,7 +125,7 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, options: Qu
         run = quantize_gptq_layers if algo == "gptq" else quantize_awq_layers
         result: QuantizedLayers = run(model, quantizer, walk, log)
     else:
-        result = quantize_rtn_layers(model, quantizer, log)
+        result = quantize_without_data(model, quantizer, log)
     float_dtype = resolve_dtype("auto", arch)
     out = write_quantized_checkpoint(model_path, out_dir, model, result.stored, spec, float_dtype)
     calibrated = algo in CALIBRATED
