@@ -101,6 +101,12 @@ def test_gptq_output_is_closer_to_the_float_model_than_rtn(llama: Path, tmp_path
     assert errors["gptq"] < errors["rtn"]
 
 
+def test_the_source_folder_is_never_overwritten(llama: Path, capsys) -> None:
+    assert main(["quantize", str(llama), "--method", "int8", "--out", str(llama)]) == 2
+    assert f"out: {llama} is the source checkpoint" in capsys.readouterr().err
+    assert (llama / "model.safetensors").is_file() and "quantization_config" not in (llama / "config.json").read_text()
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--method", "nf4"], "method: unknown method 'nf4'"),
     (["--method", "int4", "--algo", "smoothquant"], "algo: unknown algorithm 'smoothquant'"),

@@ -103,6 +103,8 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, options: Qu
     printer = log
     log = lambda message: printer(f"[{time.perf_counter() - start:6.1f} s] {message}")  # progress with time
     options.spec()  # bad method or group size: refused before the model loads
+    if Path(out_dir).resolve() == Path(model_path).resolve():
+        raise ConfigError("out", f"{out_dir} is the source checkpoint; write the quantized one elsewhere")
     algo = options.resolved_algo()
     log(f"loading {model_path}")
     model, arch = load_model(model_path, dtype=torch.float32)
