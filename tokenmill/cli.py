@@ -123,6 +123,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
     print(f"wrote a random-weight tiny Llama checkpoint to {path}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from tokenmill.tools.quantize_model import QuantizeOptions, quantize_checkpoint
+
+    sizes = {k: v for k, v in (("samples", args.samples), ("window", args.window)) if v is not None}
+    options = QuantizeOptions(method=args.method, algo=args.algo, group_size=args.group_size,
+                              zero_point=args.zero_point, calibration=args.calibration, **sizes)
+    quantize_checkpoint(args.model, args.out, options)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """OpenAI-compatible HTTP server; SIGINT/SIGTERM drain in-flight requests for --drain-timeout, then abort."""
     import uvicorn
@@ -221,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=128)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)
+
+    quantize = sub.add_parser("quantize", help="write a quantized checkpoint folder (int8, int4, w2, fp8)")
+    quantize.add_argument("model", help="checkpoint folder or GGUF file")
+    quantize.add_argument("--method", required=True, help="int8 | int4 | w2 | fp8")
+    quantize.add_argument("--algo", default=None,
+                          help="rtn | gptq | awq | fit (the 2-bit alternating fit; default for w2, else rtn)")
+    quantize.add_argument("--group-size", type=int, default=None,
+                          help="input columns per scale (default: int4 128, w2 64, int8/fp8 per channel)")
+    quantize.add_argument("--zero-point", action="store_true", help="int4 with a zero-point per group (w2 always)")
+    quantize.add_argument("--calibration", nargs="+", default=None, metavar="FILE",
+                          help="text files to calibrate GPTQ/AWQ on (default: stdlib docstrings and code)")
+    quantize.add_argument("--samples", type=int, default=None, help="calibration windows (default 128)")
+    quantize.add_argument("--window", type=int, default=None, help="tokens per calibration window (default 128)")
+    quantize.add_argument("--out", required=True, help="output folder")
+    quantize.set_defaults(func=cmd_quantize)
 
     from tokenmill.bench.cli import add_bench_parser
 

@@ -51,6 +51,14 @@ def _add_optim_args(p: argparse.ArgumentParser, *, lr: float, warmup: int, weigh
                    help="dtype of model.safetensors (auto: bfloat16 on CUDA, float32 on CPU)")
 
 
+def _add_qat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qat", default=None, choices=["int8", "int4", "w2"],
+                   help="quantization-aware training: fake-quantize the linear weights (straight-through) and also "
+                   "write the quantized checkpoint to OUT/quantized")
+    p.add_argument("--qat-group-size", type=int, default=None,
+                   help="input columns per scale for int4/w2 (default: the largest of 128/64/32 dividing the widths)")
+
+
 def _pick(ns: argparse.Namespace, fields: Any) -> dict[str, Any]:
     # Only this command's fields: the top-level parser may add its own (command, func, verbosity...).
     names = {f.name for f in fields}
@@ -99,6 +107,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STATE",
                    help="continue from a checkpoints/step_N.pt file, or the newest under --out if no path")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA runs)")
+    _add_qat_args(p)
     p.set_defaults(func=lambda ns: _run("train", ns))
     return p
 
@@ -129,5 +138,6 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--acceptance-prompts", type=int, default=16)
     p.add_argument("--acceptance-prompt-length", type=int, default=32)
     p.add_argument("--acceptance-new-tokens", type=int, default=32)
+    _add_qat_args(p)
     p.set_defaults(func=lambda ns: _run("distill", ns))
     return p

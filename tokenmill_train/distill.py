@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tokenmill_train import checkpoint_io as ckpt
 from tokenmill_train.corpus import PackedLoader
 from tokenmill_train.model import LlamaForCausalLM, ModelConfig
+from tokenmill_train.qat import enable_fake_quant, export_quantized, qat_spec
 from tokenmill_train.tokenizer_train import load_tokenizer
 from tokenmill_train.trainer import (
     Log,
@@ -74,6 +75,8 @@ class DistillArgs:
     acceptance_prompt_length: int = 32
     acceptance_new_tokens: int = 32
     save_dtype: str = "auto"
+    qat: str | None = None  # int8 | int4 | w2: distill with fake-quantized linear weights, export quantized
+    qat_group_size: int | None = None
 
 
 def kd_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -294,6 +297,10 @@ def distill(args: DistillArgs, log: Log = lambda s: print(s, flush=True)) -> dic
     log(f"target: {target.num_parameters() / 1e6:.2f} M parameters; draft: {draft.num_parameters() / 1e6:.2f} M "
         f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}){f'; {start}' if start else ''}")
 
+    qat = None
+    if args.qat:  # after the draft's weights are initialised: the fake quantization wraps its final weights
+        qat = qat_spec(args.qat, draft, args.qat_group_size)
+        log(f"quantization-aware distillation: {enable_fake_quant(draft, qat)} linear layers fake-quantized as {qat}")
     optimizer = make_optimizer(draft, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps,
                                                                        args.min_lr_ratio))
@@ -356,7 +363,9 @@ def distill(args: DistillArgs, log: Log = lambda s: print(s, flush=True)) -> dic
     pad = target_hf.get("pad_token_id")
     ckpt.save_hf_checkpoint(draft, out, tokenizer, bos_id=target_hf.get("bos_token_id"), eos_id=eos_id, pad_id=pad,
                             dtype=save_dtype, tokenizer_dir=args.target)
+    exported = export_quantized(out, qat, log) if qat is not None else None
     summary = {
+        "qat": exported,
         "target": str(args.target),
         "draft_config": cfg.to_dict(),
         "draft_parameters": draft.num_parameters(),

@@ -20,6 +20,7 @@ from tokenmill.utils.text_files import gather_files, read_corpus
 from tokenmill_train import checkpoint_io as ckpt
 from tokenmill_train.corpus import PackedLoader, pack_rows, split_holdout, tokenize_and_join
 from tokenmill_train.model import LlamaForCausalLM, ModelConfig
+from tokenmill_train.qat import enable_fake_quant, export_quantized, qat_spec
 from tokenmill_train.tokenizer_train import BOS, EOS, PAD, special_ids, train_tokenizer
 
 Log = Callable[[str], None]
@@ -61,6 +62,8 @@ class TrainArgs:
     resume: str | None = None
     save_dtype: str = "auto"
     compile: bool = False
+    qat: str | None = None  # int8 | int4 | w2: train with fake-quantized linear weights, export quantized
+    qat_group_size: int | None = None  # None: the method's default group size that divides the widths
 
 
 def resolve_device(name: str) -> torch.device:
@@ -271,6 +274,10 @@ def train(args: TrainArgs, log: Log = lambda s: print(s, flush=True)) -> dict[st
         ckpt.set_rng_state(state["rng"])
         step, elapsed = state["step"], state["elapsed_s"]
         history, evals = state["loss_history"], state["evals"]
+    qat = None
+    if args.qat:
+        qat = qat_spec(args.qat, model, args.qat_group_size)
+        log(f"quantization-aware training: {enable_fake_quant(model, qat)} linear layers fake-quantized as {qat}")
     forward = torch.compile(model) if args.compile else model
     log(f"model: {model.num_parameters() / 1e6:.2f} M parameters ({cfg.num_hidden_layers} layers, hidden "
         f"{cfg.hidden_size}, vocab {cfg.vocab_size}); {len(data.train_rows)} train rows of {cfg.max_position_embeddings}"
@@ -339,7 +346,9 @@ def train(args: TrainArgs, log: Log = lambda s: print(s, flush=True)) -> dict[st
     save_dtype = args.save_dtype if args.save_dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     ckpt.save_hf_checkpoint(model, out, tokenizer, bos_id=ids[BOS], eos_id=ids[EOS], pad_id=ids[PAD],
                             dtype=save_dtype)
+    exported = export_quantized(out, qat, log) if qat is not None else None
     summary = {
+        "qat": exported,
         "corpus": data.corpus_info,
         "corpus_files": data.files[:10_000],
         "heldout_files": data.held_docs[:10_000],
