@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.input_checks import check_text
 from tokenmill.structured.params import StructuredOutputParams
 
 # Bounds shared with the server so both report the same limits.
@@ -99,6 +100,7 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
+            check_text(s, "stop")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0, None)
         if self.logprobs is not None:

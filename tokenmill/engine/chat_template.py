@@ -20,6 +20,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.input_checks import check_json_value
 
 # Names a message's reasoning may arrive under; templates read `reasoning_content` (or `thinking`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -221,6 +222,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]], keep_parts: bool) 
             raise InvalidRequestError(f"messages[{i}]", "must be an object with 'role' and 'content'")
         if not isinstance(msg.get("role"), str):
             raise InvalidRequestError(f"messages[{i}].role", "must be a string")
+        check_json_value(msg, f"messages[{i}]")  # text the tokenizer could not encode, nesting
         # OpenAI clients send content=None / tool_calls=None; templates handle missing keys better.
         msg = {k: v for k, v in msg.items() if v is not None}
         content = msg.get("content")
