@@ -66,14 +66,25 @@ def test_a_failing_detokenizer_fails_its_request_alone(engine, monkeypatch):
 
 
 def test_a_grammar_that_cannot_be_matched_fails_its_request_alone(engine):
+    """Its costly part starts past the tokens the compile walks, so only a step finds it."""
+    from tokenmill.structured.params import StructuredOutputParams
+
+    finished, failures = _run(engine, SamplingParams(max_tokens=40, structured_outputs=StructuredOutputParams(
+        regex="[a-z ]{20}x{1000}{1000}")))
+    _assert_only_the_poison_failed(finished, failures)
+    assert failures["poison"].field == "guided_regex"
+
+
+def test_a_grammar_that_fails_in_its_first_tokens_is_refused_before_it_is_queued(engine):
+    from tokenmill.errors import InvalidRequestError
     from tokenmill.structured.params import StructuredOutputParams
 
     recursive = {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
                                  "required": ["next"]}}, "$ref": "#/$defs/n"}
-    finished, failures = _run(engine, SamplingParams(max_tokens=12, structured_outputs=StructuredOutputParams(
-        json=recursive, source="tools")))
-    _assert_only_the_poison_failed(finished, failures)
-    assert failures["poison"].field == "tools"
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("poison", [5, 6, 9], SamplingParams(
+            max_tokens=12, structured_outputs=StructuredOutputParams(json=recursive, source="tools")))
+    assert info.value.field == "tools" and not engine.has_unfinished_requests()
 
 
 # ---- a model pass that fails because of one request ---------------------------------------------------------

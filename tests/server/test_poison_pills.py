@@ -75,18 +75,19 @@ def test_poison_request_fails_alone(server, name, endpoint, body, field):
 
 
 def test_a_streamed_request_failing_inside_a_step_gets_its_own_error_event(server):
-    """The recursive schema compiles but cannot be matched: the failure comes mid-stream, to this stream alone."""
-    body = json.dumps({**CHAT, "tools": [RECURSIVE_TOOL], "tool_choice": "required", "stream": True})
+    """The grammar's costly part starts after 20 characters, past what the compile walks: it compiles, and the
+    failure comes mid-stream, to this stream alone."""
+    body = json.dumps({**COMPLETION, "guided_regex": "[a-z ]{20}x{1000}{1000}", "max_tokens": 40, "stream": True})
 
     async def main():
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
             victims = [_victim(client, i) for i in range(NUM_VICTIMS)]
-            return await asyncio.gather(_poison(client, "chat/completions", body), *victims)
+            return await asyncio.gather(_poison(client, "completions", body), *victims)
 
     poison, *victims = asyncio.run(main())
     events = [line for line in poison.text.splitlines() if line.startswith("data: ")]
     errors = [json.loads(e[6:])["error"] for e in events if '"error"' in e]
-    assert len(errors) == 1 and errors[0]["param"] == "tools", events
+    assert len(errors) == 1 and errors[0]["param"] == "guided_regex", events
     assert "grammar" in errors[0]["message"] and events[-1] == "data: [DONE]"
     assert all(finish == "length" for finish, _ in victims)
 
