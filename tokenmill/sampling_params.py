@@ -101,8 +101,8 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
             check_text(s, "stop")
-        for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, 0, None)
+        for t in self.stop_token_ids:  # min_tokens masks them in the logits: an id past the vocabulary would overflow
+            _check_int("stop_token_ids", t, 0, None if vocab_size is None else vocab_size - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:

@@ -148,3 +148,11 @@ def test_draft_model_with_another_tokenizer_is_a_config_error(checkpoint_dir, tm
     with pytest.raises(ConfigError, match="the draft must share the tokenizer") as info:
         LLM(model=str(target), speculative_method="draft", draft_model=str(draft))
     assert info.value.setting == "draft_model"
+
+
+def test_stop_token_ids_past_the_vocabulary_are_refused(llm):
+    """min_tokens masks stop ids in the logits: an id past the vocabulary failed the whole step (a 500)."""
+    params = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[15336842704880450])
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(["abc"], params)
+    assert info.value.field == "stop_token_ids" and "<= 511" in str(info.value)
