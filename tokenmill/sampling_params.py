@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.input_checks import check_text
 from tokenmill.structured.params import StructuredOutputParams
 
 # Bounds shared with the server so both report the same limits.
@@ -99,8 +100,9 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
-        for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, 0, None)
+            check_text(s, "stop")
+        for t in self.stop_token_ids:  # min_tokens masks them in the logits: an id past the vocabulary would overflow
+            _check_int("stop_token_ids", t, 0, None if vocab_size is None else vocab_size - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:

@@ -55,6 +55,29 @@ def test_empty_prompt(llm):
         llm.generate({"prompt_token_ids": []}, GREEDY)
 
 
+LONE_SURROGATE_CASES = [
+    (lambda llm: llm.generate(["abc\ud800"], GREEDY), "prompt"),
+    (lambda llm: llm.generate({"prompt": "\udc00"}, GREEDY), "prompt"),
+    (lambda llm: list(llm.stream("x\ud800", GREEDY)), "prompt"),
+    (lambda llm: llm.chat([{"role": "user", "content": "hi \ud800"}], GREEDY), "messages[0].content"),
+    (lambda llm: llm.chat([[{"role": "user", "content": "ok"}, {"role": "user", "content": [
+        {"type": "text", "text": "\udfff"}]}]], GREEDY), "messages[1].content[0].text"),
+    (lambda llm: llm.chat([{"role": "user", "content": "hi"}], GREEDY, chat_template_kwargs={"name": "\ud800"}),
+     "chat_template_kwargs.name"),
+    (lambda llm: SamplingParams(stop=["\ud800"]), "stop"),
+]
+
+
+@pytest.mark.parametrize(("call", "field"), LONE_SURROGATE_CASES,
+                         ids=["generate", "dict prompt", "stream", "chat", "content part", "template kwargs", "stop"])
+def test_a_lone_surrogate_is_an_invalid_request_naming_the_field(llm, call, field):
+    """The same rule and words as the server's 400 (tokenmill.input_checks), not a TypeError from the tokenizer."""
+    with pytest.raises(InvalidRequestError) as info:
+        call(llm)
+    assert info.value.field == field and "lone UTF-16 surrogate" in str(info.value)
+    assert llm.generate(["abc"], GREEDY)[0].outputs[0].token_ids  # and nothing was left queued
+
+
 def test_engine_keeps_serving_other_requests_after_bad_input(llm):
     engine = llm.engine
     good = {"prompt_token_ids": make_prompts(lengths=[10], seed=1)[0]}
@@ -125,3 +148,11 @@ def test_draft_model_with_another_tokenizer_is_a_config_error(checkpoint_dir, tm
     with pytest.raises(ConfigError, match="the draft must share the tokenizer") as info:
         LLM(model=str(target), speculative_method="draft", draft_model=str(draft))
     assert info.value.setting == "draft_model"
+
+
+def test_stop_token_ids_past_the_vocabulary_are_refused(llm):
+    """min_tokens masks stop ids in the logits: an id past the vocabulary failed the whole step (a 500)."""
+    params = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[15336842704880450])
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(["abc"], params)
+    assert info.value.field == "stop_token_ids" and "<= 511" in str(info.value)

@@ -20,6 +20,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.input_checks import check_json_value
 
 # Names a message's reasoning may arrive under; templates read `reasoning_content` (or `thinking`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -147,6 +148,12 @@ def render_bounded(template: jinja2.Template, variables: Mapping[str, Any]) -> s
         _budget.deadline = None
 
 
+def reserved_template_kwargs(special_names: Iterable[str], allow_template: bool) -> list[str]:
+    """The chat_template_kwargs names check_template_kwargs refuses."""
+    reserved = set(RESERVED_TEMPLATE_VARIABLES) | set(special_names)
+    return sorted(reserved - {"chat_template"} if allow_template else reserved)
+
+
 def check_template_kwargs(kwargs: Mapping[str, Any], special_names: Iterable[str], allow_template: bool) -> None:
     """chat_template_kwargs from a client: extra variables only, never the renderer's own inputs."""
     for key in kwargs:
@@ -221,8 +228,11 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]], keep_parts: bool) 
             raise InvalidRequestError(f"messages[{i}]", "must be an object with 'role' and 'content'")
         if not isinstance(msg.get("role"), str):
             raise InvalidRequestError(f"messages[{i}].role", "must be a string")
+        check_json_value(msg, f"messages[{i}]")  # text the tokenizer could not encode, nesting
         # OpenAI clients send content=None / tool_calls=None; templates handle missing keys better.
         msg = {k: v for k, v in msg.items() if v is not None}
+        if "content" not in msg and "tool_calls" not in msg:
+            msg["content"] = ""  # a message without content says nothing: templates read message['content']
         content = msg.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):

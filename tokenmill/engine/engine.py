@@ -22,6 +22,7 @@ from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError, RequestFailedError, TokenmillError
+from tokenmill.input_checks import check_text
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -77,6 +78,7 @@ class LLMEngine:
             else:
                 raise InvalidRequestError("prompt", "a dict prompt needs 'prompt' or 'prompt_token_ids'")
         elif isinstance(prompt, str):
+            check_text(prompt, "prompt")
             if self.tokenizer is None:
                 raise InvalidRequestError("prompt", "this checkpoint has no tokenizer; pass prompt_token_ids")
             text, token_ids = prompt, self.tokenizer.encode(prompt)

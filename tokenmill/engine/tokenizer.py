@@ -24,6 +24,7 @@ from tokenmill.engine.chat_template import (
     render_bounded,
 )
 from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.input_checks import check_json_value
 from tokenmill.models.gguf import is_gguf_path
 
 _MAX_COMPILED_TEMPLATES = 16
@@ -298,6 +299,10 @@ class Tokenizer:
                             tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
                             **template_kwargs: Any) -> str:
         """Render messages to the prompt text, as `AutoTokenizer.apply_chat_template(..., tokenize=False)`."""
+        # What the template writes into the prompt must be encodable (messages are checked as they are read).
+        for field, value in (("tools", tools), ("chat_template", chat_template),
+                             ("chat_template_kwargs", template_kwargs)):
+            check_json_value(value, field)
         template, handles_parts = self._compile(self._pick_template(chat_template, tools))
         chat = normalize_messages(messages, keep_parts=handles_parts)
         variables = {**self._special, **plain_json(template_kwargs)}

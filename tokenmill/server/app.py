@@ -14,8 +14,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.engine.chat_template import reserved_template_kwargs
 from tokenmill.server.errors import error_body, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
+from tokenmill.server.openapi_bounds import document_model_bounds
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.reasoning import tokenizer_has_think_tokens
 from tokenmill.server.serving_chat import create_chat_completion
@@ -167,6 +169,9 @@ def build_app(
 
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tokenmill = state
+    special_names = tokenizer.special_tokens_map if tokenizer is not None else {}
+    document_model_bounds(app, engine.arch.vocab_size,
+                          reserved_template_kwargs(special_names, trust_request_chat_template))
     install_error_handlers(app)
     # Middleware added last runs first: hosts, then the key, then the body limit, so an unauthenticated
     # body is never read, let alone parsed.

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import EngineOverloadedError
 from tokenmill.errors import InvalidRequestError, RequestFailedError
-from tokenmill.server.body_checks import MAX_JSON_DEPTH
+from tokenmill.input_checks import MAX_JSON_DEPTH
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import torch
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sample.bitmask import allocate_bitmask, bitmask_width
+from tokenmill.structured.deep_stack import DeepStackPool
 from tokenmill.structured.llg_grammar import compile_template, import_llguidance
 from tokenmill.structured.params import StructuredOutputParams
 
@@ -27,10 +28,19 @@ from tokenmill.structured.params import StructuredOutputParams
 # 0.2 MB for a nested schema (measured), so a full cache is some 50 MB. Repeated schemas (one per tool
 # or API client) stay warm.
 DEFAULT_CACHE_SIZE = 256
-# Wall time one grammar may take to compile and produce its first mask. llguidance's own limits (lexer fuel,
-# items per step) bound the work; this bounds the wait a client can impose on the others sharing the compiler.
-# `x{1000}{1000}` takes ~1.8 s here; real schemas take milliseconds.
+# Wall time one grammar may take to compile, build its first mask and take its first token. The work itself is
+# bounded by llguidance's fuel (below); this is the backstop a client cannot push past on a loaded machine.
+# Real schemas take milliseconds.
 DEFAULT_COMPILE_BUDGET_S = 1.0
+# llguidance's fuel for building a grammar's lexer (its first mask): the work a compile may do before it is
+# cut short. Its default (1,000,000) let `x{1000}{1000}` run 1.2-4.7 s on a 2-core machine before failing
+# anyway; a fifth of it stops that in 0.2-0.6 s and still builds real lexemes (`x{30000}` needs ~100,000).
+INITIAL_LEXER_FUEL = 200_000
+# Tokens a new grammar is walked before it is accepted: far enough into its first lexemes (a JSON string's
+# pattern starts after the quote) that one too costly to match is refused before the request is queued.
+PROBED_TOKENS = 8
+# Compiles that run at once, process-wide: as many as the async engine prepares requests at once.
+COMPILE_THREADS = 4
 # Grammars refused for their cost are remembered (bounded) so a client repeating one pays nothing again.
 MAX_REFUSED = 1024
 
@@ -140,8 +150,9 @@ class GrammarMatcher:
     def _raise_if_failed(self) -> None:
         # Only resource limits (a grammar too costly to match) reach here; the request cannot go on.
         if self._llm.is_error():
-            raise InvalidRequestError(self._compiled.error_field,
-                                      f"the grammar could not be matched: {self._llm.get_error()}")
+            detail = self._llm.get_error().replace("<non-verbose/>", "").strip()  # the rest quotes no input
+            raise InvalidRequestError(self._compiled.error_field, f"the grammar could not be matched (it is over "
+                                      f"the matcher's limits; simplify it): {detail}")
 
 
 _executor: Any = None
@@ -184,6 +195,18 @@ def fill_bitmasks(matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor, row
         matcher._raise_if_failed()
 
 
+_compile_threads: DeepStackPool | None = None
+
+
+def _compile_pool() -> DeepStackPool:
+    """The process's deep-stack threads for llguidance compiles (structured/deep_stack.py), made on first use."""
+    global _compile_threads
+    with _executor_lock:
+        if _compile_threads is None:
+            _compile_threads = DeepStackPool(COMPILE_THREADS, "tokenmill-grammar-compile")
+        return _compile_threads
+
+
 def _get_executor() -> Any:
     global _executor
     with _executor_lock:
@@ -201,6 +224,19 @@ def _check_bitmask(bitmask: torch.Tensor, width: int, vocab_size: int) -> None:
     if bitmask.shape[1] != width or bitmask.stride(1) != 1:
         raise ValueError(f"bitmask rows must be {width} contiguous words for vocab_size {vocab_size}, "
                          f"got shape {tuple(bitmask.shape)}")
+
+
+def _first_allowed_token(row: torch.Tensor, skip: frozenset[int]) -> int | None:
+    """The lowest token id a bitmask row allows, other than those in `skip` (None when there is none)."""
+    for word in torch.nonzero(row).flatten().tolist():
+        bits = int(row[word]) & 0xFFFFFFFF
+        while bits:
+            low = bits & -bits
+            token = word * 32 + low.bit_length() - 1
+            if token not in skip:
+                return token
+            bits ^= low
+    return None
 
 
 def _set_bits(row: torch.Tensor, token_ids: frozenset[int]) -> None:
@@ -267,10 +303,7 @@ class GrammarCompiler:
                     break
             in_flight.wait()  # another thread compiles this grammar: then read its result from the cache
         try:
-            started = time.perf_counter()
-            template = compile_template(llg, self._lltokenizer, params, self._limits)
-            compiled = CompiledGrammar(params.kind, params.error_field, template, self._vocab_size, self._eos)
-            self._check_cost(key, compiled, time.perf_counter() - started)
+            compiled = _compile_pool().run(self._compile_checked, llg, key, params)
             with self._lock:
                 self.misses += 1
                 self._cache[key] = compiled
@@ -281,16 +314,30 @@ class GrammarCompiler:
             with self._lock:
                 self._compiling.pop(key).set()
 
-    def _check_cost(self, key: Hashable, compiled: CompiledGrammar, compile_s: float) -> None:
-        """Build the first mask now (llguidance builds its lexer lazily) and hold the total to the budget.
+    def _compile_checked(self, llg: ModuleType, key: Hashable, params: StructuredOutputParams) -> CompiledGrammar:
+        """Compile and check the cost (on a deep-stack thread: llguidance recurses once per grammar level)."""
+        started = time.perf_counter()
+        template = compile_template(llg, self._lltokenizer, params, self._limits)
+        compiled = CompiledGrammar(params.kind, params.error_field, template, self._vocab_size, self._eos)
+        self._check_cost(key, compiled, time.perf_counter() - started)
+        return compiled
 
-        Errors that would otherwise surface in the first engine step (a lexer over its limits) surface here,
+    def _check_cost(self, key: Hashable, compiled: CompiledGrammar, compile_s: float) -> None:
+        """Build the first masks and walk a few tokens now (llguidance builds its lexer lazily, so a lexeme
+        too costly to match fails only when it is first used) and hold the total to the budget.
+
+        Errors that would otherwise surface in the first engine steps (a lexer over its limits) surface here,
         as this request's 400, before it is queued."""
         started = time.perf_counter()
         probe = compiled.new_matcher()
         error: InvalidRequestError | None = None
         try:
-            probe.fill_bitmask(allocate_bitmask(1, self._vocab_size), 0)
+            mask = allocate_bitmask(1, self._vocab_size)
+            for _ in range(PROBED_TOKENS):  # the lowest allowed token each time: a walk into the first lexemes
+                probe.fill_bitmask(mask, 0)
+                token = _first_allowed_token(mask[0], self._eos)
+                if token is None or not probe.accept_token(token):  # accept_token raises if the lexer gives up
+                    break
         except InvalidRequestError as e:
             error = e
         elapsed = compile_s + time.perf_counter() - started
@@ -332,7 +379,7 @@ class GrammarCompiler:
         self._lltokenizer = llg.LLTokenizer(_tokenizer_json(self._tokenizer), n_vocab=self._vocab_size,
                                             eos_token=sorted(self._eos))
         # Short error messages: the default ones dump the parser state and the whole grammar.
-        self._limits = llg.LLParserLimits(verbose_errors=False)
+        self._limits = llg.LLParserLimits(verbose_errors=False, initial_lexer_fuel=INITIAL_LEXER_FUEL)
         self._llg = llg
         return llg
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,8 +42,8 @@ from tokenmill.worker.kv_cache_alloc import (allocate_kv_caches, bytes_per_block
 from tokenmill.worker.memory_sizing import GpuMemoryProfile, kv_cache_budget, measure_gpu_memory, run_worst_case_step
 from tokenmill.worker.model_runner import ModelRunner
 from tokenmill.worker.request_failures import RequestFailures
+from tokenmill.worker.step_isolation import aligned_output, without_failing_requests
 from tokenmill.worker.step_timer import time_forward
-
 
 DrafterFactory = Callable[[torch.device, int], Drafter]  # (device, target vocab size) -> drafter
 
@@ -157,26 +157,24 @@ class Worker:
         # reported in output.failed; the step goes on for everyone else.
         failures = RequestFailures()
         self._update_requests(scheduler_output, failures)
-        chunks = scheduler_output.chunks
-        if not chunks:
+        if not scheduler_output.chunks:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], failed=failures.failed)
-        inputs = self.runner.prepare(scheduler_output)
-        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts)
-                 if not chunks[c].num_spec_tokens and chunks[c].req_id not in failures]
-        grammar = self._start_grammar_masks(scheduler_output, plain)
-        prepared = time.perf_counter()
-        hidden = self.runner.forward(inputs)
+        model_pass = self._run_model(scheduler_output, failures)
+        if model_pass is None:  # every request of the step failed
+            return aligned_output(scheduler_output, ModelRunnerOutput([], [], failed=failures.failed))
+        step, inputs, plain, grammar, hidden, logits, prepared = model_pass
+        chunks = step.chunks  # the scheduled chunks less those whose presence made the model pass fail
         forwarded = time.perf_counter()
         sampled: list[list[int]] = [[] for _ in chunks]
         output = ModelRunnerOutput(req_ids=[c.req_id for c in chunks], sampled_token_ids=sampled,
                                    failed=failures.failed)
-        if inputs.sampling_chunks:
-            self._sample(scheduler_output, inputs, hidden, plain, grammar, output, failures)
+        if logits is not None:
+            self._sample(step, inputs, logits, plain, grammar, output, failures)
         sampling.prompt_logprobs(chunks, self.states, hidden, self.model.compute_logits, output)
         sampled_at = time.perf_counter()
         drafted = any(c.num_spec_tokens for c in chunks)
         if self.drafter is not None and inputs.sampling_chunks:
-            self._propose_drafts(scheduler_output, inputs, output, failures)
+            self._propose_drafts(step, inputs, output, failures)
         finished = time.perf_counter()
         if self.drafter is not None and inputs.sampling_chunks:
             self.drafter.observe_step(inputs.num_tokens, drafted, finished - started)
@@ -185,7 +183,41 @@ class Worker:
         output.timings = {"prepare_s": prepared - started, "forward_s": forwarded - prepared,
                           "sample_s": sampled_at - forwarded, "propose_s": finished - sampled_at,
                           "execute_s": finished - started}
-        return output
+        return output if step is scheduler_output else aligned_output(scheduler_output, output)
+
+    def _run_model(self, scheduler_output: SchedulerOutput, failures: RequestFailures) -> _ModelPass | None:
+        """The step's model pass. When it raises, the requests whose presence alone makes it fail are found
+        (worker/step_isolation.py), reported as failed, and the pass runs without them."""
+        try:
+            return self._model_pass(scheduler_output, failures)
+        except Exception as exc:  # noqa: BLE001 - attributed to requests, or raised again
+            step_error = exc
+        kept = without_failing_requests(scheduler_output, failures, self._probe, step_error)
+        return self._model_pass(kept, failures) if kept.chunks else None
+
+    def _probe(self, subset: SchedulerOutput) -> None:
+        """The model pass of a subset of a step's chunks, for step isolation (raises what the pass raises)."""
+        inputs = self.runner.prepare(subset)
+        hidden = self.runner.forward(inputs)
+        if inputs.sampling_chunks:
+            self.runner.logits(hidden, inputs)
+
+    def _model_pass(self, step: SchedulerOutput, failures: RequestFailures) -> _ModelPass:
+        """Inputs, grammar masks started, the forward and the sampling rows' logits of one step."""
+        chunks = step.chunks
+        inputs = self.runner.prepare(step)
+        plain = [(c, r) for c, r in zip(inputs.sampling_chunks, inputs.logits_row_starts)
+                 if not chunks[c].num_spec_tokens and chunks[c].req_id not in failures]
+        grammar = self._start_grammar_masks(step, plain)
+        prepared = time.perf_counter()
+        try:
+            hidden = self.runner.forward(inputs)
+            logits = self.runner.logits(hidden, inputs) if inputs.sampling_chunks else None
+        except BaseException:
+            if grammar is not None:  # the mask thread must be done with the matchers before anyone retries
+                grammar[0].exception()
+            raise
+        return _ModelPass(step, inputs, plain, grammar, hidden, logits, prepared)
 
     def _update_requests(self, scheduler_output: SchedulerOutput, failures: RequestFailures) -> None:
         if self.drafter is not None and self._last_decode_step is not None and scheduler_output.prev_step_seconds:
@@ -233,11 +265,10 @@ class Worker:
         pending = self.grammar_masks.start([self.states[chunks[plain[i][0]].req_id].grammar for i in rows])
         return None if pending is None else (pending, rows)
 
-    def _sample(self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
+    def _sample(self, scheduler_output: SchedulerOutput, inputs: StepInputs, logits: torch.Tensor,
                 plain: list[tuple[int, int]], grammar: Any, output: ModelRunnerOutput,
                 failures: RequestFailures) -> None:
         chunks = scheduler_output.chunks
-        logits = self.runner.logits(hidden, inputs)
         mask = self._resolve_grammar_masks(chunks, plain, grammar, failures)
         forced = self._forced_tokens(chunks, plain, failures)
         plain, mask = _without_failed(chunks, plain, mask, failures)
@@ -348,6 +379,16 @@ class Worker:
             chunk = ScheduledChunk(req_id, [0] * length, 0, table, sample=True)
             yield input_batch.prepare(SchedulerOutput(chunks=[chunk]))
             input_batch.remove(req_id)
+
+
+class _ModelPass(NamedTuple):
+    step: SchedulerOutput  # what ran: the scheduled step, less requests whose presence made it fail
+    inputs: StepInputs
+    plain: list[tuple[int, int]]  # (chunk index, logits row) of the chunks that sample without drafts
+    grammar: Any  # the pending grammar masks and their rows, or None
+    hidden: torch.Tensor
+    logits: torch.Tensor | None  # None when no chunk samples
+    prepared_at: float
 
 
 def _without_failed(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], mask: Any,
