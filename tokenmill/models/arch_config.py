@@ -194,3 +194,13 @@ def _optional_float(value: Any) -> float | None:
 
 def read_arch_config(model_path: str | Path) -> ArchConfig:
     return parse_arch_config(read_config_json(model_path), source=str(Path(model_path) / "config.json"))
+
+
+def parameter_count(arch: ArchConfig) -> int:
+    """The parameter count a checkpoint's config implies, without loading its weights."""
+    attention = arch.hidden_size * arch.head_dim * (2 * arch.num_heads + 2 * arch.num_kv_heads)
+    mlp = 3 * arch.hidden_size * arch.intermediate_size
+    moe = arch.num_experts * arch.hidden_size * (3 * arch.moe_intermediate_size + 1)  # experts + router rows
+    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    sparse = sum(arch.moe_layers)
+    return arch.num_layers * attention + (arch.num_layers - sparse) * mlp + sparse * moe + embeddings

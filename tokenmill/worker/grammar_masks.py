@@ -13,12 +13,13 @@ The grammar library lives in `tokenmill.structured`; the worker sees it only thr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from tokenmill.core.sched_io import ScheduledChunk
 from tokenmill.sample.bitmask import allocate_bitmask
 
 
@@ -79,3 +80,17 @@ class GrammarMasks:
             except Exception as error:  # noqa: BLE001 - reported against this row's request
                 failed[row] = error
         return failed
+
+
+def without_failed_rows(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], mask: Any,
+                        failures: Container[str]) -> tuple[list[tuple[int, int]], Any]:
+    """`plain` without the requests that failed, and the mask's rows renumbered to match (None when empty)."""
+    kept = [i for i, (c, _) in enumerate(plain) if chunks[c].req_id not in failures]
+    if len(kept) == len(plain):
+        return plain, mask
+    if mask is not None:
+        new_index = {old: new for new, old in enumerate(kept)}
+        bitmask, rows = mask
+        mask_rows = [j for j, row in enumerate(rows) if row in new_index]
+        mask = (bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows]) if mask_rows else None
+    return [plain[i] for i in kept], mask

@@ -25,7 +25,8 @@ from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, Scheduled
 from tokenmill.errors import ConfigError
 from tokenmill.layers.linear import UnquantizedLinearMethod
 from tokenmill.models.gguf import is_gguf_path
-from tokenmill.models.loader import checkpoint_config_dict, load_model
+from tokenmill.models.arch_config import parameter_count
+from tokenmill.models.loader import checkpoint_config_dict, load_model, read_checkpoint_arch
 from tokenmill.platform import (attention_backend, default_compile, fp8_matmul_available, resolve_device,
                                 triton_available)
 from tokenmill.quant.methods import linear_method_for
@@ -35,7 +36,7 @@ from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
 from tokenmill.worker import sampling
 from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_cuda_graph, capture_sizes, graphs_usable
 from tokenmill.worker.drafter import Drafter, DraftRequest
-from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks
+from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks, without_failed_rows
 from tokenmill.worker.input_batch import StepInputs
 from tokenmill.worker.kv_cache_alloc import (allocate_kv_caches, bytes_per_block, check_pool_holds_context,
                                              resolve_kv_cache_dtype)
@@ -56,7 +57,7 @@ class Worker:
         # Chosen before the slow load, so a backend that cannot run here fails first.
         self.attention_backend = attention_backend(self.device, config.attention_backend,
                                                    quantized_kv=config.cache.kv_cache_dtype != "auto")
-        num_params = _count_params(config)
+        num_params = parameter_count(read_checkpoint_arch(config.model))  # compile is decided before loading
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
         self.compile = self.compile and not config.enforce_eager
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
@@ -271,7 +272,7 @@ class Worker:
         chunks = scheduler_output.chunks
         mask = self._resolve_grammar_masks(chunks, plain, grammar, failures)
         forced = self._forced_tokens(chunks, plain, failures)
-        plain, mask = _without_failed(chunks, plain, mask, failures)
+        plain, mask = without_failed_rows(chunks, plain, mask, failures)
         if plain:
             rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
             states = [self.states[chunks[c].req_id] for c, _ in plain]
@@ -389,30 +390,3 @@ class _ModelPass(NamedTuple):
     hidden: torch.Tensor
     logits: torch.Tensor | None  # None when no chunk samples
     prepared_at: float
-
-
-def _without_failed(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], mask: Any,
-                    failures: RequestFailures) -> tuple[list[tuple[int, int]], Any]:
-    """`plain` without the requests that failed, and the mask's rows renumbered to match (None when empty)."""
-    kept = [i for i, (c, _) in enumerate(plain) if chunks[c].req_id not in failures]
-    if len(kept) == len(plain):
-        return plain, mask
-    if mask is not None:
-        new_index = {old: new for new, old in enumerate(kept)}
-        bitmask, rows = mask
-        mask_rows = [j for j, row in enumerate(rows) if row in new_index]
-        mask = (bitmask[mask_rows], [new_index[rows[j]] for j in mask_rows]) if mask_rows else None
-    return [plain[i] for i in kept], mask
-
-
-def _count_params(config: EngineConfig) -> int:
-    """The checkpoint's parameter count from its config alone (the compile decision precedes loading)."""
-    from tokenmill.models.loader import read_checkpoint_arch
-
-    arch = read_checkpoint_arch(config.model)
-    attention = arch.hidden_size * arch.head_dim * (2 * arch.num_heads + 2 * arch.num_kv_heads)
-    mlp = 3 * arch.hidden_size * arch.intermediate_size
-    moe = arch.num_experts * arch.hidden_size * (3 * arch.moe_intermediate_size + 1)  # experts + router rows
-    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-    sparse = sum(arch.moe_layers)
-    return arch.num_layers * attention + (arch.num_layers - sparse) * mlp + sparse * moe + embeddings

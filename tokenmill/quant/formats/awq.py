@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.errors import ConfigError, ModelLoadError
+from tokenmill.errors import ConfigError
 from tokenmill.quant.codes import pack_codes
-from tokenmill.quant.formats.base import (CanonicalWeight, CheckpointFormat, config_int, group_spec, need_int32,
+from tokenmill.quant.formats.base import (CanonicalWeight, group_count, CheckpointFormat, config_int, group_spec, need_int32,
                                           need_shape, unpack_int32)
 
 _SETTING = "quantization_config"
@@ -47,11 +47,7 @@ class AWQFormat(CheckpointFormat):
         need_int32(layer, "qweight", qweight)
         need_int32(layer, "qzeros", qzeros)
         width, out = qweight.shape[0], qweight.shape[1] * 8
-        group = self.spec.group_size or width
-        if width % group:
-            raise ModelLoadError(f"tensor {layer}.qweight: input width {width} is not a multiple of the group "
-                                 f"size {group}")
-        groups = width // group
+        _, groups = group_count(f"{layer}.qweight", width, self.spec.group_size)
         need_shape(layer, "scales", scales, (groups, out), f"[groups, output] for input {width}, output {out}")
         need_shape(layer, "qzeros", qzeros, (groups, out // 8), "[groups, output / 8]")
         codes = unpack_int32(qweight, 4, dim=1, fields=_FIELD_OF_COLUMN).t()

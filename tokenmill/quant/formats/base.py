@@ -62,6 +62,14 @@ def need_shape(layer: str, leaf: str, tensor: torch.Tensor, shape: tuple[int, ..
         raise ModelLoadError(f"tensor {layer}.{leaf}: shape {tuple(tensor.shape)}, expected {shape} ({why})")
 
 
+def group_count(tensor_name: str, width: int, group_size: int | None) -> tuple[int, int]:
+    """(group, groups) of a layer `width` wide: per-channel (one group) when group_size is None."""
+    group = group_size or width
+    if width % group:
+        raise ModelLoadError(f"tensor {tensor_name}: input width {width} is not a multiple of the group size {group}")
+    return group, width // group
+
+
 def need_trivial_g_idx(layer: str, leaf: str, g_idx: torch.Tensor | None, width: int, group: int) -> None:
     """Act-order checkpoints assign input columns to groups out of order (g_idx); the canonical layout has
     contiguous groups and no activation permutation, so only the identity assignment is accepted."""

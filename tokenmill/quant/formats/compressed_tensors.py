@@ -23,7 +23,7 @@ import torch
 
 from tokenmill.errors import ConfigError, ModelLoadError
 from tokenmill.quant.codes import QuantSpec, pack_codes
-from tokenmill.quant.formats.base import (CanonicalWeight, CheckpointFormat, group_spec, need_int32, need_shape,
+from tokenmill.quant.formats.base import (CanonicalWeight, group_count, CheckpointFormat, group_spec, need_int32, need_shape,
                                           need_trivial_g_idx, unpack_int32)
 
 _SETTING = "quantization_config"
@@ -108,10 +108,7 @@ class CompressedTensorsFormat(CheckpointFormat):
                                      f"{tuple(codes.shape)}")
             out, width = codes.shape
             codes = codes.to(torch.int32) + 128  # the packed formats' unsigned convention
-        group = self.spec.group_size or width
-        if width % group:
-            raise ModelLoadError(f"tensor {layer}: input width {width} is not a multiple of the group size {group}")
-        groups = width // group
+        group, groups = group_count(layer, width, self.spec.group_size)
         scales = parts["weight_scale"]
         need_shape(layer, "weight_scale", scales, (out, groups), f"[output, groups] for input {width}")
         need_trivial_g_idx(layer, "weight_g_idx", parts.get("weight_g_idx"), width, group)

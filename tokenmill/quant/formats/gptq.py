@@ -19,7 +19,7 @@ import torch
 
 from tokenmill.errors import ConfigError, ModelLoadError
 from tokenmill.quant.codes import pack_codes
-from tokenmill.quant.formats.base import (CanonicalWeight, CheckpointFormat, config_int, group_spec, need_int32,
+from tokenmill.quant.formats.base import (CanonicalWeight, group_count, CheckpointFormat, config_int, group_spec, need_int32,
                                           need_shape, need_trivial_g_idx, unpack_int32)
 
 _SETTING = "quantization_config"
@@ -52,11 +52,7 @@ class GPTQFormat(CheckpointFormat):
         need_int32(layer, "qweight", qweight)
         need_int32(layer, "qzeros", qzeros)
         width, out = qweight.shape[0] * per_word, qweight.shape[1]
-        group = self.spec.group_size or width
-        if width % group:
-            raise ModelLoadError(f"tensor {layer}.qweight: input width {width} is not a multiple of the group "
-                                 f"size {group}")
-        groups = width // group
+        group, groups = group_count(f"{layer}.qweight", width, self.spec.group_size)
         need_shape(layer, "scales", scales, (groups, out), f"[groups, output] for input {width}, output {out}")
         need_shape(layer, "qzeros", qzeros, (groups, -(-out // per_word)), f"[groups, output / {per_word}]")
         need_trivial_g_idx(layer, "g_idx", parts.get("g_idx"), width, group)
