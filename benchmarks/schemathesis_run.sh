@@ -4,5 +4,6 @@
 # Takes a few minutes on a small machine; CI runs the same test with 25 examples per operation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TOKENMILL_SCHEMATHESIS_EXAMPLES="${TOKENMILL_SCHEMATHESIS_EXAMPLES:-1200}" PYTHONPATH="$PWD" OMP_NUM_THREADS=1 \
+TOKENMILL_SCHEMATHESIS_EXAMPLES="${TOKENMILL_SCHEMATHESIS_EXAMPLES:-1200}" \
+    TOKENMILL_SCHEMATHESIS_TIMEOUT="${TOKENMILL_SCHEMATHESIS_TIMEOUT:-600}" PYTHONPATH="$PWD" OMP_NUM_THREADS=1 \
     python3 -m pytest -q -s -p no:cacheprovider tests/server/test_schemathesis.py "$@"
