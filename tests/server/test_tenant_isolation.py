@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import MODEL, LiveServer, make_engine, start_server, stop_server
+from tokenmill.errors import InvalidRequestError
 from tokenmill.input_checks import MAX_CACHE_SALT_CHARS
 from tokenmill.server.app import build_app
 
@@ -154,3 +155,25 @@ def test_build_app_refuses_bad_keys_and_scopes():
         build_app(None, MODEL, prefix_cache_scope="per-user")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not one string"):
         build_app(None, MODEL, api_keys=KEY_A)  # type: ignore[arg-type]
+
+
+def test_the_llm_api_takes_cache_salt(offline_llm):
+    from tokenmill.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0)
+    prompt = fresh_prompt()
+
+    def hit(**kwargs) -> int:
+        return offline_llm.generate(kwargs.pop("prompt", prompt), params, **kwargs)[0].num_cached_tokens
+
+    assert hit(cache_salt="a") == 0
+    assert hit(cache_salt="b") == 0
+    assert hit(cache_salt="a") == FULL_HIT
+    assert hit(prompt={"prompt_token_ids": prompt, "cache_salt": "b"}) == FULL_HIT
+    assert hit() == 0  # unsalted is its own scope
+    longer = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outputs = [offline_llm.generate(prompt, longer, cache_salt=s)[0] for s in ("a", "c")]
+    assert [o.num_cached_tokens for o in outputs] == [FULL_HIT, 0]
+    assert outputs[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids  # a hit changes no output
+    with pytest.raises(InvalidRequestError, match=f"cache_salt: must have 1 to {MAX_CACHE_SALT_CHARS}"):
+        offline_llm.generate(prompt, params, cache_salt="")
