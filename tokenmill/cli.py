@@ -141,15 +141,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tokenmill.server.app import build_app
     from tokenmill.server.http_protocol import DrainingServer, uvicorn_config
 
-    if args.api_key is not None and not args.api_key.strip():
-        raise SystemExit("tokenmill serve: --api-key is empty; give a non-empty key or leave the flag out")
+    from tokenmill.server.auth import check_api_keys, load_api_keys_file
+
+    try:  # every key checked (and the file read) before the model loads
+        api_keys = check_api_keys((args.api_key or []) + (load_api_keys_file(args.api_keys_file)
+                                                          if args.api_keys_file is not None else []))
+    except ValueError as e:
+        raise SystemExit(f"tokenmill serve: {e}") from None
     served_model_name = args.served_model_name or served_name(args.model)
     llm = _make_llm(args)
     engine = AsyncLLMEngine(llm.engine, max_queue=args.max_queue)
     app = build_app(
         engine,
         served_model_name=served_model_name,
-        api_key=args.api_key,
+        api_keys=api_keys,
+        prefix_cache_scope=args.prefix_cache_scope,
         max_body_bytes=args.max_body_bytes,
         default_thinking_budget=args.thinking_token_budget,
         reasoning_parser=args.reasoning_parser,
@@ -196,8 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (an empty key is an error)")
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (an empty key is an error); "
+                       "repeat for several keys, each its own prefix-cache tenant")
+    serve.add_argument("--api-keys-file", default=None,
+                       help="file of accepted API keys, one per line ('#' comments and blank lines ignored)")
+    serve.add_argument("--prefix-cache-scope", default="per-key", choices=["global", "per-key", "per-request"],
+                       help="who shares prefix-cache hits: everyone (global), one API key (per-key; global without "
+                       "keys), or nobody (per-request); a request's cache_salt narrows it (docs/security.md)")
     serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     serve.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
                        default=None, help="comma-separated Host header values to accept (e.g. api.example.com,"

@@ -14,6 +14,8 @@ from tokenmill.errors import InvalidRequestError
 
 # Deeper than any real tool or response schema (a level of a JSON schema is two JSON levels).
 MAX_JSON_DEPTH = 64
+# A prefix-cache salt names a tenant or a conversation; longer would only cost hashing time.
+MAX_CACHE_SALT_CHARS = 256
 
 
 def check_text(text: str, field: str) -> None:
@@ -25,6 +27,18 @@ def check_text(text: str, field: str) -> None:
     except UnicodeEncodeError as e:
         raise InvalidRequestError(field, f"contains a lone UTF-16 surrogate at character {e.start}; "
                                   "text must be valid Unicode") from None
+
+
+def check_cache_salt(value: object, field: str = "cache_salt") -> str | None:
+    """A cache salt: None, or a non-empty string of at most MAX_CACHE_SALT_CHARS characters of valid Unicode."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError(field, f"must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_CACHE_SALT_CHARS:
+        raise InvalidRequestError(field, f"must have 1 to {MAX_CACHE_SALT_CHARS} characters, got {len(value)}")
+    check_text(value, field)
+    return value
 
 
 def check_json_value(value: Any, field: str) -> None:

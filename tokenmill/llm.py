@@ -32,12 +32,14 @@ class LLM:
         self,
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Generate for all prompts together; outputs come back in prompt order, each the whole result.
 
         Requests run as output_kind "final_only" (whatever the params say): the engine builds each
-        output once, when its request finishes."""
-        prompt_list = _as_prompt_list(prompts)
+        output once, when its request finishes. `cache_salt` (or a dict prompt's "cache_salt"): prefix-cache
+        hits only come from requests with the same salt."""
+        prompt_list = [with_cache_salt(p, cache_salt) for p in _as_prompt_list(prompts)]
         params_list = _as_params_list(sampling_params, len(prompt_list))
         # Validate everything before queueing anything, so one bad prompt leaves no orphans behind.
         for prompt, params in zip(prompt_list, params_list):
@@ -59,7 +61,8 @@ class LLM:
             raise
         return [finished[r] for r in request_ids]
 
-    def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
+               cache_salt: str | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output as deltas, after every step that produced something new.
 
         Each output carries only what is new since the previous one (output_kind "delta", whatever the
@@ -70,7 +73,7 @@ class LLM:
         """
         request_id = str(next(self._ids))
         params = replace(sampling_params or SamplingParams(), output_kind="delta")
-        yield from stream_request(self.engine, request_id, prompt, params)
+        yield from stream_request(self.engine, request_id, with_cache_salt(prompt, cache_salt), params)
 
     def chat(
         self,
@@ -78,6 +81,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the checkpoint's chat template, then generate."""
         tokenizer = self.engine.tokenizer
@@ -89,7 +93,7 @@ class LLM:
             tokenizer.render_chat(c, add_generation_prompt=add_generation_prompt, **kwargs).prompt()
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, cache_salt=cache_salt)
 
     def _add(self, prompt: PromptInput, params: SamplingParams) -> str:
         request_id = str(next(self._ids))
@@ -120,6 +124,19 @@ def _raise_own_failure(engine: LLMEngine, wanted: set[str]) -> None:
     for request_id, error in engine.take_failures().items():
         if request_id in wanted:
             raise error
+
+
+def with_cache_salt(prompt: PromptInput, cache_salt: str | None) -> PromptInput:
+    """The prompt as a dict carrying cache_salt (the engine checks the value); unchanged without one."""
+    if cache_salt is None:
+        return prompt
+    if isinstance(prompt, dict):
+        if prompt.get("cache_salt", cache_salt) != cache_salt:
+            raise InvalidRequestError("cache_salt", "given both as an argument and, different, in a prompt dict")
+        return {**prompt, "cache_salt": cache_salt}
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "cache_salt": cache_salt}
+    return {"prompt_token_ids": prompt, "cache_salt": cache_salt}
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:

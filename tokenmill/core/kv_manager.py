@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tokenmill.core.block_pool import BlockPool, KVBlock
-from tokenmill.core.prefix_cache import PrefixCache, extend_block_hashes
+from tokenmill.core.prefix_cache import PrefixCache, extend_block_hashes, salt_root
 from tokenmill.core.request import Request
 
 
@@ -38,7 +38,10 @@ class KVCacheManager:
 
     def _block_hashes(self, request: Request) -> list[bytes]:
         hashes = self._hashes.setdefault(request.request_id, [])
-        extend_block_hashes(hashes, request.all_token_ids, self.block_size)
+        if len(hashes) < request.num_tokens // self.block_size:
+            # The salt's root only matters for the first block; derive it when a new block is full.
+            root = salt_root(request.cache_salt) if not hashes else None
+            extend_block_hashes(hashes, request.all_token_ids, self.block_size, root)
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:

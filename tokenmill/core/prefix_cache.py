@@ -2,6 +2,10 @@
 
 A block's hash covers its tokens and, through the parent hash, every token before it, so equal hashes
 mean equal prefixes. blake2b keeps the hash stable across processes (a later disk tier relies on that).
+
+A cache salt (one tenant, or one narrower scope) changes the root the chain starts from: only the first
+block's parent is derived from it, so every later block is salted through the chain and equal prompts under
+different salts never share a hash, in this cache or in any tier keyed by the same hashes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,17 @@ from collections.abc import Sequence
 from tokenmill.core.block_pool import KVBlock
 
 
+# blake2b's personalization keeps a salt's root apart from any block hash (those are unpersonalized).
+_SALT_PERSON = b"tokenmill-salt"
+
+
+def salt_root(cache_salt: str | None) -> bytes | None:
+    """The parent hash of a request's first block: None (the unsalted root) without a salt."""
+    if cache_salt is None:
+        return None
+    return hashlib.blake2b(cache_salt.encode("utf-8"), digest_size=16, person=_SALT_PERSON).digest()
+
+
 def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(parent_hash or b"root")
@@ -20,11 +35,13 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
-def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int) -> None:
-    """Append the hashes of newly full blocks of token_ids to `hashes` (which covers a prefix of them)."""
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int,
+                        root: bytes | None = None) -> None:
+    """Append the hashes of newly full blocks of token_ids to `hashes` (which covers a prefix of them);
+    `root` (salt_root of the request's salt) is the first block's parent."""
     num_full = len(token_ids) // block_size
     for i in range(len(hashes), num_full):
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else root
         hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
 
 

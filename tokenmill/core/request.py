@@ -37,6 +37,7 @@ class Request:
         sampling_params: SamplingParams,
         arrival_index: int = 0,
         wait_for: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -52,6 +53,8 @@ class Request:
         # Sibling of a parallel-sampling group whose prompt must be computed first, so this one can
         # reuse its blocks through the prefix cache instead of recomputing them.
         self.wait_for = wait_for
+        # Prefix-cache isolation: hits only come from requests with the same salt (core/prefix_cache.py).
+        self.cache_salt = cache_salt
         # Draft tokens proposed for the next step; the target verifies them as ordinary tokens of it.
         self.spec_token_ids: list[int] = []
         self.spec_stats = SpecDecodeStats()

@@ -22,7 +22,7 @@ from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError, RequestFailedError, TokenmillError
-from tokenmill.input_checks import check_text
+from tokenmill.input_checks import check_cache_salt, check_text
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -32,6 +32,11 @@ from tokenmill.worker.worker import Worker
 logger = logging.getLogger(__name__)
 
 PromptInput = str | list[int] | dict[str, Any]
+
+
+def prompt_cache_salt(prompt: PromptInput) -> str | None:
+    """A dict prompt's optional "cache_salt" (vLLM's name): prefix-cache hits only come from the same salt."""
+    return check_cache_salt(prompt.get("cache_salt")) if isinstance(prompt, dict) else None
 
 
 class LLMEngine:
@@ -106,6 +111,7 @@ class LLMEngine:
 
         Changes no engine state (the grammar cache aside), so any thread may call it while the engine steps."""
         params.validate(self.arch.vocab_size)
+        prompt_cache_salt(prompt)
         text, token_ids = self.tokenize_prompt(prompt)
         self._with_thinking_ids(params, text, token_ids)
         if params.structured_outputs is not None:
@@ -117,6 +123,7 @@ class LLMEngine:
         params.validate(self.arch.vocab_size)
         if request_id in self._groups:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        cache_salt = prompt_cache_salt(prompt)
         text, token_ids = self.tokenize_prompt(prompt)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this checkpoint has none")
@@ -131,7 +138,8 @@ class LLMEngine:
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = replace(params, seed=params.seed + index)
-            child = Request(child_id, token_ids, child_params, next(self._arrivals), wait_for=first_child)
+            child = Request(child_id, token_ids, child_params, next(self._arrivals), wait_for=first_child,
+                            cache_salt=cache_salt)
             first_child = first_child or child_id
             group.add_child(index, child)
             self._child_to_group[child_id] = request_id

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,7 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.chat_template import reserved_template_kwargs
-from tokenmill.server.errors import error_body, install_error_handlers
+from tokenmill.server.auth import APIKeyMiddleware, APIKeys, check_api_keys
+from tokenmill.server.cache_scope import DEFAULT_CACHE_SCOPE, check_cache_scope
+from tokenmill.server.errors import install_error_handlers, send_error
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.openapi_bounds import document_model_bounds
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -90,34 +90,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        await _send_error(send, 413, f"request body is larger than the limit of {self.max_bytes} bytes",
+        await send_error(send, 413, f"request body is larger than the limit of {self.max_bytes} bytes",
                           "invalid_request_error", "request_too_large")
-
-
-class APIKeyMiddleware:
-    """Require 'Authorization: Bearer KEY' on the protected path prefixes before the body is read."""
-
-    def __init__(self, app: ASGIApp, api_key: str, protected: tuple[str, ...]) -> None:
-        self.app = app
-        self.key = api_key.encode()
-        self.protected = protected
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.protected):
-            header = dict(scope.get("headers") or []).get(b"authorization", b"")
-            token = header[7:] if header[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(token, self.key):
-                await _send_error(send, 401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                                  "invalid_request_error", "invalid_api_key")
-                return
-        await self.app(scope, receive, send)
-
-
-async def _send_error(send: Send, status: int, message: str, type_: str, code: str) -> None:
-    payload = json.dumps(error_body(message, type_, code=code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def build_app(
@@ -132,12 +106,20 @@ def build_app(
     trust_request_chat_template: bool = False,
     metrics_public: bool = False,
     allowed_hosts: list[str] | None = None,
+    api_keys: Sequence[str] = (),
+    prefix_cache_scope: str = DEFAULT_CACHE_SCOPE,
 ) -> FastAPI:
     """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
     'none' never does, 'auto' does when the tokenizer has both tags as tokens. The tags, the wrap-up text
-    and their token ids are the engine's (EngineConfig.thinking), so parsing and the budget agree."""
+    and their token ids are the engine's (EngineConfig.thinking), so parsing and the budget agree.
+    api_key and api_keys: every key accepted (each a tenant of the prefix cache under prefix_cache_scope
+    per-key, server/cache_scope.py)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: pass a non-empty --api-key or none at all")
+    if isinstance(api_keys, str):
+        raise ValueError("api_keys must be a list of keys, not one string")
+    keys = check_api_keys(([] if api_key is None else [api_key]) + list(api_keys))
+    check_cache_scope(prefix_cache_scope)
     if reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {reasoning_parser!r}")
     if default_thinking_budget is not None and default_thinking_budget < 0:
@@ -157,6 +139,7 @@ def build_app(
         default_thinking_budget=default_thinking_budget,
         tool_call_parser=tool_call_parser,
         trust_request_chat_template=trust_request_chat_template,
+        prefix_cache_scope=prefix_cache_scope,
     )
     init_reasoning_tokens(state)
 
@@ -176,9 +159,9 @@ def build_app(
     # Middleware added last runs first: hosts, then the key, then the body limit, so an unauthenticated
     # body is never read, let alone parsed.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-    if api_key is not None:
+    if keys:
         protected = ("/v1",) if metrics_public else ("/v1", "/metrics")
-        app.add_middleware(APIKeyMiddleware, api_key=api_key, protected=protected)
+        app.add_middleware(APIKeyMiddleware, keys=APIKeys(keys), protected=protected)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from tokenmill.engine.async_engine import EngineOverloadedError
 from tokenmill.errors import InvalidRequestError, RequestFailedError
@@ -39,6 +40,14 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+async def send_error(send: Send, status: int, message: str, type_: str, code: str) -> None:
+    """The error body sent by an ASGI middleware, before any route (and its exception handlers) runs."""
+    payload = json.dumps(error_body(message, type_, code=code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def to_api_error(exc: BaseException) -> APIError:

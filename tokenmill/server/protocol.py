@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.input_checks import MAX_CACHE_SALT_CHARS
 from tokenmill.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, TOP_K_OFF, SamplingParams
 from tokenmill.structured.params import StructuredOutputParams
 
@@ -85,6 +86,8 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     thinking_token_budget: NonNegative | None = None
+    # Prefix-cache hits only come from requests with the same salt, within the server's --prefix-cache-scope.
+    cache_salt: Annotated[str, _documented(minLength=1, maxLength=MAX_CACHE_SALT_CHARS)] | None = None
 
     def check_unsupported(self) -> None:
         if self.logit_bias:

@@ -15,6 +15,7 @@ from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import prompt_opens_thinking
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.body_checks import check_request_body
+from tokenmill.server.cache_scope import request_cache_salt
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.errors import InvalidRequestError
@@ -76,6 +77,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     check_request_body(body)
     state.check_model(body.model)
     body.check_unsupported()
+    cache_salt = request_cache_salt(state.prefix_cache_scope, request, body.cache_salt)
     tokenizer = state.tokenizer
     tools = ToolPlan(body.tools, body.tool_choice, body.parallel_tool_calls, tokenizer.chat_template,
                      state.tool_call_parser)
@@ -106,7 +108,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         structured=structured,
     )
     request_id = new_id("chatcmpl")
-    streams = await add_all(state, request_id, [chat.prompt()], [params])
+    streams = await add_all(state, request_id, [{**chat.prompt(), "cache_salt": cache_salt}], [params])
     trackers = [state.metrics.tracker()]
     if body.stream:
         return StreamingResponse(_stream(state, body, plan, request_id, streams, trackers),

@@ -38,6 +38,7 @@ class ServerState:
     default_thinking_budget: int | None = None
     tool_call_parser: str | None = None  # None: guessed from the chat template
     trust_request_chat_template: bool = False  # chat_template in chat_template_kwargs is refused unless set
+    prefix_cache_scope: str = "per-key"  # whose requests share prefix-cache hits (server/cache_scope.py)
     max_token_bytes: int = 1  # the vocabulary's longest token in bytes: bounds a prompt's bytes before tokenizing
     guard: ControlTokenGuard | None = None  # set with the tokenizer: keeps control tokens in messages as text
     # Derived from the tokenizer once, at startup.

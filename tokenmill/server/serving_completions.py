@@ -14,6 +14,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.body_checks import check_request_body
+from tokenmill.server.cache_scope import request_cache_salt
 from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.server.structured_request import structured_outputs
@@ -35,6 +36,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     check_request_body(body)
     state.check_model(body.model)
     body.check_unsupported()
+    cache_salt = request_cache_salt(state.prefix_cache_scope, request, body.cache_salt)
     engine = state.engine
     prompts: list[dict[str, Any]] = []
     params: list[SamplingParams] = []
@@ -56,7 +58,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
             structured=structured,
         ))
-        prompts.append({"prompt": text, "prompt_token_ids": ids})
+        prompts.append({"prompt": text, "prompt_token_ids": ids, "cache_salt": cache_salt})
     request_id = new_id("cmpl")
     streams = await add_all(state, request_id, prompts, params)
     trackers = [state.metrics.tracker() for _ in streams]
