@@ -3,9 +3,9 @@ and a heavy chat template are being refused, and each of those gets its 400.
 
 The clients are curl processes, so only the server's own work is measured. The machines these tests share are
 loaded (2 cores, 7 test runs at once): a sentinel process that only sleeps 1 ms at a time measures how long the
-OS keeps a waking process waiting meanwhile, and that wait is added to the bounds. Nine probes in ten must make
-100 ms and none 250 ms: the loop still spends ~13 ms of CPU per 3.9 MB body (JSON decoding ~9 ms, body copies),
-which a loaded machine stretches to well over 100 ms now and then (see docs/security.md).
+OS keeps a waking process waiting meanwhile, and that wait is added to the bound: every probe must make 100 ms.
+Large bodies are decoded off the loop (server/json_body.py), so no loop callback holds it for more than a few
+milliseconds per body (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_health_answers_fast_while_heavy_requests_are_refused(trusting_server, t
     os_delay = float(sentinel.communicate("", timeout=30)[0])
     assert len(latencies) >= 3, "the heavy requests finished before /health could be measured beside them"
     ranked = sorted(latencies)
-    assert ranked[int(0.9 * (len(ranked) - 1))] < 0.1 + os_delay and ranked[-1] < 0.25 + os_delay, (
+    assert ranked[-1] < 0.1 + os_delay, (
         f"the OS kept a sleeping process waiting {os_delay * 1000:.0f} ms at worst meanwhile", ranked[-5:])
     for status, answer in responses[:4]:
         assert status == 400 and answer["error"]["param"] == "prompt", answer

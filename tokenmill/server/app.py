@@ -15,6 +15,7 @@ from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.chat_template import reserved_template_kwargs
 from tokenmill.server.auth import APIKeyMiddleware, APIKeys, check_api_keys
 from tokenmill.server.cache_scope import DEFAULT_CACHE_SCOPE, check_cache_scope
+from tokenmill.server.json_body import OffLoopJSONRoute
 from tokenmill.server.errors import install_error_handlers, send_error
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.openapi_bounds import document_model_bounds
@@ -165,7 +166,7 @@ def build_app(
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
-    v1 = APIRouter(prefix="/v1")
+    v1 = APIRouter(prefix="/v1", route_class=OffLoopJSONRoute)
 
     @v1.post("/completions", responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
