@@ -65,6 +65,10 @@ class TierConnector:
         self._done: list[_Load] = []
         self._done_lock = threading.Lock()
         self._load_done = threading.Event()
+        # Blocks on their way down (in the store or disk queue): still found by lookups and loads, so a block is
+        # never in no tier between leaving one and reaching the next.
+        self._in_flight: dict[bytes, torch.Tensor] = {}
+        self._in_flight_lock = threading.Lock()
         self._threads = [threading.Thread(target=loop, name=f"kv-tier-{name}", daemon=True)
                          for name, loop in (("copier", self._copier), ("disk", self._disk_writer),
                                             ("loader", self._loader))]
@@ -82,12 +86,14 @@ class TierConnector:
         if self._store_queue.full():
             self.counters.add("stores_dropped")
             return
-        self._store_queue.put_nowait((block_hash, self.io.snapshot(block_id)))
+        snapshot = self.io.snapshot(block_id)
+        self._set_in_flight(block_hash, snapshot)
+        self._store_queue.put_nowait((block_hash, snapshot))
 
     def num_tier_hits(self, block_hashes: Sequence[bytes]) -> int:
         count = 0
         for block_hash in block_hashes:
-            if not ((self.host is not None and block_hash in self.host)
+            if not ((self.host is not None and block_hash in self.host) or block_hash in self._in_flight
                     or (self.disk is not None and block_hash in self.disk)):
                 break
             count += 1
@@ -162,6 +168,7 @@ class TierConnector:
                 self._store(*item)
             except Exception:  # noqa: BLE001 - a failed store loses a cache entry, never a request
                 logger.exception("KV tier: storing a block failed")
+                self._clear_in_flight(*item)
             finally:
                 self._store_queue.task_done()
 
@@ -169,19 +176,33 @@ class TierConnector:
         payload = self.io.to_host(snapshot)
         self.counters.add("bytes_device_to_host", payload.numel())
         if self.host is None:
-            self._to_disk(block_hash, payload)
+            self._to_disk(block_hash, payload)  # the in-flight entry now stays until the disk writer is done
+            if payload is not snapshot:
+                self._clear_in_flight(block_hash, snapshot)
             return
         _, evicted = self.host.put(block_hash, payload, payload.numel())
+        self._clear_in_flight(block_hash, snapshot)
         for old_hash, old_payload in evicted:
             self._to_disk(old_hash, old_payload)
 
     def _to_disk(self, block_hash: bytes, payload: torch.Tensor) -> None:
         if self.disk is None or self.disk.stores_stopped:
             return
+        self._set_in_flight(block_hash, payload)
         try:
             self._disk_queue.put_nowait((block_hash, payload))
         except queue.Full:
+            self._clear_in_flight(block_hash, payload)
             self.counters.add("stores_dropped")
+
+    def _set_in_flight(self, block_hash: bytes, payload: torch.Tensor) -> None:
+        with self._in_flight_lock:
+            self._in_flight[block_hash] = payload
+
+    def _clear_in_flight(self, block_hash: bytes, payload: torch.Tensor) -> None:
+        with self._in_flight_lock:
+            if self._in_flight.get(block_hash) is payload:  # not a newer copy of the same block
+                del self._in_flight[block_hash]
 
     def _disk_writer(self) -> None:
         while (item := self._disk_queue.get()) is not None:
@@ -192,6 +213,7 @@ class TierConnector:
             except Exception:  # noqa: BLE001
                 logger.exception("KV tier: writing a block to disk failed")
             finally:
+                self._clear_in_flight(*item)
                 self._disk_queue.task_done()
 
     def _loader(self) -> None:
@@ -208,6 +230,9 @@ class TierConnector:
         pin = self.io.device.type == "cuda"
         for block_hash in load.block_hashes:
             payload = self.host.get(block_hash) if self.host is not None else None
+            if payload is None:
+                with self._in_flight_lock:
+                    payload = self._in_flight.get(block_hash)
             source = "host"
             if payload is None and self.disk is not None:
                 data = self.disk.read(block_hash)
