@@ -4,6 +4,7 @@ preemption and speculative decoding; loaded blocks are bit-identical; bad disk f
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,29 @@ def test_a_full_disk_stops_stores_not_requests(model, prompts, baseline, tmp_pat
     stats = llm.engine.stats()
     assert stats["kv_tier_disk_store_errors"] >= 1 and stats["kv_tier_disk_blocks"] == 0
     assert llm.engine.kv_tiers.disk.stores_stopped
+
+
+def test_tier_metrics_reach_the_prometheus_text(model, prompts):
+    from tokenmill.server.metrics import ServerMetrics
+
+    llm = LLM(model=model, **SMALL_POOL, kv_host_bytes="64MiB")
+    returning(llm, prompts)
+    text = ServerMetrics(llm.engine.stats, "m").render().decode()
+    stats = llm.engine.stats()
+
+    def value(name: str, label: str = "") -> float:
+        for line in text.splitlines():
+            match = re.fullmatch(rf"{name}\{{(.*)\}} ([0-9.e+-]+)", line)
+            if match and 'model_name="m"' in match.group(1) and label in match.group(1):
+                return float(match.group(2))
+        raise AssertionError(f"{name} {label} missing from the metrics")
+
+    assert value("tokenmill_kv_tier_hit_blocks_total", 'tier="host"') == stats["kv_tier_host_hit_blocks"] > 0
+    assert value("tokenmill_kv_tier_hit_tokens_total", 'tier="host"') == stats["kv_tier_host_hit_blocks"] * 16
+    assert value("tokenmill_kv_tier_bytes_moved_total", 'direction="host_to_device"') == \
+        stats["kv_tier_host_hit_blocks"] * BLOCK_BYTES
+    assert value("tokenmill_kv_tier_occupancy_bytes", 'tier="host"') == stats["kv_tier_host_bytes"] > 0
+    assert value("tokenmill_kv_tier_loads_total") == stats["kv_tier_loads"] >= 2
+    assert value("tokenmill_kv_tier_load_seconds_total") > 0
+    plain = LLM(model=model, **SMALL_POOL)
+    assert "kv_tier" not in ServerMetrics(plain.engine.stats, "m").render().decode()

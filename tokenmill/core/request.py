@@ -59,6 +59,9 @@ class Request:
         # Set when a KV-tier load wrote its prefix into blocks it holds: admission then skips the lookup.
         self.prefix_loaded = False
         self.status_before_load = RequestStatus.WAITING
+        self.num_loading_blocks = 0
+        # A tier load that came back short is not retried for this request: it recomputes instead of looping.
+        self.tier_load_failed = False
 
     @property
     def num_tokens(self) -> int:

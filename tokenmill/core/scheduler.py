@@ -181,7 +181,7 @@ class Scheduler:
     def _start_tier_load(self, request: Request, computed_blocks: list) -> bool:
         """Blocks past the device hits that a KV tier holds: allocate device blocks for them, start the load and
         park the request in LOADING_KV (it leaves `waiting`). False when there is nothing to load or no room."""
-        tier_hashes = self.kv.get_tier_hits(request, len(computed_blocks))
+        tier_hashes = [] if request.tier_load_failed else self.kv.get_tier_hits(request, len(computed_blocks))
         if not tier_hashes:
             return False
         num_load_tokens = len(tier_hashes) * self.kv.block_size
@@ -190,6 +190,7 @@ class Scheduler:
         self.waiting.popleft()
         request.status_before_load = request.status
         request.status = RequestStatus.LOADING_KV
+        request.num_loading_blocks = len(tier_hashes)
         self.loading[request.request_id] = request
         assert self.kv.tiers is not None
         self.kv.tiers.start_load(request.request_id, tier_hashes, self.kv.block_ids(request.request_id)[len(computed_blocks):])
@@ -203,6 +204,7 @@ class Scheduler:
             request = self.loading.pop(request_id)
             self.kv.keep_loaded_prefix(request, self.kv.num_cached_blocks(request) + num_loaded)
             request.status = request.status_before_load
+            request.tier_load_failed = num_loaded < request.num_loading_blocks
             request.prefix_loaded = request.num_computed_tokens > 0
             if not request.prefix_loaded:
                 self.kv.free(request)
