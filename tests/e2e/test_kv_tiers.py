@@ -191,3 +191,15 @@ def test_tier_metrics_reach_the_prometheus_text(model, prompts):
     assert value("tokenmill_kv_tier_load_seconds_total") > 0
     plain = LLM(model=model, **SMALL_POOL)
     assert "kv_tier" not in ServerMetrics(plain.engine.stats, "m").render().decode()
+
+
+def test_a_planned_shutdown_persists_the_pool_for_the_next_start(model, prompts, baseline, tmp_path):
+    llm = LLM(model=model, **SMALL_POOL, kv_disk_path=str(tmp_path), kv_disk_bytes="64MiB")
+    run(llm, [prompts[0]])  # fits the pool: nothing is evicted, nothing reaches the disk by itself
+    llm.engine.flush_kv_tiers()
+    assert llm.engine.stats()["kv_tier_disk_blocks"] == 0
+    assert llm.engine.persist_kv_cache() == 13  # 12 prompt blocks and one of prompt + output
+    assert llm.engine.persist_kv_cache() == 0  # already there
+    restarted = LLM(model=model, **SMALL_POOL, kv_disk_path=str(tmp_path), kv_disk_bytes="64MiB")
+    outputs = restarted.generate([{"prompt_token_ids": prompts[0]}], GREEDY)
+    assert outputs[0].outputs[0].token_ids == baseline[0] and outputs[0].num_cached_tokens == 192

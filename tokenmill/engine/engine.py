@@ -266,6 +266,15 @@ class LLMEngine:
         call, oldest first: what a router needs to know where a prefix lives."""
         return self.kv_tiers.take_events() if self.kv_tiers is not None else []
 
+    def persist_kv_cache(self) -> int:
+        """Write the cached blocks of the device pool and the host tier to the disk tier, and wait (a planned
+        shutdown: the next start of the same model finds them). Blocks written; 0 without a disk tier."""
+        if self.kv_tiers is None:
+            return 0
+        self.kv_tiers.flush()
+        return self.kv_tiers.persist([(block.block_id, block_hash)
+                                      for block_hash, block in self.kv_manager.cache.cached_blocks()])
+
     def flush_kv_tiers(self) -> None:
         """Wait until blocks already evicted have reached their tiers (before a planned restart, in tests)."""
         if self.kv_tiers is not None:
