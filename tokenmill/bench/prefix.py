@@ -57,7 +57,8 @@ def make_workload(vocab_size: int, system_len: int, history_len: int, conversati
                     [tokens(follow_up_len) for _ in range(conversations)])
 
 
-def run_alone(engine: LLMEngine, request_id: str, token_ids: list[int], max_tokens: int = 1) -> tuple[float, list[int], int]:
+def run_alone(engine: LLMEngine, request_id: str, token_ids: list[int],
+              max_tokens: int = 1) -> tuple[float, list[int], int]:
     """Run one request alone to its end: (seconds, its tokens, its prefix hit in tokens). With max_tokens=1 the
     seconds are its time to first token."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind="final_only")

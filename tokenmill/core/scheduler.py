@@ -193,7 +193,8 @@ class Scheduler:
         request.num_loading_blocks = len(tier_hashes)
         self.loading[request.request_id] = request
         assert self.kv.tiers is not None
-        self.kv.tiers.start_load(request.request_id, tier_hashes, self.kv.block_ids(request.request_id)[len(computed_blocks):])
+        load_block_ids = self.kv.block_ids(request.request_id)[len(computed_blocks):]
+        self.kv.tiers.start_load(request.request_id, tier_hashes, load_block_ids)
         return True
 
     def _finish_loads(self) -> None:

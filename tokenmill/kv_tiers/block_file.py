@@ -70,12 +70,14 @@ def decode(data: bytes, identity: TierIdentity, block_hash: bytes) -> memoryview
     if not isinstance(header, dict):
         raise BlockFileError("header is not a JSON object")
     if header.get("fingerprint") != identity.fingerprint or header.get("identity") != dict(identity.fields):
-        raise BlockFileError(f"written for another model or KV layout ({_identity_diff(header.get('identity'), identity)})")
+        differences = _identity_diff(header.get("identity"), identity)
+        raise BlockFileError(f"written for another model or KV layout ({differences})")
     if header.get("block_hash") != block_hash.hex():
         raise BlockFileError(f"holds block {header.get('block_hash')!r}, not {block_hash.hex()}")
     payload = view[start + header_len :]
     if len(payload) != header.get("payload_bytes"):
-        raise BlockFileError(f"payload is {len(payload)} bytes, the header says {header.get('payload_bytes')} (truncated?)")
+        raise BlockFileError(f"payload is {len(payload)} bytes, the header says {header.get('payload_bytes')} "
+                             f"(truncated?)")
     if checksum(payload) != header.get("checksum"):
         raise BlockFileError("payload checksum mismatch (corrupt)")
     return payload
@@ -85,4 +87,5 @@ def _identity_diff(found: Any, identity: TierIdentity) -> str:
     if not isinstance(found, dict):
         return "no identity"
     keys = sorted(k for k in set(found) | set(identity.fields) if found.get(k) != identity.fields.get(k))
-    return ", ".join(f"{k}: file {found.get(k)!r} vs engine {identity.fields.get(k)!r}" for k in keys[:4]) or "fingerprint"
+    shown = [f"{k}: file {found.get(k)!r} vs engine {identity.fields.get(k)!r}" for k in keys[:4]]
+    return ", ".join(shown) or "fingerprint"
