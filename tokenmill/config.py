@@ -25,6 +25,12 @@ class CacheConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may fill when profiling sizes the pool
     kv_cache_dtype: str = "auto"
+    # KV tiers below the pool (kv_tiers/, docs/kv_tiers.md): a host-RAM LRU of this many bytes (0: off) and a
+    # persistent disk LRU under kv_disk_path bounded by kv_disk_bytes (path None: off). They extend the prefix
+    # cache, so with prefix caching off they are not built.
+    kv_host_bytes: int = 0
+    kv_disk_path: str | None = None
+    kv_disk_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,11 +149,31 @@ class EngineConfig:
             _positive("max_model_len", self.max_model_len)
         if self.cache.kv_cache_memory is not None:
             _positive("kv_cache_memory", self.cache.kv_cache_memory)
+        self._validate_kv_tiers()
         utilization = self.cache.gpu_memory_utilization
         # `not 0 < u <= 1` also refuses NaN; a bool is not a share.
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
             raise ConfigError("gpu_memory_utilization",
                               f"must be a share of the GPU's memory in (0, 1], got {utilization!r}")
+
+    def _validate_kv_tiers(self) -> None:
+        cache = self.cache
+        for name in ("kv_host_bytes", "kv_disk_bytes"):
+            value = getattr(cache, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(name, f"must be a byte count >= 0, got {value!r}")
+        if cache.kv_disk_path is not None and (not isinstance(cache.kv_disk_path, str) or not cache.kv_disk_path):
+            raise ConfigError("kv_disk_path", f"must be a folder path, got {cache.kv_disk_path!r}")
+        if cache.kv_disk_path is not None and cache.kv_disk_bytes < 1:
+            raise ConfigError("kv_disk_bytes", "must be > 0 when kv_disk_path is set (how much disk the tier may use, "
+                                               "e.g. 20GiB)")
+        if cache.kv_disk_path is None and cache.kv_disk_bytes:
+            raise ConfigError("kv_disk_path", "is needed when kv_disk_bytes is set (where the disk tier keeps blocks)")
+        if cache.kv_host_bytes or cache.kv_disk_path is not None:
+            setting = "kv_host_bytes" if cache.kv_host_bytes else "kv_disk_path"
+            if self.spec.method in DRAFT_MODEL_METHODS:
+                raise ConfigError(setting, f"KV tiers hold the target's KV only; speculative_method "
+                                           f"{self.spec.method!r} keeps a draft model's KV beside it (use ngram)")
 
 
 def _positive(name: str, value: object) -> None:

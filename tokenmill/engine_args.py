@@ -103,6 +103,12 @@ class EngineArgs:
                                 "KV cache storage: auto (the model's dtype), or int8 / fp8 (e4m3) with a scale per "
                                 "token and KV head, about twice the tokens of bfloat16 in the same memory", _KV,
                                 choices=KV_CACHE_DTYPES)
+    kv_host_bytes: str | int = _knob(CacheConfig.kv_host_bytes, "host-RAM KV tier size, e.g. 8GiB: blocks evicted from "
+                                     "the device pool are kept there for prefix hits (0: off)", _KV)
+    kv_disk_path: str | None = _knob(CacheConfig.kv_disk_path, "folder of the persistent disk KV tier (blocks evicted "
+                                     "from the host tier, kept across restarts of the same model)", _KV)
+    kv_disk_bytes: str | int = _knob(CacheConfig.kv_disk_bytes, "disk KV tier size, e.g. 50GiB (needed with "
+                                     "--kv-disk-path)", _KV)
 
     max_num_seqs: int = _knob(SchedulerConfig.max_num_seqs, "cap on requests running at once", _SCHED)
     max_num_batched_tokens: int = _knob(SchedulerConfig.max_num_batched_tokens, "token budget per step", _SCHED)
@@ -178,6 +184,9 @@ class EngineArgs:
                                                                                           self.kv_cache_memory),
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 kv_cache_dtype=self.kv_cache_dtype,
+                kv_host_bytes=_byte_count("kv_host_bytes", self.kv_host_bytes),
+                kv_disk_path=self.kv_disk_path,
+                kv_disk_bytes=_byte_count("kv_disk_bytes", self.kv_disk_bytes),
             ),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens),
@@ -216,6 +225,11 @@ def _add_flag(group: Any, name: str, hint: Any, default: Any, flag: Flag) -> Non
     else:
         group.add_argument(flag.spelling or _spelling(name), dest=name, type=kind, default=default,
                            choices=flag.choices, help=flag.help)
+
+
+def _byte_count(setting: str, value: str | int) -> int:
+    """A byte size where 0 means off (parse_byte_size refuses 0)."""
+    return 0 if value in (0, "0") else parse_byte_size(setting, value)
 
 
 def _spelling(name: str) -> str:

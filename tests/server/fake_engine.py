@@ -89,6 +89,10 @@ class FakeEngine:
                 del self.requests[request_id]
         return outputs
 
+    def persist_kv_cache(self) -> int:
+        self._check_thread()
+        return 0
+
     def stats(self) -> dict[str, int]:
         running = len(self.requests) - len(self.waiting)
         return {"num_running": running, "num_waiting": len(self.waiting), "kv_blocks_total": 100,

@@ -22,7 +22,7 @@ from tokenmill.errors import ConfigError
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="latency / throughput / stream benchmarks (see BENCHMARKS.md)")
-    bench.add_argument("recipe", choices=["latency", "throughput", "stream"])
+    bench.add_argument("recipe", choices=["latency", "throughput", "stream", "prefix"])
     EngineArgs.add_cli_args(bench)  # --seed seeds the engine and the recipes' prompts alike
     bench.add_argument("--model-config", help="a config.json: model shape only, random weights (instead of --model)")
     bench.add_argument("--input-len", type=int, default=128)
@@ -49,6 +49,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--window", type=int, default=None,
                        help="stream: compare the per-token time of the first and the last WINDOW decode tokens "
                             "(default: 100)")
+    bench.add_argument("--system-len", type=int, default=1000, help="prefix: shared system prompt tokens")
+    bench.add_argument("--history-len", type=int, default=2000, help="prefix: each conversation's own history tokens")
+    bench.add_argument("--conversations", type=int, default=4, help="prefix: conversations (the pool holds ~one)")
     bench.add_argument("--json", dest="json_path", default=None, help="write the full result here")
     bench.set_defaults(func=cmd_bench)
 
@@ -67,6 +70,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SystemExit("error: --structured compare runs with the latency recipe only")
     if args.speculative_compare is not None:
         return _cmd_spec_compare(args)
+    if args.recipe == "prefix":
+        return _cmd_prefix(args)
     with _engine_args(args) as engine_args:
         start = time.perf_counter()
         engine = _build_engine(engine_args.create_engine_config())
@@ -175,6 +180,39 @@ def _cmd_spec_compare(args: argparse.Namespace) -> None:
         report = {"recipe": "latency", "speculative_compare": methods, "prompts": args.prompt_files or "random token ids",
                   "result": asdict(result)}
         Path(args.json_path).write_text(json.dumps(report, indent=2))
+
+
+def _cmd_prefix(args: argparse.Namespace) -> None:
+    """The prefix-reuse recipe: the KV tiers' sizes come from --kv-host-bytes / --kv-disk-*, or defaults; the pool
+    (--num-kv-blocks) defaults to one conversation's blocks, so returning ones were evicted."""
+    from tokenmill.bench.prefix import make_workload, prefix_rows, run_prefix
+    from tokenmill.byte_sizes import parse_byte_size
+    from tokenmill.models.loader import read_checkpoint_arch
+
+    if args.output_len is None:
+        args.output_len = 16
+    longest = args.system_len + args.history_len + args.output_len + 2 * 32 + 1
+    with _engine_args(args) as engine_args:
+        block = engine_args.block_size
+        base = replace(engine_args, kv_host_bytes=0, kv_disk_path=None, kv_disk_bytes=0,
+                       max_model_len=engine_args.max_model_len or longest,
+                       num_kv_blocks=engine_args.num_kv_blocks or -(-longest // block) + 2)
+        host = parse_byte_size("kv_host_bytes", engine_args.kv_host_bytes or "8GiB")
+        disk = parse_byte_size("kv_disk_bytes", engine_args.kv_disk_bytes or "16GiB")
+        seen: dict[str, str] = {}
+
+        def build(overrides: dict[str, Any]) -> Any:
+            engine = _build_engine(replace(base, **overrides).create_engine_config())
+            seen.update(device=_device_name(engine.device), dtype=str(engine.dtype))
+            return engine
+
+        vocab_size = read_checkpoint_arch(base.create_engine_config().model).vocab_size
+        workload = make_workload(vocab_size, args.system_len, args.history_len, args.conversations, 32, args.seed)
+        result = run_prefix(build, workload, args.output_len, host, disk, engine_args.kv_disk_path)
+    rows = [("device", seen["device"]), ("dtype", seen["dtype"]), ("kv pool blocks", str(base.num_kv_blocks))]
+    _print_rows("prefix reuse (KV tiers)", rows + prefix_rows(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"recipe": "prefix", "result": asdict(result)}, indent=2))
 
 
 def _transformers_rows(args: argparse.Namespace, report: dict[str, Any], model_path: str, load_format: str,

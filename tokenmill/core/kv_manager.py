@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from tokenmill.core.block_pool import BlockPool, KVBlock
 from tokenmill.core.prefix_cache import PrefixCache, extend_block_hashes, salt_root
 from tokenmill.core.request import Request
+from tokenmill.core.tier_io import KVTierConnector
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 tiers: KVTierConnector | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
@@ -24,6 +26,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[bytes]] = {}
         self._num_cached: dict[str, int] = {}  # leading blocks of the request already in the cache
+        # Host / disk tiers below the pool (None: off): evicted cached blocks go there, lookups continue there.
+        self.tiers = tiers if enable_prefix_caching else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -58,6 +62,14 @@ class KVCacheManager:
         self.cache.record_query(request.num_tokens, num_hit_tokens)
         return hits, num_hit_tokens
 
+    def get_tier_hits(self, request: Request, num_device_hits: int) -> list[bytes]:
+        """Hashes of the blocks right after the device hits that a lower tier holds (same limits as above)."""
+        if self.tiers is None or request.sampling_params.prompt_logprobs is not None:
+            return []
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        candidates = self._block_hashes(request)[num_device_hits:max_hit_blocks]
+        return candidates[: self.tiers.num_tier_hits(candidates)] if candidates else []
+
     def allocate_slots(
         self,
         request: Request,
@@ -84,6 +96,8 @@ class KVCacheManager:
             self._num_cached[request.request_id] = len(blocks)
         for _ in range(num_required):
             block = self.pool.pop_free()
+            if self.tiers is not None and block.block_hash is not None:
+                self.tiers.on_evict(block.block_id, block.block_hash)
             self.cache.evict(block)
             blocks.append(block)
         return True
@@ -101,6 +115,20 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.cache.insert(blocks[i], hashes[i])
         self._num_cached[request.request_id] = num_full
+
+    def num_cached_blocks(self, request: Request) -> int:
+        """Leading blocks of the request registered in the prefix cache (by it or before it)."""
+        return self._num_cached.get(request.request_id, 0)
+
+    def keep_loaded_prefix(self, request: Request, num_blocks: int) -> None:
+        """After a tier load: keep the request's first num_blocks blocks (device hits, then loaded ones), register
+        them in the prefix cache and give back the blocks whose load failed."""
+        blocks = self._blocks.get(request.request_id, [])
+        for block in reversed(blocks[num_blocks:]):
+            self.pool.release(block)
+        del blocks[num_blocks:]
+        request.num_computed_tokens = num_blocks * self.block_size
+        self.cache_full_blocks(request)
 
     def free(self, request: Request) -> None:
         """Give back the request's blocks, tail first, so the tail is evicted before the shared head."""

@@ -80,6 +80,10 @@ class PrefixCache:
             del self._blocks[block.block_hash]
         block.block_hash = None
 
+    def cached_blocks(self) -> list[tuple[bytes, KVBlock]]:
+        """(hash, block) of every registered block (to persist the cache before a restart)."""
+        return list(self._blocks.items())
+
     def record_query(self, num_queried: int, num_hit: int) -> None:
         self.num_queried_tokens += num_queried
         self.num_hit_tokens += num_hit

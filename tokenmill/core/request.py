@@ -12,6 +12,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    LOADING_KV = "loading_kv"  # its prefix is being loaded from a KV tier (host / disk) into the pool
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -58,6 +59,12 @@ class Request:
         # Draft tokens proposed for the next step; the target verifies them as ordinary tokens of it.
         self.spec_token_ids: list[int] = []
         self.spec_stats = SpecDecodeStats()
+        # Set when a KV-tier load wrote its prefix into blocks it holds: admission then skips the lookup.
+        self.prefix_loaded = False
+        self.status_before_load = RequestStatus.WAITING
+        self.num_loading_blocks = 0
+        # A tier load that came back short is not retried for this request: it recomputes instead of looping.
+        self.tier_load_failed = False
 
     @property
     def num_tokens(self) -> int:

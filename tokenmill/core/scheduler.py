@@ -42,6 +42,7 @@ class Scheduler:
         self.kv = kv_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}  # LOADING_KV: prefix on its way from a KV tier (core/tier_io.py)
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._announced: set[str] = set()
@@ -66,6 +67,10 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.LOADING_KV:
+                del self.loading[request_id]
+                assert self.kv.tiers is not None
+                self.kv.tiers.cancel_load(request_id)  # before its blocks are freed for others
             else:
                 self.waiting.remove(request)
             self._finish(request, status)
@@ -81,7 +86,7 @@ class Scheduler:
             self._finished_since_last_step.append(request.request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     @property
     def num_waiting(self) -> int:
@@ -98,6 +103,8 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         new_requests: list[NewRequestData] = []
         preempted = False
+        if self.loading:
+            self._finish_loads()
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -144,13 +151,21 @@ class Scheduler:
             if request.wait_for is not None and not self._sibling_prompt_done(request.wait_for):
                 held_back.append(self.waiting.popleft())
                 continue
-            computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+            if request.prefix_loaded:  # a tier load wrote its prefix into blocks it already holds
+                computed_blocks, num_hit = [], request.num_computed_tokens
+            else:
+                computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+                if self._start_tier_load(request, computed_blocks):
+                    continue
             num_new = min(request.num_tokens - num_hit, budget)
             completes = num_new == request.num_tokens - num_hit  # it samples, and may draft, this step
             lookahead = self.limits.num_lookahead_tokens if completes else 0
             if not self.kv.allocate_slots(request, num_new, computed_blocks, num_lookahead_tokens=lookahead):
+                if request.prefix_loaded:  # holding blocks while waiting could starve the pool: give them back
+                    self._drop_loaded_prefix(request)
                 break
             self.waiting.popleft()
+            request.prefix_loaded = False
             if request.status == RequestStatus.PREEMPTED:
                 self._resumed.append(request.request_id)
             request.num_computed_tokens = num_hit
@@ -162,6 +177,45 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(held_back))
         return budget
+
+    def _start_tier_load(self, request: Request, computed_blocks: list) -> bool:
+        """Blocks past the device hits that a KV tier holds: allocate device blocks for them, start the load and
+        park the request in LOADING_KV (it leaves `waiting`). False when there is nothing to load or no room."""
+        tier_hashes = [] if request.tier_load_failed else self.kv.get_tier_hits(request, len(computed_blocks))
+        if not tier_hashes:
+            return False
+        num_load_tokens = len(tier_hashes) * self.kv.block_size
+        if not self.kv.allocate_slots(request, num_load_tokens, computed_blocks):
+            return False
+        self.waiting.popleft()
+        request.status_before_load = request.status
+        request.status = RequestStatus.LOADING_KV
+        request.num_loading_blocks = len(tier_hashes)
+        self.loading[request.request_id] = request
+        assert self.kv.tiers is not None
+        load_block_ids = self.kv.block_ids(request.request_id)[len(computed_blocks):]
+        self.kv.tiers.start_load(request.request_id, tier_hashes, load_block_ids)
+        return True
+
+    def _finish_loads(self) -> None:
+        """Loaded requests go back to the front of `waiting` holding their prefix, to be admitted as a hit."""
+        assert self.kv.tiers is not None
+        done = [(rid, n) for rid, n in self.kv.tiers.finished_loads().items() if rid in self.loading]
+        for request_id, num_loaded in reversed(done):
+            request = self.loading.pop(request_id)
+            self.kv.keep_loaded_prefix(request, self.kv.num_cached_blocks(request) + num_loaded)
+            request.status = request.status_before_load
+            request.tier_load_failed = num_loaded < request.num_loading_blocks
+            request.prefix_loaded = request.num_computed_tokens > 0
+            if not request.prefix_loaded:
+                self.kv.free(request)
+            self.waiting.appendleft(request)
+
+    def _drop_loaded_prefix(self, request: Request) -> None:
+        """Release a loaded prefix's blocks; they stay cached, so a later admission usually hits them anyway."""
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.prefix_loaded = False
 
     def _sibling_prompt_done(self, sibling_id: str) -> bool:
         sibling = self.requests.get(sibling_id)

@@ -265,6 +265,7 @@ class AsyncLLMEngine:
         for request_id in list(self._streams):
             self._abort_one(request_id, notify=True)
         self._flush_engine()
+        engine.persist_kv_cache()  # a disk KV tier keeps the pool's cached blocks for the next start
         self._refresh_stats()
 
     def _apply_commands(self) -> None:

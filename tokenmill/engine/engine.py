@@ -23,6 +23,8 @@ from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thin
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError, RequestFailedError, TokenmillError
 from tokenmill.input_checks import check_cache_salt, check_text
+from tokenmill.kv_tiers.events import KVEvent
+from tokenmill.kv_tiers.setup import build_kv_tiers
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -54,7 +56,9 @@ class LLMEngine:
         num_blocks = self.worker.profile()
         self.worker.init_cache(num_blocks)
         block_size = config.cache.block_size
-        self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.kv_tiers = build_kv_tiers(config, self.model.attention_layers(), num_blocks, self.dtype,
+                                       self.worker.kv_dtype)
+        self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, self.kv_tiers)
         limits = SchedulerLimits(
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -189,6 +193,8 @@ class LLMEngine:
         scheduler_output.prev_step_seconds = self._last_step_seconds
         runner_output = self.worker.execute(scheduler_output)
         if scheduler_output.is_empty:
+            if self.kv_tiers is not None and self.scheduler.loading:  # only KV loads in flight: wait for one
+                self.kv_tiers.wait_for_loads(0.005)
             self._last_step_seconds = None  # an idle gap follows: the next step's predecessor is unknown
             return []
         self.num_steps += 1
@@ -260,7 +266,27 @@ class LLMEngine:
             "prefix_cache_hit_tokens": cache.num_hit_tokens,
             "num_steps": self.num_steps,
             **self.scheduler.spec_stats_dict(),
+            **(self.kv_tiers.stats() if self.kv_tiers is not None else {}),
         }
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """KV-tier events (blocks stored in / removed from the host and disk tiers, by hash hex) since the last
+        call, oldest first: what a router needs to know where a prefix lives."""
+        return self.kv_tiers.take_events() if self.kv_tiers is not None else []
+
+    def persist_kv_cache(self) -> int:
+        """Write the cached blocks of the device pool and the host tier to the disk tier, and wait (a planned
+        shutdown: the next start of the same model finds them). Blocks written; 0 without a disk tier."""
+        if self.kv_tiers is None:
+            return 0
+        self.kv_tiers.flush()
+        return self.kv_tiers.persist([(block.block_id, block_hash)
+                                      for block_hash, block in self.kv_manager.cache.cached_blocks()])
+
+    def flush_kv_tiers(self) -> None:
+        """Wait until blocks already evicted have reached their tiers (before a planned restart, in tests)."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.flush()
 
 
 def _own_failure(exc: Exception) -> RequestFailedError:

@@ -60,12 +60,57 @@ class _EngineCollector(Collector):
                     "spec_acceptance_rate")
         yield gauge("tokenmill_spec_decode_mean_accepted_length", "Tokens emitted per verify step since start.",
                     "spec_mean_accepted_length")
+        yield from _kv_tier_metrics(stats, self._model)
         per_position = GaugeMetricFamily("tokenmill_spec_decode_per_position_acceptance",
                                          "Acceptance rate of draft position i since start.",
                                          labels=["model_name", "position"])
         for position, rate in enumerate(stats.get("spec_per_position_acceptance", [])):
             per_position.add_metric([self._model, str(position)], float(rate))
         yield per_position
+
+
+
+def _kv_tier_metrics(stats: dict, model: str) -> Iterator[Metric]:
+    """The host / disk KV tiers (kv_tiers/): present only when the engine runs them."""
+    if "kv_tier_loads" not in stats:
+        return
+    families = (
+        (CounterMetricFamily, "tokenmill_kv_tier_hit_blocks", "Blocks loaded back from a KV tier.", "tier",
+         {t: f"kv_tier_{t}_hit_blocks" for t in ("host", "disk")}),
+        (CounterMetricFamily, "tokenmill_kv_tier_hit_tokens", "Prompt tokens loaded back from a KV tier.", "tier",
+         {t: f"kv_tier_{t}_hit_tokens" for t in ("host", "disk")}),
+        (CounterMetricFamily, "tokenmill_kv_tier_bytes_moved", "KV bytes copied between tiers.", "direction",
+         {d: f"kv_tier_bytes_{d}" for d in ("device_to_host", "host_to_device", "host_to_disk", "disk_to_host")}),
+        (GaugeMetricFamily, "tokenmill_kv_tier_occupancy_bytes", "Bytes held by a KV tier.", "tier",
+         {t: f"kv_tier_{t}_bytes" for t in ("host", "disk")}),
+        (GaugeMetricFamily, "tokenmill_kv_tier_occupancy_blocks", "Blocks held by a KV tier.", "tier",
+         {t: f"kv_tier_{t}_blocks" for t in ("host", "disk")}),
+        (GaugeMetricFamily, "tokenmill_kv_tier_capacity_bytes", "Byte bound of a KV tier.", "tier",
+         {t: f"kv_tier_{t}_capacity_bytes" for t in ("host", "disk")}),
+    )
+    for kind, name, doc, label, keys in families:
+        family = kind(name, doc, labels=["model_name", label])
+        for value, key in keys.items():
+            family.add_metric([model, value], float(stats.get(key, 0)))
+        yield family
+    for name, doc, key in (
+        ("tokenmill_kv_tier_loads", "Prefix loads from the KV tiers completed.", "kv_tier_loads"),
+        ("tokenmill_kv_tier_load_seconds_total", "Seconds from load start to blocks in the pool, summed.",
+         "kv_tier_load_seconds_total"),
+        ("tokenmill_kv_tier_stores_dropped", "Evicted blocks not stored because a tier queue was full.",
+         "kv_tier_stores_dropped"),
+        ("tokenmill_kv_tier_disk_files_rejected", "Disk-tier files ignored (corrupt, truncated, foreign).",
+         "kv_tier_disk_files_rejected"),
+        ("tokenmill_kv_tier_disk_store_errors", "Disk-tier writes that failed (a full disk stops stores).",
+         "kv_tier_disk_store_errors"),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([model], float(stats.get(key, 0)))
+        yield family
+    maximum = GaugeMetricFamily("tokenmill_kv_tier_load_seconds_max", "Slowest prefix load so far.",
+                                labels=["model_name"])
+    maximum.add_metric([model], float(stats.get("kv_tier_load_seconds_max", 0)))
+    yield maximum
 
 
 class ServerMetrics:
