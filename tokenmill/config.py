@@ -123,6 +123,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     # No CUDA graphs and no torch.compile, whatever `compile` says (--enforce-eager).
     enforce_eager: bool = False
+    # Plan step n+1 while step n runs (engine/async_loop.py); None: the platform's default (platform.py).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.spec.validate()

@@ -85,6 +85,10 @@ class EngineArgs:
                                    choices=ATTENTION_BACKENDS)
     enforce_eager: bool = _knob(EngineConfig.enforce_eager, "run every step eagerly: no CUDA graphs and no "
                                 "torch.compile (wins over --compile)", _MODEL)
+    async_scheduling: bool | None = _knob(EngineConfig.async_scheduling,
+                                          "plan step n+1 while step n runs (default: on CUDA); runs with "
+                                          "speculative decoding, and steps while a grammar-constrained request "
+                                          "is live, stay synchronous", _SCHED)
 
     block_size: int = _knob(CacheConfig.block_size, "tokens per KV block", _KV)
     num_kv_blocks: int | None = _knob(CacheConfig.num_kv_blocks, "exact KV pool size in blocks", _KV)
@@ -205,6 +209,7 @@ class EngineArgs:
             quantization=self.quantization,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
         )
 
 

@@ -90,6 +90,13 @@ def default_compile(device: torch.device, num_params: int) -> bool:
     return device.type == "cpu" and num_params >= COMPILE_MIN_PARAMS_CPU
 
 
+def default_async_scheduling(device: torch.device) -> bool:
+    """Whether the engine plans step n+1 while step n runs when the user did not say: on GPUs, where the host's
+    work would otherwise leave the device idle between steps. On the CPU the host work and the model share
+    the cores, and the overlap measured no gain on two of them (docs/gpu.md)."""
+    return device.type == "cuda"
+
+
 def fp8_matmul_available(device: torch.device) -> bool:
     """Whether `device` multiplies fp8 matrices in hardware (torch._scaled_mm): CUDA compute capability 8.9+."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)

@@ -52,9 +52,10 @@ def returning(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], list
     return first, again
 
 
-@pytest.mark.parametrize("tiers", ["host", "disk", "host+disk"])
+@pytest.mark.parametrize("tiers", ["host", "disk", "host+disk", "host, async scheduling"])
 def test_returning_prompts_load_from_the_tier_with_the_same_output(tiers, model, prompts, baseline, tmp_path):
-    kwargs = {}
+    kwargs: dict = {"async_scheduling": True} if tiers.endswith("async scheduling") else {}
+    tiers = tiers.split(",")[0]
     if "host" in tiers:
         kwargs["kv_host_bytes"] = "64MiB" if tiers == "host" else 4 * BLOCK_BYTES  # host+disk: 4 blocks on the host
     if "disk" in tiers:

@@ -39,6 +39,7 @@ CASES: dict[str, Case] = {
     "quantization": _case(["--quantization", "int4:g32"], "int4:g32", lambda c: c.quantization),
     "attention_backend": _case(["--attention-backend", "torch"], "torch", lambda c: c.attention_backend),
     "enforce_eager": _case(["--enforce-eager"], True, lambda c: c.enforce_eager),
+    "async_scheduling": _case(["--async-scheduling"], True, lambda c: c.async_scheduling),
     "kv_cache_memory": _case(["--kv-cache-memory", "500MB"], "500MB", lambda c: c.cache.kv_cache_memory,
                              500_000_000),
     "gpu_memory_utilization": _case(["--gpu-memory-utilization", "0.5"], 0.5,

@@ -66,3 +66,20 @@ def test_a_resumed_request_gets_its_new_blocks() -> None:
     inputs = step(batch, ScheduledChunk("a", [1, 2, 3, 4, 5], 0, [2, 9], sample=True))
     assert np.array_equal(inputs.attention.block_tables_host, [[2, 9]])
     assert inputs.attention.slot_mapping.tolist() == [8, 9, 10, 11, 36]
+
+
+def test_a_placeholder_takes_its_requests_last_sampled_token_on_the_device() -> None:
+    from tokenmill.core.sched_io import PLACEHOLDER_TOKEN_ID as PH
+
+    batch = InputBatch(max_num_tokens=16, max_blocks_per_request=4, block_size=BLOCK, device=torch.device("cpu"),
+                       initial_rows=2)
+    step(batch, ScheduledChunk("a", [1, 2, 3], 0, [6], sample=True), ScheduledChunk("b", [7], 0, [2], sample=True))
+    batch.record_sampled(["a", "b"], [40, 50])
+    step(batch, ScheduledChunk("c", [8, 9], 0, [3], sample=True))  # a third request: the rows double
+    batch.record_sampled(["c"], [60])
+    inputs = step(batch, ScheduledChunk("b", [PH], 1, [2], sample=True, placeholder=True),
+                  ScheduledChunk("c", [8, 9], 0, [3], sample=False),  # a known token: written from the host
+                  ScheduledChunk("a", [PH], 3, [6], sample=True, placeholder=True))
+    assert inputs.input_ids.tolist() == [50, 8, 9, 40]
+    batch.record_sampled(["a"], [41])  # a's next step samples again; the next placeholder follows it
+    assert step(batch, ScheduledChunk("a", [PH], 4, [6, 1], sample=True, placeholder=True)).input_ids.tolist() == [41]

@@ -102,11 +102,14 @@ class KVCacheManager:
             blocks.append(block)
         return True
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's newly full, computed blocks in the prefix cache."""
+    def cache_full_blocks(self, request: Request, num_written: int | None = None) -> None:
+        """Register the request's newly full, computed blocks in the prefix cache; `num_written` caps the
+        tokens counted as computed (asynchronous scheduling counts tokens of steps still in flight)."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        num_computed = request.num_computed_tokens if num_written is None else min(num_written,
+                                                                                   request.num_computed_tokens)
+        num_full = num_computed // self.block_size
         start = self._num_cached.get(request.request_id, 0)
         if num_full <= start:
             return

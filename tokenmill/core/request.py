@@ -65,6 +65,9 @@ class Request:
         self.num_loading_blocks = 0
         # A tier load that came back short is not retried for this request: it recomputes instead of looping.
         self.tier_load_failed = False
+        # Tokens that scheduled steps will sample but whose ids are not known yet (asynchronous scheduling:
+        # the next step is planned before this one's results arrive). Always 0 when steps run one at a time.
+        self.num_output_placeholders = 0
 
     @property
     def num_tokens(self) -> int:

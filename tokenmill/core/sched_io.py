@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 from tokenmill.sampling_params import SamplingParams
 
+# Stands in token_ids for a token sampled by a step that has not finished when this one was planned.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass
 class NewRequestData:
@@ -40,6 +43,9 @@ class ScheduledChunk:
     # The last num_spec_tokens of token_ids are draft tokens to verify; the worker then returns the
     # accepted drafts plus one token from the target.
     num_spec_tokens: int = 0
+    # The last of token_ids is PLACEHOLDER_TOKEN_ID: the token the worker sampled for this request in its
+    # previous step, which the worker fills in itself (asynchronous scheduling; the chunk is one decode token).
+    placeholder: bool = False
 
 
 @dataclass

@@ -4,6 +4,13 @@ Each step hands out at most `max_num_batched_tokens` tokens. A running request a
 tokens (1 when decoding); a long prompt takes what the budget leaves and continues next step, in the same
 batch as other requests' decodes. When the pool runs short the most recently admitted running request is
 preempted: its blocks are freed and it is recomputed later (its cached full blocks usually survive).
+
+With `async_scheduling` the engine plans step n+1 before step n's sampled tokens are known: scheduling
+counts a chunk's tokens as computed at once and each sampling chunk adds a placeholder output token; a
+decode chunk whose token is such a placeholder is marked so the worker fills it in. `update` then replaces
+placeholders with the real tokens and checks stops one step late: a request that stopped at step n has
+computed one more token in step n+1, which is discarded, and its blocks are freed when step n's results
+arrive. A request whose in-flight tokens already reach max_tokens or the context is not scheduled again.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from dataclasses import dataclass
 
 from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus, draft_room
-from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
+from tokenmill.core.sched_io import (PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, NewRequestData, ScheduledChunk,
+                                     SchedulerOutput)
 from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.core.stop_checker import check_stop
 
@@ -37,9 +45,13 @@ class StepUpdate:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, kv_manager: KVCacheManager) -> None:
+    def __init__(self, limits: SchedulerLimits, kv_manager: KVCacheManager, async_scheduling: bool = False) -> None:
         self.limits = limits
         self.kv = kv_manager
+        self.async_scheduling = async_scheduling
+        # Asynchronous scheduling: the requests of each step planned but not yet updated, oldest first, in
+        # chunk order (the objects, so a request id reused after a finish cannot take another's results).
+        self._plans: deque[list[Request]] = deque()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.loading: dict[str, Request] = {}  # LOADING_KV: prefix on its way from a KV tier (core/tier_io.py)
@@ -109,7 +121,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_known = request.num_tokens - request.num_computed_tokens
+            if self.async_scheduling and not self._plannable(request):
+                index += 1
+                continue
+            num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
             # Drafts ride along with a decode, inside the budget; a short budget trims them.
             num_new = min(num_known + len(request.spec_token_ids), budget)
             lookahead = self.limits.num_lookahead_tokens if num_new >= num_known else 0
@@ -130,6 +145,8 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(budget, chunks)
 
+        if self.async_scheduling and chunks:
+            self._plans.append(self._advance(chunks))
         for chunk in chunks:
             if chunk.req_id not in self._announced:
                 self._announced.add(chunk.req_id)
@@ -148,7 +165,9 @@ class Scheduler:
         held_back: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting[0]
-            if request.wait_for is not None and not self._sibling_prompt_done(request.wait_for):
+            # A request preempted while a step of it ran waits for that step's token before it resumes.
+            if request.num_output_placeholders or (
+                    request.wait_for is not None and not self._sibling_prompt_done(request.wait_for)):
                 held_back.append(self.waiting.popleft())
                 continue
             if request.prefix_loaded:  # a tier load wrote its prefix into blocks it already holds
@@ -219,18 +238,25 @@ class Scheduler:
 
     def _sibling_prompt_done(self, sibling_id: str) -> bool:
         sibling = self.requests.get(sibling_id)
-        return sibling is None or sibling.num_computed_tokens >= sibling.num_prompt_tokens
+        # Its prompt's blocks enter the prefix cache when that step's results arrive (asynchronous scheduling
+        # counts them computed earlier): until then a sibling would miss them.
+        return sibling is None or (sibling.num_computed_tokens >= sibling.num_prompt_tokens
+                                   and (sibling.num_output_tokens > 0 or not sibling.num_output_placeholders))
 
     def _chunk(self, request: Request, num_new: int, num_spec: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens
         num_known = num_new - num_spec
+        token_ids = request.all_token_ids[start : start + num_known]
+        # Past the known tokens: the one placeholder whose id the worker holds (_plannable allows no more).
+        num_unknown = num_known - len(token_ids)
         return ScheduledChunk(
             req_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_known] + request.spec_token_ids[:num_spec],
+            token_ids=token_ids + [PLACEHOLDER_TOKEN_ID] * num_unknown + request.spec_token_ids[:num_spec],
             start_pos=start,
             block_table=self.kv.block_ids(request.request_id),
-            sample=start + num_known == request.num_tokens,
+            sample=start + num_known == request.num_tokens + request.num_output_placeholders,
             num_spec_tokens=num_spec,
+            placeholder=num_unknown > 0,
             want_prompt_logprobs=request.sampling_params.prompt_logprobs is not None
             and start < request.num_prompt_tokens,
         )
@@ -244,10 +270,75 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    # ---- asynchronous scheduling ----------------------------------------------------------------
+
+    def _plannable(self, request: Request) -> bool:
+        """Whether a running request may be scheduled while earlier steps of it are still unresolved: it has
+        something to compute, at most one unknown token (the worker holds the last sampled one only), and its
+        in-flight tokens do not already reach max_tokens or the context (it finishes when they arrive)."""
+        num_extended = request.num_tokens + request.num_output_placeholders
+        num_unknown = num_extended - max(request.num_tokens, request.num_computed_tokens)
+        if num_extended <= request.num_computed_tokens or num_unknown > 1:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and request.num_output_tokens + request.num_output_placeholders >= max_tokens:
+            return False
+        return num_extended < self.limits.max_model_len
+
+    def _advance(self, chunks: list[ScheduledChunk]) -> list[Request]:
+        """Count the planned chunks as computed and their samples as placeholders; the plan's requests."""
+        planned = []
+        for chunk in chunks:
+            request = self.requests[chunk.req_id]
+            request.num_computed_tokens += len(chunk.token_ids)
+            request.num_output_placeholders += chunk.sample
+            planned.append(request)
+        return planned
+
+    def oldest_plan(self) -> list[Request]:
+        """The requests of the oldest step not yet updated, in chunk order (asynchronous scheduling)."""
+        return self._plans[0]
+
+    def discard_plans(self, steps: list[SchedulerOutput]) -> None:
+        """Steps that will never report (their execution raised), oldest first: undo what planning counted."""
+        for step, planned in reversed(list(zip(steps, self._plans))):
+            for chunk, request in zip(step.chunks, planned):
+                request.num_output_placeholders -= chunk.sample
+                if request.status == RequestStatus.RUNNING:
+                    request.num_computed_tokens -= len(chunk.token_ids)
+        self._plans.clear()
+
+    def _update_planned(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[StepUpdate]:
+        """Asynchronous update: the placeholders become the sampled tokens; stops are checked now."""
+        updates: list[StepUpdate] = []
+        planned = self._plans.popleft()
+        for chunk, request, sampled in zip(scheduler_output.chunks, planned, runner_output.sampled_token_ids):
+            request.num_output_placeholders -= chunk.sample
+            if request.is_finished:
+                continue  # stopped or aborted while this step ran: what it computed is discarded
+            new_tokens: list[int] = []
+            status = None
+            for token_id in sampled:
+                request.append_output_token(token_id)
+                new_tokens.append(token_id)
+                status = check_stop(request, self.limits.max_model_len)
+                if status is not None:
+                    break
+            if request.status == RequestStatus.RUNNING:  # a preempted request keeps no blocks to cache
+                # Only what this step (and the steps before it) wrote: later planned steps are in flight.
+                self.kv.cache_full_blocks(request, min(chunk.start_pos + len(chunk.token_ids), request.num_tokens))
+            if status is not None:
+                (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
+                self._finish(request, status)
+            updates.append(StepUpdate(request, new_tokens))
+        return updates
+
     # ---- results ------------------------------------------------------------------------------
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[StepUpdate]:
         """Advance computed counts, append sampled tokens, cache full blocks, finish stopped requests."""
+        if self.async_scheduling:
+            return self._update_planned(scheduler_output, runner_output)
         updates: list[StepUpdate] = []
         for chunk, sampled in zip(scheduler_output.chunks, runner_output.sampled_token_ids):
             request = self.requests.get(chunk.req_id)

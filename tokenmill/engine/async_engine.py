@@ -266,6 +266,7 @@ class AsyncLLMEngine:
             self._abort_one(request_id, notify=True)
         self._flush_engine()
         engine.persist_kv_cache()  # a disk KV tier keeps the pool's cached blocks for the next start
+        engine.close()  # the step thread of asynchronous scheduling
         self._refresh_stats()
 
     def _apply_commands(self) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.sched_io import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
+from tokenmill.engine.async_loop import PlannedSteps, plan_ahead_blocker, run_blocker
 from tokenmill.engine.output_builder import RequestGroup
 from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
@@ -28,6 +30,7 @@ from tokenmill.kv_tiers.setup import build_kv_tiers
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.platform import default_async_scheduling
 from tokenmill.spec_decode.factory import build_speculator
 from tokenmill.worker.worker import Worker
 
@@ -65,7 +68,10 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             num_lookahead_tokens=self.worker.num_lookahead_tokens,
         )
-        self.scheduler = Scheduler(limits, self.kv_manager)
+        self.async_scheduling = self._resolve_async_scheduling()
+        self.scheduler = Scheduler(limits, self.kv_manager, async_scheduling=self.async_scheduling)
+        # With asynchronous scheduling the worker's steps run on their own thread, one planned ahead.
+        self._planned = PlannedSteps(self.scheduler, self.worker.execute) if self.async_scheduling else None
         self._grammar_compiler: Any = None
         self._compiler_lock = threading.Lock()
         self._groups: dict[str, RequestGroup] = {}
@@ -74,6 +80,21 @@ class LLMEngine:
         self._last_step_seconds: float | None = None
         self.num_steps = 0
         self.failures: dict[str, RequestFailedError] = {}  # request id -> its own error, until taken
+
+    def _resolve_async_scheduling(self) -> bool:
+        wanted = self.config.async_scheduling
+        if wanted is None:
+            wanted = default_async_scheduling(self.device)
+        blocker = run_blocker(self.config.spec.method is not None)
+        if wanted and blocker is not None:
+            logger.info("asynchronous scheduling is off for this engine: %s", blocker)
+            return False
+        return wanted
+
+    def close(self) -> None:
+        """Stop the step thread (asynchronous scheduling); the engine takes no more steps."""
+        if self._planned is not None:
+            self._planned.close()
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -178,7 +199,8 @@ class LLMEngine:
                 self._child_to_group.pop(child_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still running, or a step still in flight (its results may only be discarded work)."""
+        return self.scheduler.has_unfinished() or bool(self._planned is not None and self._planned.in_flight)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -189,20 +211,39 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request group that changed, as its output_kind asks."""
         started = time.perf_counter()
+        if self._planned is not None:
+            # Step n+1 is planned and running before step n's results are applied below (engine/async_loop.py).
+            plan_ahead = plan_ahead_blocker(self.scheduler.requests.values()) is None
+            result = self._planned.next_result(plan_ahead, self._last_step_seconds)
+            if result is None:
+                return self._idle()
+            return self._apply(*result, started, self.scheduler.oldest_plan())
         scheduler_output = self.scheduler.schedule()
         scheduler_output.prev_step_seconds = self._last_step_seconds
         runner_output = self.worker.execute(scheduler_output)
         if scheduler_output.is_empty:
-            if self.kv_tiers is not None and self.scheduler.loading:  # only KV loads in flight: wait for one
-                self.kv_tiers.wait_for_loads(0.005)
-            self._last_step_seconds = None  # an idle gap follows: the next step's predecessor is unknown
-            return []
+            return self._idle()
+        return self._apply(scheduler_output, runner_output, started)
+
+    def _idle(self) -> list[RequestOutput]:
+        """A step with nothing to run."""
+        if self.kv_tiers is not None and self.scheduler.loading:  # only KV loads in flight: wait for one
+            self.kv_tiers.wait_for_loads(0.005)
+        self._last_step_seconds = None  # an idle gap follows: the next step's predecessor is unknown
+        return []
+
+    def _apply(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput, started: float,
+               planned: list[Request] | None = None) -> list[RequestOutput]:
+        """A step's results: failures, prompt logprobs, the scheduler's update, detokenizing and outputs.
+        `planned`: the step's requests when it was planned ahead; those that ended meanwhile are skipped."""
         self.num_steps += 1
+        ended = set() if planned is None else {r.request_id for r in planned if r.is_finished}
         for child_id, (field, message) in runner_output.failed.items():
-            self._fail(child_id, RequestFailedError(message, field))
+            if child_id not in ended:
+                self._fail(child_id, RequestFailedError(message, field))
         for chunk in scheduler_output.chunks:
             entries = runner_output.prompt_logprobs.get(chunk.req_id)
-            if entries and chunk.req_id in self._child_to_group:
+            if entries and chunk.req_id in self._child_to_group and chunk.req_id not in ended:
                 self._group_of(chunk.req_id).set_prompt_logprobs(chunk.start_pos, entries)
         changed: dict[str, RequestGroup] = {}
         stopped_by_text: list[str] = []

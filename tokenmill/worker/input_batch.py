@@ -8,7 +8,12 @@ exactly these addresses.
 
 The pinned host buffers are rewritten every step while their copies to the device may still be queued.
 That is safe because every step ends by reading its sampled ids on the host, after which those copies have
-run; an engine that prepares step n+1 during step n would need a second set of host buffers.
+run. Asynchronous scheduling keeps that true: the worker runs its steps one after another on one thread
+(worker/async_step.py), so the host prepares step n+1 only after step n's ids were read.
+
+Under asynchronous scheduling a decode chunk may carry a placeholder for the token its request sampled in
+the previous step. Each request's last sampled token stays on the device (`_last_token`, by row), and
+`prepare` gathers the placeholders' ids from it into the input_ids buffer, on the device.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class InputBatch:
         self._num_blocks = np.zeros(initial_rows, dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._free_rows = list(range(initial_rows - 1, -1, -1))
+        self._last_token = torch.zeros(initial_rows, dtype=torch.int64, device=device)  # per row
         # Host buffers (pinned on a GPU machine, so the copies to the device buffers are asynchronous) and
         # numpy views of them that the step writes into.
         pin = device.type == "cuda"
@@ -87,6 +93,13 @@ class InputBatch:
         if row is not None:
             self._num_blocks[row] = 0
             self._free_rows.append(row)
+
+    def record_sampled(self, req_ids: list[str], tokens: list[int]) -> None:
+        """The last token each of these requests sampled, which a placeholder in its next step stands for."""
+        rows = [self._row_of[req_id] for req_id in req_ids]
+        if rows:
+            self._last_token[torch.tensor(rows, dtype=torch.int64, device=self.device)] = \
+                torch.tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def reset_blocks(self, req_id: str) -> None:
         """The request's blocks changed wholesale (recomputed after a preemption)."""
@@ -143,6 +156,11 @@ class InputBatch:
             block_tables_host=tables,
         )
         input_ids, positions, slots = (self._view(name, length) for name in ("input_ids", "positions", "slots"))
+        placeholders = [index for index, chunk in enumerate(chunks) if chunk.placeholder]
+        if placeholders:  # each is its chunk's last token: the request's last sampled one, gathered on the device
+            flat = torch.from_numpy(cu_query[placeholders] - 1).to(self.device, non_blocking=True)
+            owners = torch.from_numpy(rows[placeholders]).to(self.device, non_blocking=True)
+            input_ids.index_copy_(0, flat, self._last_token[owners])
         metadata.slot_mapping = slots[:num_tokens]
         padded = self._padded_step(input_ids, positions, slots, count) if graph_step else None
         return StepInputs(
@@ -208,6 +226,7 @@ class InputBatch:
             old = len(self._num_blocks)
             self._block_tables = np.concatenate([self._block_tables, np.zeros_like(self._block_tables)])
             self._num_blocks = np.concatenate([self._num_blocks, np.zeros_like(self._num_blocks)])
+            self._last_token = torch.cat([self._last_token, torch.zeros_like(self._last_token)])
             self._free_rows = list(range(2 * old - 1, old - 1, -1))
         return self._free_rows.pop()
 

@@ -34,6 +34,7 @@ from tokenmill.sample.sampler import Sampler
 from tokenmill.sample.state import SamplingState, make_generator
 from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
 from tokenmill.worker import sampling
+from tokenmill.worker.async_step import record_last_tokens, without_failed_earlier
 from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_cuda_graph, capture_sizes, graphs_usable
 from tokenmill.worker.drafter import Drafter, DraftRequest
 from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks, without_failed_rows
@@ -85,6 +86,7 @@ class Worker:
         self.runner = ModelRunner(self.model, self.compile)
         self.num_blocks = 0
         self._last_decode_step: tuple[int, int] | None = None  # (decoding requests, tokens) of a decode-only step
+        self._failed_last_step: dict[str, tuple[str | None, str]] = {}  # left out of a step planned ahead of it
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -157,10 +159,11 @@ class Worker:
         # A request whose own work fails (its grammar, its state) is left out of the rest of the step and
         # reported in output.failed; the step goes on for everyone else.
         failures = RequestFailures()
+        earlier, self._failed_last_step = self._failed_last_step, failures.failed
         self._update_requests(scheduler_output, failures)
         if not scheduler_output.chunks:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], failed=failures.failed)
-        model_pass = self._run_model(scheduler_output, failures)
+        model_pass = self._run_model(scheduler_output, failures, earlier)
         if model_pass is None:  # every request of the step failed
             return aligned_output(scheduler_output, ModelRunnerOutput([], [], failed=failures.failed))
         step, inputs, plain, grammar, hidden, logits, prepared = model_pass
@@ -171,6 +174,7 @@ class Worker:
                                    failed=failures.failed)
         if logits is not None:
             self._sample(step, inputs, logits, plain, grammar, output, failures)
+            record_last_tokens(self.runner.input_batch, chunks, sampled)  # what a placeholder next step stands for
         sampling.prompt_logprobs(chunks, self.states, hidden, self.model.compute_logits, output)
         sampled_at = time.perf_counter()
         drafted = any(c.num_spec_tokens for c in chunks)
@@ -186,11 +190,13 @@ class Worker:
                           "execute_s": finished - started}
         return output if step is scheduler_output else aligned_output(scheduler_output, output)
 
-    def _run_model(self, scheduler_output: SchedulerOutput, failures: RequestFailures) -> _ModelPass | None:
+    def _run_model(self, scheduler_output: SchedulerOutput, failures: RequestFailures,
+                   earlier: dict[str, tuple[str | None, str]]) -> _ModelPass | None:
         """The step's model pass. When it raises, the requests whose presence alone makes it fail are found
         (worker/step_isolation.py), reported as failed, and the pass runs without them."""
         try:
-            return self._model_pass(scheduler_output, failures)
+            scheduler_output = without_failed_earlier(scheduler_output, earlier, failures)
+            return self._model_pass(scheduler_output, failures) if scheduler_output.chunks else None
         except Exception as exc:  # noqa: BLE001 - attributed to requests, or raised again
             step_error = exc
         kept = without_failing_requests(scheduler_output, failures, self._probe, step_error)
