@@ -234,6 +234,7 @@ def distill_eagle(args: EagleDistillArgs, log: Log = lambda s: print(s, flush=Tr
     summary = {
         "method": "eagle", "target": str(args.target), "head_config": asdict(head.config),
         "head_parameters": sum(p.numel() for p in head.parameters()), "corpus": data.corpus_info,
+        "heldout_files": data.held_docs,
         "steps": args.max_steps, "train_tokens_seen": args.max_steps * args.batch_size * ctx,
         "train_time_s": round(train_time, 3), "initial_heldout_loss": loss0, "final_heldout_loss": loss_final,
         "evals": evals, "loss_history": history, "acceptance": acceptance,
