@@ -109,7 +109,9 @@ class EagleHead(nn.Module):
         super().__init__()
         self.config = config
         arch = config.layer_arch()
-        method = UnquantizedLinearMethod(prepack_cpu=True)  # the head runs eagerly
+        # Prepacked CPU weights exactly when the worker prepacked the target's (eager bf16 on a CPU that can).
+        self.prepack_cpu = bool(getattr(target.lm_head.quant_method, "prepack_cpu", False))
+        method = UnquantizedLinearMethod(prepack_cpu=self.prepack_cpu)
         hidden = config.hidden_size
         self.fc = ReplicatedLinear(2 * hidden, hidden, True, dtype, device, method)
         self.layers = nn.ModuleList([LlamaDecoderLayer(arch, 0, dtype, device, method)])
@@ -130,7 +132,7 @@ class EagleHead(nn.Module):
         weight = self.target.lm_head.weight
         rows = draft_to_target.to(weight.device)
         head = ReplicatedLinear(weight.shape[1], len(rows), False, weight.dtype, weight.device,
-                                UnquantizedLinearMethod(prepack_cpu=True))
+                                UnquantizedLinearMethod(prepack_cpu=self.prepack_cpu))
         with torch.no_grad():
             head.weight.copy_(weight[rows])
         head.quant_method.process_weights_after_loading(head)
