@@ -39,18 +39,21 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
 
 
-SPEC_METHODS = ("ngram", "draft", "ngram+draft")
+SPEC_METHODS = ("ngram", "draft", "ngram+draft", "eagle")
 # Methods that run a separate draft model (ngram+draft: prompt lookup first, the model where it finds nothing).
 DRAFT_MODEL_METHODS = ("draft", "ngram+draft")
+# Methods that draft with a head over the target's hidden states; draft_model is then the head's folder.
+HEAD_METHODS = ("eagle",)
 
 
 @dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding: off unless `method` is set."""
 
-    method: str | None = None  # "ngram" (prompt lookup), "draft" (a separate small model) or "ngram+draft"
+    # "ngram" (prompt lookup), "draft" (a separate small model), "ngram+draft" or "eagle" (a draft head)
+    method: str | None = None
     num_speculative_tokens: int = 4  # the most drafts per request per step
-    draft_model: str | None = None  # checkpoint folder of the draft model (DRAFT_MODEL_METHODS)
+    draft_model: str | None = None  # the draft model's checkpoint (DRAFT_MODEL_METHODS) or head folder (eagle)
     # The draft's weights and KV may be narrower than the target's: drafts only need to be likely, not exact
     # (verification keeps the output exact). None: the target's dtype.
     draft_dtype: str | None = None
@@ -73,6 +76,9 @@ class SpecConfig:
             raise ConfigError("num_speculative_tokens", f"must be at most 16, got {self.num_speculative_tokens}")
         if self.method in DRAFT_MODEL_METHODS and not self.draft_model:
             raise ConfigError("draft_model", f"speculative_method {self.method!r} needs a draft_model checkpoint")
+        if self.method in HEAD_METHODS and not self.draft_model:
+            raise ConfigError("draft_model", f"speculative_method {self.method!r} needs draft_model: the folder of "
+                                             f"a draft head (`tokenmill distill --method eagle` writes one)")
         if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
             raise ConfigError(
                 "draft_dtype", f"must be one of {', '.join(DTYPES)} (or None), got {self.draft_dtype!r}"
@@ -173,9 +179,9 @@ class EngineConfig:
             raise ConfigError("kv_disk_path", "is needed when kv_disk_bytes is set (where the disk tier keeps blocks)")
         if cache.kv_host_bytes or cache.kv_disk_path is not None:
             setting = "kv_host_bytes" if cache.kv_host_bytes else "kv_disk_path"
-            if self.spec.method in DRAFT_MODEL_METHODS:
+            if self.spec.method in DRAFT_MODEL_METHODS + HEAD_METHODS:
                 raise ConfigError(setting, f"KV tiers hold the target's KV only; speculative_method "
-                                           f"{self.spec.method!r} keeps a draft model's KV beside it (use ngram)")
+                                           f"{self.spec.method!r} keeps a drafter's KV beside it (use ngram)")
 
 
 def _positive(name: str, value: object) -> None:

@@ -119,12 +119,14 @@ class EngineArgs:
 
     speculative_method: str | None = _knob(
         SpecConfig.method,
-        "draft tokens by prompt lookup (ngram), with a small draft model (draft), or by lookup first and the "
-        "draft model where the lookup finds nothing (ngram+draft)", _SPEC, choices=SPEC_METHODS)
+        "draft tokens by prompt lookup (ngram), with a small draft model (draft), by lookup first and the "
+        "draft model where the lookup finds nothing (ngram+draft), or with a draft head over the target's hidden "
+        "states (eagle)", _SPEC, choices=SPEC_METHODS)
     num_speculative_tokens: int = _knob(SpecConfig.num_speculative_tokens, "the most drafts per request per step",
                                         _SPEC)
     draft_model: str | None = _knob(SpecConfig.draft_model, "draft checkpoint sharing the target's tokenizer "
-                                    "(default with the default model: its distilled draft)", _SPEC)
+                                    "(default with the default model: its distilled draft); with eagle, the "
+                                    "draft head's folder", _SPEC)
     draft_dtype: str | None = _knob(SpecConfig.draft_dtype, "the draft model's dtype (default: the target's)", _SPEC,
                                     choices=DTYPES)
     ngram_min: int = _knob(SpecConfig.ngram_min, "shortest suffix that prompt lookup matches", _SPEC)

@@ -76,6 +76,10 @@ def _run(kind: str, ns: argparse.Namespace) -> None:
             from tokenmill_train.trainer import TrainArgs, train
 
             train(TrainArgs(**_pick(ns, dataclasses.fields(TrainArgs))))
+        elif getattr(ns, "method", "draft") == "eagle":
+            from tokenmill_train.eagle_distill import EagleDistillArgs, distill_eagle
+
+            distill_eagle(EagleDistillArgs(**_pick(ns, dataclasses.fields(EagleDistillArgs))))
         else:
             from tokenmill_train.distill import DistillArgs, distill
 
@@ -116,10 +120,15 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `tokenmill distill` on an argparse subparsers object."""
     p = subparsers.add_parser(
         "distill",
-        help="distill a small draft model from a target for speculative decoding",
+        help="distill a small draft model (or an EAGLE draft head) from a target for speculative decoding",
         description="Train a 1-2 layer draft with the target's tokenizer by KL distillation, report its greedy "
-        "acceptance rate against the target, and write a standard checkpoint folder (plus distill_summary.json).",
+        "acceptance rate against the target, and write a standard checkpoint folder (plus distill_summary.json). "
+        "With --method eagle: train a draft head over the target's hidden states (docs/speculative_heads.md) and "
+        "write its folder, for --speculative-method eagle --draft-model OUT.",
     )
+    p.add_argument("--method", default="draft", choices=["draft", "eagle"],
+                   help="draft: a separate small model; eagle: a head over the target's hidden states (the model "
+                   "shape and QAT options do not apply to it)")
     p.add_argument("--target", required=True, metavar="PATH", help="target checkpoint folder (Llama)")
     _add_data_args(p)
     _add_model_args(p, draft=True)
@@ -134,6 +143,11 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--gen-temperature", type=float, default=0.0, help="target sampling temperature (0: greedy)")
     p.add_argument("--gen-prefix-length", type=int, default=None, help="data prefix before generation")
     _add_optim_args(p, lr=1e-3, warmup=50, weight_decay=0.0, eval_every=100)
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="eagle: draft over the N most frequent training tokens only (default: the whole vocabulary)")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="eagle: weight of the feature regression")
+    p.add_argument("--kl-weight", type=float, default=0.1, help="eagle: weight of the token KL")
+    p.add_argument("--feature-noise", type=float, default=0.0, help="eagle: std of noise on the input features")
     p.add_argument("--acceptance-k", type=int, default=4, help="draft tokens per verify step in the acceptance test")
     p.add_argument("--acceptance-prompts", type=int, default=16)
     p.add_argument("--acceptance-prompt-length", type=int, default=32)

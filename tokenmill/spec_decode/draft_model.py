@@ -41,7 +41,7 @@ class _FedTokens:
 
 
 @dataclass
-class _Drafting:
+class DraftingJob:
     request: DraftRequest
     budget: int
     tokens: list[int] = field(default_factory=list)
@@ -96,7 +96,7 @@ class DraftModelProposer(Proposer):
             capacity = len(request.block_table) * self.block_size
             # The j-th draft is fed at position len + j - 1; keep every write inside the block table.
             budget = min(request.max_drafts, capacity - len(request.token_ids) + 1)
-            jobs.append(_Drafting(request, budget, done=budget <= 0))
+            jobs.append(DraftingJob(request, budget, done=budget <= 0))
         active = [job for job in jobs if not job.done]
         if active:
             self._catch_up_and_draft_first(active)
@@ -107,7 +107,7 @@ class DraftModelProposer(Proposer):
             self._draft_next(active)
         return [Draft(job.tokens, torch.stack(job.probs) if job.probs else None) for job in jobs]
 
-    def _catch_up_and_draft_first(self, jobs: list[_Drafting]) -> None:
+    def _catch_up_and_draft_first(self, jobs: list[DraftingJob]) -> None:
         """Feed each request's tokens that lack draft KV (at least its last one) and draft token 1."""
         starts, chunks = [], []
         for job in jobs:
@@ -119,14 +119,14 @@ class DraftModelProposer(Proposer):
             self._fed[job.request.req_id] = _FedTokens(num_verified=len(token_ids))
         self._forward_and_pick(jobs, starts, chunks)
 
-    def _draft_next(self, jobs: list[_Drafting]) -> None:
+    def _draft_next(self, jobs: list[DraftingJob]) -> None:
         starts = [len(job.request.token_ids) + len(job.tokens) - 1 for job in jobs]
         chunks = [[job.tokens[-1]] for job in jobs]
         for job in jobs:
             self._fed[job.request.req_id].drafts.append(job.tokens[-1])
         self._forward_and_pick(jobs, starts, chunks)
 
-    def _forward_and_pick(self, jobs: list[_Drafting], starts: list[int], chunks: list[list[int]]) -> None:
+    def _forward_and_pick(self, jobs: list[DraftingJob], starts: list[int], chunks: list[list[int]]) -> None:
         lengths = [len(c) for c in chunks]
         metadata = build_attention_metadata(
             starts, lengths, [job.request.block_table for job in jobs], self.block_size, self.device
@@ -141,27 +141,34 @@ class DraftModelProposer(Proposer):
         logits = fit_vocab(self.model.compute_logits(hidden[last]).float(), self.vocab_size)
         self._pick(jobs, logits)
 
-    def _pick(self, jobs: list[_Drafting], logits: torch.Tensor) -> None:
-        """Each job's next draft, from its own shaped distribution; low confidence ends its drafting."""
-        states = [job.request.state for job in jobs]
-        shaped = shape_logits(logits, states, [s.output_token_ids + job.tokens for s, job in zip(states, jobs)])
-        sampling = [i for i, s in enumerate(states) if s.params.temperature > 0.0]
-        probs = shaped.softmax(dim=-1)  # greedy rows: confidence at temperature 1
-        if sampling:
-            probs[sampling] = probs_rows(shaped[sampling], [states[i] for i in sampling])
-        tokens = shaped.argmax(dim=-1).tolist()
-        for i in sampling:
-            generator = states[i].generator if states[i].generator is not None else self.default_generator
-            tokens[i] = int(torch.multinomial(probs[i], 1, generator=generator))
-        confidence = probs.max(dim=-1).values.tolist()
-        for i, job in enumerate(jobs):
-            if confidence[i] < self.confidence_threshold:
-                job.done = True
-                continue
-            job.tokens.append(tokens[i])
-            if states[i].params.temperature > 0.0:
-                job.probs.append(probs[i])
-            job.done = len(job.tokens) >= job.budget
+    def _pick(self, jobs: list[DraftingJob], logits: torch.Tensor) -> None:
+        pick_next_drafts(jobs, logits, self.default_generator, self.confidence_threshold)
+
+
+def pick_next_drafts(jobs: list[DraftingJob], logits: torch.Tensor, default_generator: torch.Generator,
+                     confidence_threshold: float) -> None:
+    """Each job's next draft, from its own shaped distribution; low confidence ends its drafting.
+
+    logits: [len(jobs), target vocab], float32."""
+    states = [job.request.state for job in jobs]
+    shaped = shape_logits(logits, states, [s.output_token_ids + job.tokens for s, job in zip(states, jobs)])
+    sampling = [i for i, s in enumerate(states) if s.params.temperature > 0.0]
+    probs = shaped.softmax(dim=-1)  # greedy rows: confidence at temperature 1
+    if sampling:
+        probs[sampling] = probs_rows(shaped[sampling], [states[i] for i in sampling])
+    tokens = shaped.argmax(dim=-1).tolist()
+    for i in sampling:
+        generator = states[i].generator if states[i].generator is not None else default_generator
+        tokens[i] = int(torch.multinomial(probs[i], 1, generator=generator))
+    confidence = probs.max(dim=-1).values.tolist()
+    for i, job in enumerate(jobs):
+        if confidence[i] < confidence_threshold:
+            job.done = True
+            continue
+        job.tokens.append(tokens[i])
+        if states[i].params.temperature > 0.0:
+            job.probs.append(probs[i])
+        job.done = len(job.tokens) >= job.budget
 
 
 def fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.config import DRAFT_MODEL_METHODS, EngineConfig
+from tokenmill.config import DRAFT_MODEL_METHODS, HEAD_METHODS, EngineConfig
 from tokenmill.errors import ConfigError
-from tokenmill.models.loader import load_model
+from tokenmill.models.loader import load_model, read_checkpoint_arch
 from tokenmill.sample.state import make_generator
 from tokenmill.spec_decode.draft_model import DraftModelProposer
+from tokenmill.spec_decode.eagle import EagleProposer
+from tokenmill.spec_decode.eagle_head import load_eagle_head
 from tokenmill.spec_decode.lookup_then_draft import LookupThenDraftProposer
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.proposer import Proposer
@@ -19,12 +21,31 @@ from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.worker.kv_cache_alloc import resolve_kv_cache_dtype
 
 
-def build_speculator(config: EngineConfig, device: torch.device, target_vocab_size: int) -> Speculator:
-    """The speculator for config.spec (whose method must be set), with its draft model loaded if any."""
+def build_speculator(config: EngineConfig, device: torch.device, target_vocab_size: int,
+                     target: torch.nn.Module | None = None) -> Speculator:
+    """The speculator for config.spec (whose method must be set), with its draft model or head loaded if any.
+
+    target: the loaded target model, whose embedding and LM head a draft head shares."""
     spec = config.spec
-    draft_model = load_draft_model(config, device, target_vocab_size) if spec.method in DRAFT_MODEL_METHODS else None
-    proposer = build_proposer(config, draft_model, device, target_vocab_size)
+    if spec.method in HEAD_METHODS:
+        if target is None:
+            raise ConfigError("speculative_method", f"{spec.method!r} drafts from a loaded target model")
+        proposer: Proposer = build_eagle_proposer(config, target, device, target_vocab_size)
+    else:
+        draft_model = load_draft_model(config, device, target_vocab_size) if spec.method in DRAFT_MODEL_METHODS \
+            else None
+        proposer = build_proposer(config, draft_model, device, target_vocab_size)
     return Speculator(proposer, spec.num_speculative_tokens, adaptive=spec.adaptive)
+
+
+def build_eagle_proposer(config: EngineConfig, target: torch.nn.Module, device: torch.device,
+                         target_vocab_size: int) -> EagleProposer:
+    """The head of config.spec.draft_model, checked against the target, in the target's dtype."""
+    dtype = target.model.embed_tokens.weight.dtype
+    head = load_eagle_head(str(config.spec.draft_model), target, read_checkpoint_arch(config.model), dtype, device)
+    return EagleProposer(head, resolve_kv_cache_dtype(config.cache.kv_cache_dtype, dtype, device), device,
+                         target_vocab_size, make_generator(config.seed + 1, device), config.spec.num_speculative_tokens,
+                         config.spec.draft_confidence_threshold)
 
 
 def load_draft_model(config: EngineConfig, device: torch.device, target_vocab_size: int) -> torch.nn.Module:

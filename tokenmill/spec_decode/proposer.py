@@ -2,8 +2,8 @@
 
 A proposer gets the requests that decode next step, each with the most drafts it may take, and returns
 draft token ids (and, when it sampled them from a distribution, that distribution for lossless
-verification). N-gram lookup, a separate draft model, draft heads and multi-token-prediction heads all
-fit this shape; the last two would also read the target's hidden states, which `propose` can grow.
+verification). N-gram lookup, a separate draft model and draft heads all fit this shape; a draft head also
+reads the target's hidden states, which it asks for with `needs_hidden_states`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.worker.drafter import DraftRequest
+from tokenmill.worker.drafter import DraftRequest, StepHiddenStates
 
-__all__ = ["Draft", "DraftRequest", "Proposer"]
+__all__ = ["Draft", "DraftRequest", "Proposer", "StepHiddenStates"]
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Draft:
 class Proposer(ABC):
     # KV slots past a decoding request's tokens that proposing writes into (a draft model's own KV).
     num_lookahead_tokens: int = 0
+    # Whether the worker hands it every step's target hidden states (observe_hidden_states).
+    needs_hidden_states: bool = False
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
@@ -38,6 +40,9 @@ class Proposer(ABC):
         The speculator asks this first, so that its cost model charges draft-model steps only to the
         requests that need them."""
         return [None] * len(requests)
+
+    def observe_hidden_states(self, step: StepHiddenStates) -> None:
+        """The step's tokens and the target's hidden states of them (only when needs_hidden_states)."""
 
     def resumed(self, req_id: str) -> None:
         """The request was preempted and is recomputed in new blocks: forget what was kept for it."""

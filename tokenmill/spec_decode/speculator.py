@@ -21,7 +21,7 @@ from tokenmill.spec_decode.cost_model import (
     per_request_lengths,
 )
 from tokenmill.spec_decode.measured_rates import LOOKUP, MODEL, PLAIN, MeasuredRates
-from tokenmill.spec_decode.proposer import Draft, DraftRequest, Proposer
+from tokenmill.spec_decode.proposer import Draft, DraftRequest, Proposer, StepHiddenStates
 
 
 class Speculator:
@@ -50,6 +50,13 @@ class Speculator:
     @property
     def num_lookahead_tokens(self) -> int:
         return self.proposer.num_lookahead_tokens
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.proposer.needs_hidden_states
+
+    def observe_hidden_states(self, step: StepHiddenStates) -> None:
+        self.proposer.observe_hidden_states(step)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         return self.proposer.kv_bytes_per_block(block_size)

@@ -2,7 +2,9 @@
 
 `spec_decode.Speculator` implements `Drafter`; the engine builds one and hands it to the worker. Each
 step the worker gives it the requests that go on decoding (`DraftRequest`) and returns its drafts to the
-scheduler; when the next step verifies them, the worker reports acceptance back.
+scheduler; when the next step verifies them, the worker reports acceptance back. A drafter that drafts from
+the target's features (a draft head) sets `needs_hidden_states`, and every step then hands it the step's
+last-layer hidden states (`StepHiddenStates`: the forward's own tensors, never copied) before it proposes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.sample.state import SamplingState
 
 
@@ -25,8 +28,20 @@ class DraftRequest:
     max_drafts: int  # the most draft tokens this request may take next step (>= 1)
 
 
+@dataclass
+class StepHiddenStates:
+    """One step's tokens as the target computed them: ids (placeholders filled in), positions, the step's
+    attention layout (slot mapping, block tables) and the final-norm hidden states of every token."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    attention: AttentionMetadata
+    hidden: torch.Tensor  # [num_tokens, hidden_size]
+
+
 class Drafter(Protocol):
     num_speculative_tokens: int
+    needs_hidden_states: bool  # hand it each step's StepHiddenStates (observe_hidden_states)
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -43,6 +58,9 @@ class Drafter(Protocol):
 
     def propose(self, requests: list[DraftRequest], num_other_tokens: int, prefill_next: bool) -> dict[str, list[int]]:
         """Drafts for the next step per request id; requests given none are absent."""
+
+    def observe_hidden_states(self, step: StepHiddenStates) -> None:
+        """The step's tokens and their target hidden states, every step, before `propose`."""
 
     def take_draft_probs(self, req_id: str, num_drafts: int) -> torch.Tensor | None:
         """The distributions the request's pending drafts were sampled from (None: deterministic drafts)."""

@@ -36,7 +36,7 @@ from tokenmill.sample.thinking_budget import ThinkingBudgetTracker
 from tokenmill.worker import sampling
 from tokenmill.worker.async_step import record_last_tokens, without_failed_earlier
 from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_cuda_graph, capture_sizes, graphs_usable
-from tokenmill.worker.drafter import Drafter, DraftRequest
+from tokenmill.worker.drafter import Drafter, DraftRequest, StepHiddenStates
 from tokenmill.worker.grammar_masks import GrammarBackend, GrammarMasks, without_failed_rows
 from tokenmill.worker.input_batch import StepInputs
 from tokenmill.worker.kv_cache_alloc import (allocate_kv_caches, bytes_per_block, check_pool_holds_context,
@@ -47,7 +47,7 @@ from tokenmill.worker.request_failures import RequestFailures
 from tokenmill.worker.step_isolation import aligned_output, without_failing_requests
 from tokenmill.worker.step_timer import time_forward
 
-DrafterFactory = Callable[[torch.device, int], Drafter]  # (device, target vocab size) -> drafter
+DrafterFactory = Callable[[torch.device, int, torch.nn.Module], Drafter]  # (device, target vocab, target) -> drafter
 
 
 class Worker:
@@ -77,7 +77,7 @@ class Worker:
             raise ConfigError("max_model_len", f"{self.max_model_len} exceeds the model's max_position_embeddings "
                                                f"({self.arch.max_position_embeddings})")
         # Speculative decoding comes as a factory (the engine's), so this module never imports it.
-        self.drafter = drafter_factory(self.device, self.arch.vocab_size) if drafter_factory is not None else None
+        self.drafter = drafter_factory(self.device, self.arch.vocab_size, self.model) if drafter_factory else None
         self.show_progress = show_progress
         self.sampler = Sampler(global_seed=config.seed, device=self.device)
         self.states: dict[str, SamplingState] = {}
@@ -139,7 +139,6 @@ class Worker:
                                        capture_cuda_graph())
         if self.drafter is not None:
             self.drafter.init_cache(num_blocks, block_size)
-            scheduler = self.config.scheduler
             self.drafter.profile(self.time_target_step, scheduler.max_num_seqs, scheduler.max_num_batched_tokens)
 
     def enable_structured_output(self, backend: GrammarBackend) -> None:
@@ -178,6 +177,9 @@ class Worker:
         sampling.prompt_logprobs(chunks, self.states, hidden, self.model.compute_logits, output)
         sampled_at = time.perf_counter()
         drafted = any(c.num_spec_tokens for c in chunks)
+        if self.drafter is not None and self.drafter.needs_hidden_states:  # a reference: hidden is not copied
+            self.drafter.observe_hidden_states(StepHiddenStates(inputs.input_ids, inputs.positions, inputs.attention,
+                                                                hidden[: inputs.num_tokens]))
         if self.drafter is not None and inputs.sampling_chunks:
             self._propose_drafts(step, inputs, output, failures)
         finished = time.perf_counter()
