@@ -1,7 +1,7 @@
 """Greedy tokens of the whole engine with the torch and the triton attention backend (float32, CPU), printed
 as JSON: run under TRITON_INTERPRET=1 by test_engine_triton_backend.py.
 
-Scenarios: a batch of prompts at once; chunked prefill (a budget of 8 tokens per step); prefix hits (the same
+Scenarios: a batch of prompts at once (also with asynchronous scheduling); chunked prefill (a budget of 8 tokens per step); prefix hits (the same
 prompts again with prefix caching); speculative verification (prompt-lookup drafts on repetitive prompts).
 """
 
@@ -41,6 +41,9 @@ def run(path: Path, backend: str) -> dict[str, object]:
     batched = LLM(**common, enable_prefix_caching=False)
     out: dict[str, object] = {"backend": batched.engine.worker.attention_backend.name}
     out["batched"] = greedy(batched, prompts())
+    # Step n+1 planned while step n runs, its decode tokens gathered on the device (the default on CUDA).
+    planned_ahead = LLM(**common, enable_prefix_caching=False, async_scheduling=True)
+    out["async_scheduling"] = greedy(planned_ahead, prompts())
     chunked = LLM(**common, enable_prefix_caching=False, max_num_batched_tokens=8)
     out["chunked"] = greedy(chunked, prompts())
     cached = LLM(**common)

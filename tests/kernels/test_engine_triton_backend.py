@@ -1,5 +1,5 @@
 """The whole engine with attention_backend="triton", its kernels run by the Triton interpreter, gives the same
-greedy tokens as the torch backend in float32: batching, chunked prefill, prefix hits and speculative
+greedy tokens as the torch backend in float32: batching (also planned a step ahead), chunked prefill, prefix hits and speculative
 verification; Llama (GQA, head_dim 24) and Gemma 2 (soft-capped scores, a 32-token sliding window). Also with
 the layers' own kernels (norm, rotary, activation) switched on as they are on CUDA."""
 
@@ -17,7 +17,7 @@ FAMILIES = ("llama", "gemma2")
 # With the layers' kernels on as well: Llama-3 RoPE scaling, q/k norms (Qwen3), Gemma's offset norm and GeGLU
 # with q/k norms (Gemma 3), partial rotary on a fused qkv (Phi-3).
 LAYER_FAMILIES = ("llama3", "qwen3", "gemma3", "phi3")
-SCENARIOS = ("batched", "chunked", "prefix_hit", "speculative")
+SCENARIOS = ("batched", "async_scheduling", "chunked", "prefix_hit", "speculative")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def test_the_scenarios_did_what_they_claim(family: str, runs) -> None:
     triton = runs[family]["triton"]
     assert triton["prefix_cached_tokens"] >= 16  # the second pass read a cached block
     assert triton["spec_accepted"] > 0  # drafts were verified (several queries per sequence) and accepted
+    assert triton["async_scheduling"] == triton["batched"]  # planning ahead changes no token
 
 
 @pytest.fixture(scope="module")
