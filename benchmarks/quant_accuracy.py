@@ -25,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a file: make `tokenmill` importable from the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_CONFIGS = ("int8:rtn", "fp8:rtn", "fp8:gptq", "int4:rtn", "int4:gptq", "int4:awq", "w2:rtn", "w2:fit", "w2:gptq")
+DEFAULT_CONFIGS = ("int8:rtn", "fp8:rtn", "fp8:gptq", "int4:rtn", "int4:gptq", "int4:awq", "w2:rtn", "w2:fit",
+                   "w2:gptq")
 SETS = ("english", "code")
 
 
