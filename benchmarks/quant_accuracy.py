@@ -25,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a file: make `tokenmill` importable from the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_CONFIGS = ("int8:rtn", "fp8:rtn", "int4:rtn", "int4:gptq", "int4:awq", "w2:rtn", "w2:fit", "w2:gptq")
+DEFAULT_CONFIGS = ("int8:rtn", "fp8:rtn", "fp8:gptq", "int4:rtn", "int4:gptq", "int4:awq", "w2:rtn", "w2:fit",
+                   "w2:gptq")
 SETS = ("english", "code")
 
 
@@ -35,6 +36,7 @@ class Row:
     perplexity: dict[str, float]  # per held-out set
     relative: dict[str, float]  # perplexity / bfloat16's - 1
     quantize_seconds: float | None = None
+    quantize_cpu_seconds: float | None = None  # CPU time of the quantizing process (the wall time on an idle machine)
 
 
 def parse_config(config: str) -> tuple[str, str, int | None, bool]:
@@ -79,19 +81,21 @@ def score(model_dir: str, windows: dict[str, list[list[int]]], dtype: str, max_m
 
 
 def quantized_folder(model: str, config: str, work_dir: Path, samples: int, calib_window: int,
-                     log) -> tuple[Path, float | None]:
-    """The folder of one configuration, made by `tokenmill quantize` unless it is already there."""
+                     log) -> tuple[Path, float | None, float | None]:
+    """The folder of one configuration, made by `tokenmill quantize` unless it is already there, with the wall and
+    CPU seconds it took (None when reused). On a shared machine the wall time depends on the other jobs; the CPU
+    time does not, and with one thread it is what an idle machine takes."""
     from tokenmill.tools.quantize_model import QuantizeOptions, quantize_checkpoint
 
     method, algo, group, zero_point = parse_config(config)
     folder = work_dir / config.replace(":", "-")
     if (folder / "config.json").is_file():
-        return folder, None
+        return folder, None, None
     options = QuantizeOptions(method=method, algo=algo, group_size=group, zero_point=zero_point, samples=samples,
                               window=calib_window)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     quantize_checkpoint(model, folder, options, log=log)
-    return folder, time.perf_counter() - start
+    return folder, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def run(argv: list[str] | None = None) -> list[Row]:
@@ -124,13 +128,15 @@ def run(argv: list[str] | None = None) -> list[Row]:
     windows = heldout_windows(Tokenizer.from_pretrained(args.model), args.window, args.max_tokens)
     baseline = score(args.model, windows, args.dtype, args.window + 8)
     rows = [Row(args.dtype, baseline, {name: 0.0 for name in SETS})]
+    print_row(rows[0])
     for config in args.configs:
-        folder, seconds = quantized_folder(args.model, config, work_dir, args.samples or DEFAULT_SAMPLES,
+        folder, seconds, cpu_seconds = quantized_folder(args.model, config, work_dir, args.samples or DEFAULT_SAMPLES,
                                            args.calib_window or DEFAULT_WINDOW, log)
         if args.fake_quant:
             folder = write_dequantized_copy(folder, work_dir / f"{folder.name}-float")
         ppl = score(str(folder), windows, args.dtype, args.window + 8)
-        rows.append(Row(config, ppl, {name: ppl[name] / baseline[name] - 1 for name in SETS}, seconds))
+        rows.append(Row(config, ppl, {name: ppl[name] / baseline[name] - 1 for name in SETS}, seconds, cpu_seconds))
+        print_row(rows[-1])  # as it comes: a long run's finished rows survive an interrupted one
     print_table(rows, windows)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "fake_quant": args.fake_quant,
@@ -140,12 +146,23 @@ def run(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
+def _row_line(row: Row) -> str:
+    cells = "".join(f"{row.perplexity[n]:>14.3f}{row.relative[n]:>+10.2%}" for n in SETS)
+    seconds = "".join(f"{value:>12.1f}" if value is not None else f"{'':>12}"
+                      for value in (row.quantize_seconds, row.quantize_cpu_seconds))
+    return f"{row.config:<16}{cells}{seconds}"
+
+
+def print_row(row: Row) -> None:
+    print("row: " + _row_line(row), flush=True)
+
+
 def print_table(rows: list[Row], windows: dict[str, list[list[int]]]) -> None:
-    print(f"{'config':<16}" + "".join(f"{name + ' ppl':>14}{'vs bf16':>10}" for name in SETS) + f"{'quantize s':>12}")
+    versus = "vs " + rows[0].config.replace("bfloat16", "bf16")  # the first row is the unquantized baseline
+    print(f"{'config':<16}" + "".join(f"{name + ' ppl':>14}{versus:>10}" for name in SETS)
+          + f"{'quantize s':>12}{'CPU s':>12}")
     for row in rows:
-        cells = "".join(f"{row.perplexity[n]:>14.3f}{row.relative[n]:>+10.2%}" for n in SETS)
-        seconds = f"{row.quantize_seconds:>12.1f}" if row.quantize_seconds is not None else f"{'':>12}"
-        print(f"{row.config:<16}{cells}{seconds}")
+        print(_row_line(row))
     print("windows: " + ", ".join(f"{n} {len(w)}" for n, w in windows.items()))
 
 

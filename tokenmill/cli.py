@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--zero-point", action="store_true", help="int4 with a zero-point per group (w2 always)")
     quantize.add_argument("--calibration", nargs="+", default=None, metavar="FILE",
                           help="text files to calibrate GPTQ/AWQ on (default: stdlib docstrings and code)")
-    quantize.add_argument("--samples", type=int, default=None, help="calibration windows (default 128)")
+    quantize.add_argument("--samples", type=int, default=None, help="calibration windows (default 64)")
     quantize.add_argument("--window", type=int, default=None, help="tokens per calibration window (default 128)")
     quantize.add_argument("--out", required=True, help="output folder")
     quantize.set_defaults(func=cmd_quantize)

@@ -100,3 +100,9 @@ def default_async_scheduling(device: torch.device) -> bool:
 def fp8_matmul_available(device: torch.device) -> bool:
     """Whether `device` multiplies fp8 matrices in hardware (torch._scaled_mm): CUDA compute capability 8.9+."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def cpu_bf16_prepack_available() -> bool:
+    """Whether oneDNN can reorder bfloat16 linear weights into its blocked layout on this CPU: it needs AVX-512
+    (bw/vl/dq) or AVX-NE-CONVERT, and refuses with an error on an AVX2-only machine."""
+    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.checkpoints import make_checkpoint
 from tokenmill.errors import ModelLoadError
 from tokenmill.models.loader import load_model
+from tokenmill.platform import cpu_bf16_prepack_available
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,7 @@ def test_fused_layers_hold_the_checkpoint_shards_in_order(llama_path):
     assert torch.equal(mlp.gate_up_proj.weight, expected)
 
 
+@pytest.mark.skipif(not cpu_bf16_prepack_available(), reason="oneDNN reorders bf16 weights only on AVX-512 CPUs")
 def test_prepacked_bfloat16_weights_compute_exactly_what_plain_ones_do(llama_path, tmp_path):
     from tokenmill.layers.linear import UnquantizedLinearMethod
 

@@ -112,7 +112,7 @@ def test_the_source_folder_is_never_overwritten(llama: Path, capsys) -> None:
     (["--method", "int4", "--algo", "smoothquant"], "algo: unknown algorithm 'smoothquant'"),
     (["--method", "int4", "--group-size", "48"], "group size 48 does not divide the layer width 64"),
     (["--method", "int4", "--group-size", "12"], "multiple of 8, got 12"),
-    (["--method", "fp8", "--algo", "gptq"], "fp8 is per-channel round-to-nearest only"),
+    (["--method", "fp8", "--algo", "awq"], "fp8 is per-channel round-to-nearest or GPTQ, got 'awq'"),
     (["--method", "int4", "--algo", "fit"], "the alternating fit needs group-wise codes with a zero-point"),
     (["--method", "int4", "--group-size", "32", "--algo", "gptq", "--calibration", "/nonexistent.txt"],
      "calibration: /nonexistent.txt: no such file"),

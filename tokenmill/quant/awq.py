@@ -2,7 +2,8 @@
 weights' columns are scaled up by s = mean|x|^alpha before rounding (their relative rounding error shrinks) and
 the activations are scaled down by 1/s, folded into the layer that produces them (the preceding norm's weight,
 or the rows of the preceding linear layer), so the float model computes exactly the same function. alpha is
-chosen on a grid to minimise the layer's output error on calibration inputs; alpha = 0 is plain RTN.
+chosen on a grid to minimise the layer's output error on calibration inputs; alpha = 0 is plain RTN. The second
+half of AWQ, the clipping search, then picks each group's range (quant/clip_search.py) on the same inputs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.quant.weight_quantizer import WeightQuantizer
+from tokenmill.quant.clip_search import search_group_params
+from tokenmill.quant.group_quant import round_codes, stored_tensors
+from tokenmill.quant.weight_quantizer import StoredWeight, WeightQuantizer
 
 DEFAULT_GRID = 20  # alphas 0, 1/20, ..., 19/20
 
@@ -59,6 +62,28 @@ def search_scales(quantizer: WeightQuantizer, weight: torch.Tensor, inputs: torc
     assert best is not None
     best.rtn_loss = rtn_loss
     return best
+
+
+def quantize_with_clip_search(quantizer: WeightQuantizer, weight: torch.Tensor,
+                              inputs: torch.Tensor) -> tuple[StoredWeight, float]:
+    """weight [out, in] (already scaled), inputs [n, in] (already divided by the scales) -> the stored weight whose
+    groups each take the range with the least output error on these inputs, and that error |X W^T - X W'^T|^2."""
+    spec = quantizer.spec
+    w = weight.detach().float()
+    x = inputs.detach().float().reshape(-1, w.shape[1])
+    xxt = x.T @ x
+    group = spec.group_size or w.shape[1]
+    codes, scales, zeros = [], [], []
+    for start in range(0, w.shape[1], group):
+        block = w[:, start:start + group]
+        block_scales, block_zeros = search_group_params(quantizer, block, xxt[start:start + group, start:start + group])
+        codes.append(round_codes(spec, block, block_scales, block_zeros))
+        scales.append(block_scales)
+        zeros.append(block_zeros)
+    scales_t, zeros_t = torch.stack(scales, 1), torch.stack(zeros, 1)
+    grouped = (torch.cat(codes, 1).reshape(w.shape[0], -1, group) - zeros_t.unsqueeze(-1)) * scales_t.unsqueeze(-1)
+    loss = float((x @ (grouped.reshape(w.shape) - w).T).square().sum())
+    return stored_tensors(spec, torch.cat(codes, 1), scales_t, zeros_t), loss
 
 
 def fold_into_norm(norm_weight: torch.Tensor, scales: torch.Tensor, offset: float = 0.0) -> None:

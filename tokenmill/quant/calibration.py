@@ -21,9 +21,10 @@ Encode = Callable[[str], list[int]]
 HELDOUT_ENGLISH = "pydoc_data/topics.py"
 HELDOUT_CODE = ("argparse.py", "textwrap.py", "fractions.py", "heapq.py", "statistics.py",
                 "json/encoder.py", "json/decoder.py")
-# 128 windows x 128 tokens: 16k tokens, many times any layer width of a small model, and SmolLM2-135M quantizes
-# with GPTQ in minutes on 2 cores (each token goes through every layer twice).
-DEFAULT_SAMPLES = 128
+# 64 windows x 128 tokens: 8k tokens, five times the widest input of a small model (SmolLM2's 1536). The cost of
+# GPTQ and AWQ is mostly these tokens going through every layer twice (inputs, then the quantized layer's outputs)
+# and GPTQ's X X^T: 16k tokens took SmolLM2-135M past 5 minutes on 2 busy cores.
+DEFAULT_SAMPLES = 64
 DEFAULT_WINDOW = 128
 _SHUFFLE_SEED = 0
 

@@ -67,10 +67,9 @@ def gptq_quantize(quantizer: WeightQuantizer, weight: torch.Tensor, stats: Input
                   act_order: bool = True) -> GPTQResult:
     """`act_order`: quantize columns in order of falling input energy (H's diagonal), the ones that matter most
     first, while later ones can still absorb their errors; groups stay contiguous in the stored layout, so their
-    parameters are then chosen up front from the weight ("static groups")."""
+    parameters are then chosen up front from the weight ("static groups"). fp8 is one group per row: its codes
+    are e4m3 values, rounded against the row's scale like any other grid."""
     spec = quantizer.spec
-    if spec.method == "fp8":
-        raise ValueError("GPTQ quantizes integer codes; fp8 is per-channel RTN")
     original = weight.detach().float()
     out, width = original.shape
     group = spec.group_size or width
@@ -114,31 +113,35 @@ def _quantize_columns(quantizer: WeightQuantizer, w: torch.Tensor, u: torch.Tens
                       scales: torch.Tensor, zeros: torch.Tensor, group: int, block_size: int,
                       static_groups: torch.Tensor | None) -> None:
     """The GPTQ sweep: fills codes (and, unless `static_groups` gives each column's group with its parameters
-    already chosen, scales and zeros), updating w's not yet quantized columns as it goes."""
+    already chosen, scales and zeros), updating w's not yet quantized columns as it goes.
+
+    It works on transposed copies (a column of W is a contiguous row there), so each column's rounding and its
+    rank-1 update of the block's later columns (`addr_`) read and write contiguous memory."""
     spec = quantizer.spec
     width = w.shape[1]
+    w_t = w.t().contiguous()  # [in, out]
+    scales_t, zeros_t = scales.t().contiguous(), zeros.t().contiguous()  # [groups, out]
     for start in range(0, width, block_size):
         end = min(start + block_size, width)
-        block = w[:, start:end].clone()
-        errors = torch.zeros_like(block)
+        block_t = w_t[start:end].clone()
+        codes_t = torch.empty_like(block_t)
+        errors_t = torch.empty_like(block_t)
         u_block = u[start:end, start:end]
         for i in range(end - start):
             column = start + i
             if static_groups is not None:
                 g = int(static_groups[column])
-            elif column % group == 0:  # the group starts here: its parameters from its columns as they are now
-                g = column // group
-                if group == width or group > end - start:
-                    source = w[:, column:column + group]
-                else:
-                    source = block[:, i:i + group]
-                scales[:, g], zeros[:, g] = quantizer.block_params(source)
             else:
                 g = column // group
-            q = round_codes(spec, block[:, i], scales[:, g], zeros[:, g])
-            codes[:, column] = q
-            dq = dequantize_codes(q, scales[:, g], zeros[:, g])
-            error = (block[:, i] - dq) / u_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, end:] -= errors @ u[start:end, end:]
+                if column % group == 0:  # the group starts here: its parameters from its columns as they are now
+                    source = torch.cat([block_t[i:i + group], w_t[end:column + group]])
+                    scales_t[g], zeros_t[g] = quantizer.block_params(source.t())
+            q = round_codes(spec, block_t[i], scales_t[g], zeros_t[g])
+            codes_t[i] = q
+            error = (block_t[i] - dequantize_codes(q, scales_t[g], zeros_t[g])) / u_block[i, i]
+            block_t[i + 1:].addr_(u_block[i, i + 1:], error, alpha=-1.0)
+            errors_t[i] = error
+        codes[:, start:end] = codes_t.t()
+        w_t[end:].addmm_(u[start:end, end:].t(), errors_t, alpha=-1.0)
+    scales.copy_(scales_t.t())
+    zeros.copy_(zeros_t.t())

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from tokenmill.quant.codes import QuantSpec, pack_codes, quantize_rtn
+from tokenmill.quant.codes import FP8_MAX, QuantSpec, pack_codes, quantize_rtn
 
 
 def code_range(spec: QuantSpec) -> tuple[int, int]:
@@ -32,10 +32,13 @@ def block_params(spec: QuantSpec, block: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def round_codes(spec: QuantSpec, columns: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Float codes of columns [out, k] against per-row scales and zeros [out] (or [out, k] broadcast)."""
-    low, high = code_range(spec)
+    """Float codes of columns [out, k] against per-row scales and zeros [out] (or [out, k] broadcast). fp8's codes
+    are the e4m3 values themselves (rounded to nearest even by the cast), held in float32."""
     scales = scales if scales.dim() == columns.dim() else scales.unsqueeze(-1)
     zeros = zeros if zeros.dim() == columns.dim() else zeros.unsqueeze(-1)
+    if spec.method == "fp8":
+        return (columns / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    low, high = code_range(spec)
     return torch.clamp(torch.round(columns / scales + zeros), low, high)
 
 
@@ -51,4 +54,6 @@ def stored_tensors(spec: QuantSpec, codes: torch.Tensor, scales: torch.Tensor,
     scales = scales.float().contiguous()
     if spec.method == "int8":
         return codes.to(torch.int8), scales, None
+    if spec.method == "fp8":  # codes are e4m3 values already: the cast is exact
+        return codes.to(torch.float8_e4m3fn), scales, None
     return pack_codes(codes.to(torch.uint8), spec.bits), scales, zeros.float().contiguous()

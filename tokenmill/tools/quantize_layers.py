@@ -13,8 +13,8 @@ from torch import nn
 
 from tokenmill.layers.linear import LinearBase
 from tokenmill.layers.norm import OffsetRMSNorm
-from tokenmill.quant.awq import (fold_into_norm, fold_into_rows, scale_columns, scaled_output_error, search_scales,
-                                 tie_heads, value_row_scales)
+from tokenmill.quant.awq import (fold_into_norm, fold_into_rows, quantize_with_clip_search, scale_columns,
+                                 scaled_output_error, search_scales, tie_heads, value_row_scales)
 from tokenmill.quant.codes import dequantize
 from tokenmill.quant.gptq import InputStatistics, gptq_quantize, output_error
 from tokenmill.quant.weight_quantizer import StoredWeight, WeightQuantizer
@@ -128,10 +128,9 @@ def quantize_awq_layers(model: nn.Module, quantizer: WeightQuantizer, walk: Laye
             if name in linears:
                 x = torch.cat(inputs[name])
                 found = search_scales(search_quantizer, linears[name].weight, x, tie=tie, magnitude=magnitude[name])
-                if search_quantizer != quantizer:  # report the errors of the codes actually written
-                    weight = linears[name].weight
-                    found.loss = scaled_output_error(quantizer, weight, x, found.scales)
-                    found.rtn_loss = scaled_output_error(quantizer, weight, x, torch.ones_like(found.scales))
+                if search_quantizer != quantizer:  # the baseline: the codes actually written, with no scales
+                    found.rtn_loss = scaled_output_error(quantizer, linears[name].weight, x,
+                                                         torch.ones_like(found.scales))
                 searches[name] = (found, fold)
         # Fold every scale first (the float layer is unchanged by them), then quantize the scaled weights.
         for name, (search, fold) in searches.items():
@@ -139,10 +138,14 @@ def quantize_awq_layers(model: nn.Module, quantizer: WeightQuantizer, walk: Laye
             scale_columns(linears[name].weight.data, search.scales)
         layer_loss = layer_rtn = 0.0
         for name, module in linears.items():
+            x = torch.cat(inputs[name])
             if name in searches:
-                layer_loss += searches[name][0].loss
+                x = x / searches[name][0].scales
                 layer_rtn += searches[name][0].rtn_loss
-            stored = quantizer.quantize(module.weight.detach().float())
+            else:
+                layer_rtn += scaled_output_error(quantizer, module.weight, x, torch.ones(module.input_size))
+            stored, loss = quantize_with_clip_search(quantizer, module.weight, x)
+            layer_loss += loss
             _set_weight(module, quantizer, stored)
             result.stored[f"model.layers.{index}.{name}"] = stored
         walk.advance(index)

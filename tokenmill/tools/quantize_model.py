@@ -44,8 +44,8 @@ class QuantizeOptions:
         algo = self.algo or ("fit" if self.method == "w2" else "rtn")
         if algo not in ALGOS:
             raise ConfigError("algo", f"unknown algorithm {algo!r} (one of {', '.join(ALGOS)})")
-        if self.method == "fp8" and algo != "rtn":
-            raise ConfigError("algo", f"fp8 is per-channel round-to-nearest only, got {algo!r}")
+        if self.method == "fp8" and algo not in ("rtn", "gptq"):
+            raise ConfigError("algo", f"fp8 is per-channel round-to-nearest or GPTQ, got {algo!r}")
         spec = self.spec()
         if algo == "fit" and not (spec.group_size and spec.zero_point):
             raise ConfigError("algo", "the alternating fit needs group-wise codes with a zero-point "

@@ -27,8 +27,8 @@ from tokenmill.layers.linear import UnquantizedLinearMethod
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.models.arch_config import parameter_count
 from tokenmill.models.loader import checkpoint_config_dict, load_model, read_checkpoint_arch
-from tokenmill.platform import (attention_backend, default_compile, fp8_matmul_available, resolve_device,
-                                triton_available)
+from tokenmill.platform import (attention_backend, cpu_bf16_prepack_available, default_compile, fp8_matmul_available,
+                                resolve_device, triton_available)
 from tokenmill.quant.methods import linear_method_for
 from tokenmill.sample.sampler import Sampler
 from tokenmill.sample.state import SamplingState, make_generator
@@ -62,7 +62,7 @@ class Worker:
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
         self.compile = self.compile and not config.enforce_eager
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
-        float_method = UnquantizedLinearMethod(prepack_cpu=not self.compile)
+        float_method = UnquantizedLinearMethod(prepack_cpu=not self.compile and cpu_bf16_prepack_available())
         quant = linear_method_for(config.quantization, checkpoint_config_dict(config.model), config.load_format,
                                   float_method, loader_quantizes=is_gguf_path(config.model),
                                   use_triton=self.device.type == "cuda" and triton_available(),
