@@ -93,7 +93,7 @@ def default_compile(device: torch.device, num_params: int) -> bool:
 def default_async_scheduling(device: torch.device) -> bool:
     """Whether the engine plans step n+1 while step n runs when the user did not say: on GPUs, where the host's
     work would otherwise leave the device idle between steps. On the CPU the host work and the model share
-    the cores, and the overlap measured no gain on two of them (docs/gpu.md)."""
+    the cores: on two shared cores it measured 0.94x at batch 1 and a noisy 1.55x at batch 32 (docs/gpu.md)."""
     return device.type == "cuda"
 
 
