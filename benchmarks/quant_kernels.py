@@ -45,7 +45,9 @@ def _paths(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[Matmul, 
     paths: dict[str, tuple[Matmul, int]] = {}
     plain = weight.to(dtype)
     paths["float"] = (lambda x: F.linear(x, plain), plain.numel() * plain.element_size())
-    if dtype != torch.float32 and torch.backends.mkldnn.is_available():
+    # oneDNN refuses bfloat16 reorders on CPUs without AVX-512 (or AVX-NE-CONVERT): no prepacked path there.
+    if dtype != torch.float32 and torch.backends.mkldnn.is_available() \
+            and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2"):
         # The engine's eager bfloat16 baseline: oneDNN's blocked layout (UnquantizedLinearMethod(prepack_cpu)).
         packed_float = torch.ops.mkldnn._reorder_linear_weight(plain, 1)
         paths["float-onednn"] = (lambda x: torch.ops.mkldnn._linear_pointwise(x, packed_float, None, "none", [], ""),
