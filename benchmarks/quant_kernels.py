@@ -10,9 +10,13 @@ methods can take:
 - `int4pack`: aten._weight_int4pack_mm_for_cpu, group 64 (quant/int4.py; 576 is not a multiple of 128);
 - `tiled-<method>`: the tiled dequantize-then-matmul (quant/cpu_kernels.py) for int8, int8 g32 (what a GGUF
   Q8_0 file loads as), int4 g64, w2 g64, fp8;
-- `dequant+linear`: dequantize the whole int8 weight, then F.linear (what the tiled path avoids).
+- `dequant+linear`: dequantize the whole int8 weight, then F.linear (what the tiled path avoids);
+- `w8a8-fbgemm`: fbgemm's dynamic int8 linear (activations quantized per tensor on the fly), for comparison.
 
-    PYTHONPATH=$PWD python benchmarks/quant_kernels.py [--batch 1 32] [--dtype bfloat16] [--threads 2]
+`--layers 30` runs 30 distinct copies of the layer per timed pass, so that the weights come from memory as
+in a decode step rather than from the last-level cache.
+
+    PYTHONPATH=$PWD python benchmarks/quant_kernels.py [--batch 1 32] [--dtype bfloat16] [--threads 2] [--layers 30]
 
 Prints microseconds per layer (the four projections) per path and batch, the bytes each path's weights
 take, and for int8 and int4 which path is faster at each batch. The methods run the packed kernels at every
@@ -45,7 +49,9 @@ def _paths(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[Matmul, 
     paths: dict[str, tuple[Matmul, int]] = {}
     plain = weight.to(dtype)
     paths["float"] = (lambda x: F.linear(x, plain), plain.numel() * plain.element_size())
-    if dtype != torch.float32 and torch.backends.mkldnn.is_available():
+    # oneDNN refuses bfloat16 reorders on CPUs without AVX-512 (or AVX-NE-CONVERT): no prepacked path there.
+    if dtype != torch.float32 and torch.backends.mkldnn.is_available() \
+            and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2"):
         # The engine's eager bfloat16 baseline: oneDNN's blocked layout (UnquantizedLinearMethod(prepack_cpu)).
         packed_float = torch.ops.mkldnn._reorder_linear_weight(plain, 1)
         paths["float-onednn"] = (lambda x: torch.ops.mkldnn._linear_pointwise(x, packed_float, None, "none", [], ""),
@@ -73,6 +79,14 @@ def _paths(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[Matmul, 
     q2, s2, z2 = quantize_rtn(w2, weight)
     paths["tiled-w2"] = (lambda x: tiled_dequant_matmul(x, q2, s2, z2, 2), q2.numel() + s2.numel() * 8)
 
+    # W8A8 measured for comparison, not used by the methods: fbgemm's dynamic linear quantizes the activations
+    # per tensor (7 bits) on the fly, so its output is not the weight-only twin's.
+    per_channel = torch.quantize_per_channel(weight, s8[:, 0].double(), torch.zeros(weight.shape[0], dtype=torch.long),
+                                             0, torch.qint8)
+    fbgemm = torch.ops.quantized.linear_prepack(per_channel, None)
+    paths["w8a8-fbgemm"] = (lambda x: torch.ops.quantized.linear_dynamic(x.float(), fbgemm, True).to(dtype),
+                            q8.numel() + s8.numel() * 4)
+
     q_fp8, s_fp8, _ = quantize_rtn(QuantSpec("fp8"), weight)
     paths["tiled-fp8"] = (lambda x: tiled_dequant_matmul(x, q_fp8, s_fp8, None, 8), q_fp8.numel() + s_fp8.numel() * 4)
     return paths
@@ -90,17 +104,26 @@ def _time(fn: Callable[[], object], iters: int) -> float:
 
 
 def measure(shapes: tuple[tuple[int, int], ...], batches: list[int], dtype: torch.dtype,
-            iters: int) -> dict[int, dict[str, tuple[float, int]]]:
-    """batch -> path -> (seconds for one layer's projections, weight bytes of that layer)."""
+            iters: int, num_layers: int = 1) -> dict[int, dict[str, tuple[float, int]]]:
+    """batch -> path -> (seconds for one layer's projections, weight bytes of that layer). With `num_layers`
+    distinct copies of the layer, each timed pass runs all of them, so beyond the last-level cache the weights
+    come from memory as in a decode step (one layer's alone stays cached and flatters every path)."""
     generator = torch.Generator().manual_seed(0)
-    layers = [_paths(torch.randn(n, k, generator=generator) * 0.02, dtype) for n, k in shapes]
+    layers = [[_paths(torch.randn(n, k, generator=generator) * 0.02, dtype) for n, k in shapes]
+              for _ in range(num_layers)]
     results: dict[int, dict[str, tuple[float, int]]] = {}
     for batch in batches:
         inputs = [torch.randn(batch, k, generator=generator).to(dtype) for _, k in shapes]
+
+        def one_pass(name: str) -> None:
+            for layer in layers:
+                for paths, x in zip(layer, inputs):
+                    paths[name][0](x)
+
         per_path: dict[str, tuple[float, int]] = {}
-        for name in layers[0]:
-            seconds = sum(_time(lambda p=paths[name][0], x=x: p(x), iters) for paths, x in zip(layers, inputs))
-            per_path[name] = (seconds, sum(paths[name][1] for paths in layers))
+        for name in layers[0][0]:
+            seconds = _time(lambda name=name: one_pass(name), iters) / num_layers
+            per_path[name] = (seconds, sum(paths[name][1] for paths in layers[0]))
         results[batch] = per_path
     return results
 
@@ -125,11 +148,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--layers", type=int, default=1,
+                        help="distinct copies of the layer run per timed pass (30: SmolLM2's decoder, from memory)")
     parser.add_argument("--tiny", action="store_true", help="small shapes and 2 repetitions: checks that it runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = TINY_SHAPES if args.tiny else SMOLLM2_SHAPES
-    lines = report(measure(shapes, args.batch, DTYPES[args.dtype], 2 if args.tiny else args.iters))
+    lines = report(measure(shapes, args.batch, DTYPES[args.dtype], 2 if args.tiny else args.iters, args.layers))
     print("\n".join(lines))
     return lines
 

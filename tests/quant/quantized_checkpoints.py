@@ -49,12 +49,20 @@ def write_quantized_copy(src: str | Path, out_dir: str | Path, spec: QuantSpec) 
     return out
 
 
-def write_dequantized_copy(src: str | Path, out_dir: str | Path, spec: QuantSpec) -> Path:
+def write_dequantized_copy(src: str | Path, out_dir: str | Path, spec: QuantSpec, head: bool = False) -> Path:
+    """With `head`, the LM head too (the `:head` option): a tied head becomes an untied dequantized copy of the
+    embedding, which itself stays float."""
     src, out = Path(src), Path(out_dir)
     _copy_side_files(src, out)
     tensors = load_file(src / "model.safetensors")
     for name, tensor in tensors.items():
         if is_quantized_linear(name):
             tensors[name] = dequantize(spec, *quantize_rtn(spec, tensor)).to(tensor.dtype)
+    if head:
+        float_head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+        tensors["lm_head.weight"] = dequantize(spec, *quantize_rtn(spec, float_head)).to(float_head.dtype)
+        config = json.loads((out / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (out / "config.json").write_text(json.dumps(config))
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out

@@ -67,6 +67,16 @@ def test_the_lm_head_and_embeddings_stay_float(llama: Path) -> None:
     assert isinstance(model.model.layers[0].mlp.gate_up_proj.quant_method, QuantizedLinearMethod)
 
 
+# An untied head (llama) and a tied one (llama3: the embedding stays float, the head is its quantized copy).
+@pytest.mark.parametrize(("family", "setting"), [("llama", "int8:head"), ("llama3", "int8:head"),
+                                                 ("llama", "int4:g32:head")])
+def test_the_head_option_generates_what_the_dequantized_head_does(family: str, setting: str,
+                                                                  tmp_path: Path) -> None:
+    path = make_checkpoint(family, tmp_path / family)
+    dequantized = write_dequantized_copy(path, tmp_path / "dequantized", parse_quantization(setting), head=True)
+    assert _greedy(path, quantization=setting) == _greedy(dequantized)
+
+
 # Experts stay float (qwen3_moe); a tied head stays the embedding (llama3); q/k/v biases stay float (qwen2);
 # Gemma 2's sandwiched norms and GeGLU around quantized projections.
 @pytest.mark.parametrize("family", ["qwen3_moe", "llama3", "qwen2", "gemma2"])

@@ -9,9 +9,10 @@ elsewhere. Each takes or builds its own layout from the canonical tensors (quant
   computes x @ W.T with W = (code - 8) * scale + zero, where scales_and_zeros is [K / group, N, 2] in x's
   dtype. Our W = (code - qzero) * scale, so its `zero` is (8 - qzero) * scale. It takes group sizes 32, 64,
   128 and 256 and N a multiple of 16 (checked by `int4pack_supported`).
-- everything else (2-bit, grouped int8, fp8, int4 shapes the packed kernel refuses, and many rows):
-  `tiled_dequant_matmul` walks K in tiles of whole groups, dequantizes one [N, tile] slab and accumulates
-  x[:, tile] @ slab.T, so the float weight never exists whole (a slab is N x 256 values or one group).
+- everything else (2-bit, grouped int8, fp8, int4 shapes the packed kernel refuses, and int8 per channel from
+  INT8_DEQUANT_GEMM_MIN_ROWS rows): `tiled_dequant_matmul` walks the output channels in slabs of whole rows,
+  dequantizes one [rows, K] slab in float32 (about 1 MB) and writes x @ slab.T into those output columns, so
+  the float weight never exists whole.
 """
 
 from __future__ import annotations
@@ -21,12 +22,23 @@ import torch
 from tokenmill.quant.codes import unpack_codes
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
-_TILE_COLUMNS = 256  # a slab of N x 256 floats: 1.5 MB at N = 1536 in float32, inside a core's L2
+# From this many rows (a prefill chunk, a large batch) int8 weights go through float32 slabs and a float32 GEMM
+# rather than aten's int8 kernel: on the 2-core AVX2 machine (benchmarks/quant_kernels.py, SmolLM2's layer
+# shapes, bfloat16 activations) the slabs measured 0.8x the packed kernel at 64 rows, 1.17x at 128 and 1.5x
+# at 512. int4's packed kernel stayed ahead of its slabs up to 512 rows (unpacking nibbles costs more), so
+# int4 has no such switch.
+INT8_DEQUANT_GEMM_MIN_ROWS = 128
+_SLAB_FLOATS = 1 << 18  # a slab of rows x K float32 values: 1 MB, inside a core's L2
 
 
 def int8pack_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (codes [N, K] int8 * scales [N]).T -> [M, N]; scales already in x's dtype."""
     return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
+
+
+def int8_uses_dequant_gemm(rows: int) -> bool:
+    """Whether an int8 per-channel matmul of `rows` rows runs as tiled_dequant_matmul instead of aten's kernel."""
+    return rows >= INT8_DEQUANT_GEMM_MIN_ROWS
 
 
 def int4pack_supported(out_features: int, group_size: int | None) -> bool:
@@ -59,27 +71,25 @@ def tiled_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
 @torch.library.custom_op("tokenmill::tiled_dequant_matmul", mutates_args=())
 def _tiled_dequant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                              qzeros: torch.Tensor | None, bits: int) -> torch.Tensor:
-    # Slabs and sums are float32 whatever x's dtype: one rounding at the end, as the float32 twin has, rather
-    # than one per tile (a bfloat16 CPU matmul gains nothing without AMX anyway).
+    # Slabs of whole rows (output channels), dequantized in float32 whatever x's dtype: every row of the output
+    # is then one full-K float32 GEMM (one rounding at the end, as the float32 twin has), and a float32 GEMM
+    # on a CPU without AVX-512 runs several times faster than a bfloat16 one at a few rows and up.
     width = x.shape[1]
     x32 = x.float()
-    out = torch.zeros(x.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
+    rows_total = qweight.shape[0]
+    out_t = torch.empty(rows_total, x.shape[0], dtype=torch.float32, device=x.device)  # row slabs write rows
     groups = scales.shape[1]
-    group = width // groups
-    per_byte = 8 // bits if bits < 8 else 1
-    # Whole groups per tile; with one scale per row (groups == 1) any tile of columns shares it.
-    tile = _TILE_COLUMNS if groups == 1 else max(group, _TILE_COLUMNS // group * group)
-    for start in range(0, width, tile):
-        stop = min(start + tile, width)
-        packed = qweight[:, start // per_byte: stop // per_byte]
+    rows = max(16, _SLAB_FLOATS // width // 16 * 16)
+    for start in range(0, rows_total, rows):
+        stop = min(start + rows, rows_total)
+        packed = qweight[start:stop]
         codes = (unpack_codes(packed, bits) if bits < 8 else packed).float()
-        g0, g1 = (0, 1) if groups == 1 else (start // group, stop // group)
-        slab = codes.view(codes.shape[0], g1 - g0, -1)
+        slab = codes.view(stop - start, groups, width // groups)
         if qzeros is not None:
-            slab = slab - qzeros[:, g0:g1, None]
-        slab = (slab * scales[:, g0:g1, None]).view(codes.shape[0], stop - start)
-        out.addmm_(x32[:, start:stop], slab.t())
-    return out.to(x.dtype)
+            slab = slab - qzeros[start:stop, :, None]
+        slab = (slab * scales[start:stop, :, None]).view(stop - start, width)
+        torch.mm(slab, x32.t(), out=out_t[start:stop])
+    return out_t.t().to(x.dtype).contiguous()
 
 
 @_tiled_dequant_matmul_op.register_fake

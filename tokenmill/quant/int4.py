@@ -29,7 +29,7 @@ class Int4LinearMethod(QuantizedLinearMethod):
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
             return cuda_matmul(layer, x, 4, self.spec.group_size, self.use_triton)
-        if layer.int4pack:  # at every batch size, as int8's kernel (quant/int8.py)
+        if layer.int4pack:  # at every batch size: it led the dequantized slabs up to 512 rows (quant/cpu_kernels.py)
             assert self.spec.group_size is not None
             return int4pack_matmul(x, layer.qweight, self.spec.group_size, layer.scales_and_zeros)
         return tiled_dequant_matmul(x, layer.qweight, layer.scales, layer.qzeros, 4)

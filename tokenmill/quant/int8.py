@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.layers.linear import LinearBase
-from tokenmill.quant.cpu_kernels import int8pack_matmul, tiled_dequant_matmul
+from tokenmill.quant.cpu_kernels import int8_uses_dequant_gemm, int8pack_matmul, tiled_dequant_matmul
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
 from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
@@ -26,8 +26,11 @@ class Int8LinearMethod(QuantizedLinearMethod):
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
             return cuda_matmul(layer, x, 8, self.spec.group_size, self.use_triton)
-        # aten's int8 kernel at every batch size: it reads the codes directly (a decode step is bound by weight
-        # bytes), and in benchmarks/quant_kernels.py's check run it also led the tiled path at batch 32.
+        # aten's int8 kernel reads the codes directly (a decode step is bound by weight bytes); from
+        # INT8_DEQUANT_GEMM_MIN_ROWS rows a float32 GEMM on dequantized slabs is faster (quant/cpu_kernels.py).
         if self.spec.group_size is None:
+            if int8_uses_dequant_gemm(x.shape[0]):
+                # the same (model-dtype) scales as aten's kernel, as a column: [N] -> [N, 1] float32, N values
+                return tiled_dequant_matmul(x, layer.qweight, layer.scales.float()[:, None], None, 8)
             return int8pack_matmul(x, layer.qweight, layer.scales)
         return tiled_dequant_matmul(x, layer.qweight, layer.scales, None, 8)

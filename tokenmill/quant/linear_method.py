@@ -9,7 +9,8 @@ A layer is filled one of two ways:
   alone, and no float copy of the model is ever held.
 
 After loading, `process_weights_after_loading` hands the canonical tensors to the method's `prepare`, which
-turns them into its kernel's layout; `apply` runs the kernel. The LM head stays in float (`for_layer`).
+turns them into its kernel's layout; `apply` runs the kernel. The LM head stays in float (`for_layer`) unless
+the setting's `:head` asks for it quantized too (quant/lm_head.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from tokenmill.errors import ConfigError, ModelLoadError
 from tokenmill.layers.linear import LinearBase, QuantMethod, UnquantizedLinearMethod
 from tokenmill.quant.codes import QuantSpec, quantize_rtn
+from tokenmill.quant.lm_head import QuantizedLMHeadMethod
 
 CANONICAL = ("qweight", "scales", "qzeros")
 
@@ -31,15 +33,18 @@ class QuantizedLinearMethod(QuantMethod):
     """Base of the weight-only methods; subclasses implement `prepare` (repack) and `matmul`."""
 
     def __init__(self, spec: QuantSpec, *, quantize_on_load: bool, float_method: QuantMethod | None = None,
-                 use_triton: bool = False) -> None:
+                 use_triton: bool = False, quantize_lm_head: bool = False) -> None:
         self.spec = spec
+        self.quantize_lm_head = quantize_lm_head  # the `:head` option: the LM head too (quant/lm_head.py)
         self.quantize_on_load = quantize_on_load
         self.use_triton = use_triton  # on CUDA: the Triton kernels (else their torch twins); platform decides
         # The LM head's method: the float one the model would have used without quantization.
         self.float_method = float_method or UnquantizedLinearMethod()
 
     def for_layer(self, layer: LinearBase) -> QuantMethod:
-        return self.float_method if layer.keeps_float_weights else self
+        if not layer.keeps_float_weights:
+            return self
+        return QuantizedLMHeadMethod(self, self.float_method) if self.quantize_lm_head else self.float_method
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype, device: torch.device) -> None:
         spec, out = self.spec, layer.output_size
