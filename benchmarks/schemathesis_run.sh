@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENMILL_SCHEMATHESIS_EXAMPLES="${TOKENMILL_SCHEMATHESIS_EXAMPLES:-1200}" \
     TOKENMILL_SCHEMATHESIS_TIMEOUT="${TOKENMILL_SCHEMATHESIS_TIMEOUT:-600}" PYTHONPATH="$PWD" OMP_NUM_THREADS=1 \
-    python3 -m pytest -q -s -p no:cacheprovider tests/server/test_schemathesis.py "$@"
+    python3 -m pytest -q -s -n 0 tests/server/test_schemathesis.py "$@"

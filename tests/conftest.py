@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the two cores of CI: one intra-op thread each, or they oversubscribe them.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,8 @@ def stop_server(live: LiveServer) -> None:
 
 def make_engine(model_dir: Path, max_queue: int | None = None, thinking: ThinkingConfig = ThinkingConfig(),
                 **async_kwargs):
-    config = EngineConfig(model=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0,
+    # Eager: torch.compile has its own test (tests/e2e/test_compile.py) and takes minutes on a small CPU.
+    config = EngineConfig(model=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0, compile=False,
                           cache=CacheConfig(num_kv_blocks=1024),
                           scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512), thinking=thinking)
     return AsyncLLMEngine(LLMEngine(config), max_queue=max_queue, **async_kwargs)
