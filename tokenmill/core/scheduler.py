@@ -316,14 +316,7 @@ class Scheduler:
             request.num_output_placeholders -= chunk.sample
             if request.is_finished:
                 continue  # stopped or aborted while this step ran: what it computed is discarded
-            new_tokens: list[int] = []
-            status = None
-            for token_id in sampled:
-                request.append_output_token(token_id)
-                new_tokens.append(token_id)
-                status = check_stop(request, self.limits.max_model_len)
-                if status is not None:
-                    break
+            new_tokens, status = self._append_until_stop(request, sampled)
             if request.status == RequestStatus.RUNNING:  # a preempted request keeps no blocks to cache
                 # Only what this step (and the steps before it) wrote: later planned steps are in flight.
                 self.kv.cache_full_blocks(request, min(chunk.start_pos + len(chunk.token_ids), request.num_tokens))
@@ -332,6 +325,17 @@ class Scheduler:
                 self._finish(request, status)
             updates.append(StepUpdate(request, new_tokens))
         return updates
+
+    def _append_until_stop(self, request: Request, sampled: list[int]) -> tuple[list[int], RequestStatus | None]:
+        """Append the step's sampled tokens up to the first that stops the request; (appended, stop status)."""
+        new_tokens: list[int] = []
+        for token_id in sampled:
+            request.append_output_token(token_id)
+            new_tokens.append(token_id)
+            status = check_stop(request, self.limits.max_model_len)
+            if status is not None:
+                return new_tokens, status
+        return new_tokens, None
 
     # ---- results ------------------------------------------------------------------------------
 
@@ -353,14 +357,7 @@ class Scheduler:
             if num_spec:
                 request.spec_stats.record(num_spec, num_accepted)
                 self.spec_stats.record(num_spec, num_accepted)
-            new_tokens: list[int] = []
-            status = None
-            for token_id in sampled:
-                request.append_output_token(token_id)
-                new_tokens.append(token_id)
-                status = check_stop(request, self.limits.max_model_len)
-                if status is not None:
-                    break
+            new_tokens, status = self._append_until_stop(request, sampled)
             # A stop inside the accepted drafts drops the drafts after it.
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
             # After appending: accepted drafts are computed tokens that only now have ids to hash.

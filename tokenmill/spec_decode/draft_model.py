@@ -91,12 +91,7 @@ class DraftModelProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        jobs = []
-        for request in requests:
-            capacity = len(request.block_table) * self.block_size
-            # The j-th draft is fed at position len + j - 1; keep every write inside the block table.
-            budget = min(request.max_drafts, capacity - len(request.token_ids) + 1)
-            jobs.append(DraftingJob(request, budget, done=budget <= 0))
+        jobs = drafting_jobs(requests, self.block_size)
         active = [job for job in jobs if not job.done]
         if active:
             self._catch_up_and_draft_first(active)
@@ -143,6 +138,17 @@ class DraftModelProposer(Proposer):
 
     def _pick(self, jobs: list[DraftingJob], logits: torch.Tensor) -> None:
         pick_next_drafts(jobs, logits, self.default_generator, self.confidence_threshold)
+
+
+def drafting_jobs(requests: list[DraftRequest], block_size: int) -> list[DraftingJob]:
+    """One job per request, its draft budget capped so every draft's KV write stays inside its block table."""
+    jobs = []
+    for request in requests:
+        capacity = len(request.block_table) * block_size
+        # The j-th draft is fed at position len + j - 1.
+        budget = min(request.max_drafts, capacity - len(request.token_ids) + 1)
+        jobs.append(DraftingJob(request, budget, done=budget <= 0))
+    return jobs
 
 
 def pick_next_drafts(jobs: list[DraftingJob], logits: torch.Tensor, default_generator: torch.Generator,

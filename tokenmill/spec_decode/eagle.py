@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.attention.metadata import AttentionMetadata, build_attention_metadata, forward_context
-from tokenmill.spec_decode.draft_model import DraftingJob, pick_next_drafts
+from tokenmill.spec_decode.draft_model import DraftingJob, drafting_jobs, pick_next_drafts
 from tokenmill.spec_decode.eagle_head import EagleHead
 from tokenmill.spec_decode.proposer import Draft, DraftRequest, Proposer, StepHiddenStates
 from tokenmill.worker.kv_cache_alloc import allocate_kv_caches, bytes_per_block
@@ -76,12 +76,7 @@ class EagleProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        jobs = []
-        for request in requests:
-            capacity = len(request.block_table) * self.block_size
-            # The j-th draft is fed at position len + j - 1; keep every write inside the block table.
-            budget = min(request.max_drafts, capacity - len(request.token_ids) + 1)
-            jobs.append(DraftingJob(request, budget, done=budget <= 0))
+        jobs = drafting_jobs(requests, self.block_size)
         features: dict[int, torch.Tensor] = {}  # job index -> the head's feature of its last fed token
         active = [i for i, job in enumerate(jobs) if not job.done]
         if active:
