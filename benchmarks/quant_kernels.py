@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.quant.codes import QuantSpec, dequantize, quantize_rtn
-from tokenmill.quant.cpu_kernels import int4pack_matmul, int4pack_weight, int8pack_matmul, tiled_dequant_matmul
+from tokenmill.quant.cpu_kernels import (int4pack_matmul, int4pack_weight, int8_bf16_gemm, int8pack_matmul,
+                                         tiled_dequant_matmul)
 
 SMOLLM2_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 TINY_SHAPES = ((64, 128), (128, 64))
@@ -62,6 +63,8 @@ def _paths(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[Matmul, 
     channel_scales = s8[:, 0].to(dtype).contiguous()
     paths["int8pack"] = (lambda x: int8pack_matmul(x, q8, channel_scales), q8.numel() + s8.numel() * 4)
     paths["tiled-int8"] = (lambda x: tiled_dequant_matmul(x, q8, s8, None, 8), q8.numel() + s8.numel() * 4)
+    if dtype == torch.bfloat16:  # the bfloat16 GEMM on converted codes (chosen from 8 rows where bf16 is native)
+        paths["int8-bf16-gemm"] = (lambda x: int8_bf16_gemm(x, q8, channel_scales), q8.numel() + s8.numel() * 4)
     paths["dequant+linear"] = (lambda x: F.linear(x, dequantize(int8, q8, s8).to(dtype)), q8.numel() + s8.numel() * 4)
 
     q8g, s8g, _ = quantize_rtn(QuantSpec("int8", 32), weight)  # GGUF Q8_0's layout: int8 in groups of 32

@@ -1,6 +1,7 @@
 """The CPU kernel paths of the weight-only methods, each against its dequantized twin: the tiled float32 slabs
 (several slabs and a partial one), the switch from aten's int8 kernel to the slabs at
-INT8_DEQUANT_GEMM_MIN_ROWS rows, and the LM head quantized with the `:head` option."""
+INT8_DEQUANT_GEMM_MIN_ROWS rows (to the bfloat16 GEMM at INT8_BF16_GEMM_MIN_ROWS where bfloat16 is native),
+and the LM head quantized with the `:head` option."""
 
 from __future__ import annotations
 
@@ -47,22 +48,35 @@ def _int8_layer(weight: torch.Tensor, dtype: torch.dtype) -> ReplicatedLinear:
     return layer
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_switches_to_the_slabs_at_the_documented_row_count(dtype: torch.dtype,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("dtype", "native_bf16", "threshold", "large"), [
+    (torch.float32, False, 128, "tiled"), (torch.bfloat16, False, 128, "tiled"),
+    (torch.float32, True, 128, "tiled"), (torch.bfloat16, True, 8, "bf16_gemm")])
+def test_int8_switches_kernels_at_the_documented_row_count(dtype: torch.dtype, native_bf16: bool, threshold: int,
+                                                          large: str, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    packed, tiled = int8.int8pack_matmul, int8.tiled_dequant_matmul
+    packed, tiled, bf16_gemm = int8.int8pack_matmul, int8.tiled_dequant_matmul, int8.int8_bf16_gemm
+    monkeypatch.setattr(int8, "cpu_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(int8, "int8pack_matmul", lambda *a: calls.append("int8pack") or packed(*a))
     monkeypatch.setattr(int8, "tiled_dequant_matmul", lambda *a: calls.append("tiled") or tiled(*a))
+    monkeypatch.setattr(int8, "int8_bf16_gemm", lambda *a: calls.append("bf16_gemm") or bf16_gemm(*a))
     weight = _weight(48, 64)
     layer = _int8_layer(weight, dtype)
     twin = dequantize(QuantSpec("int8"), *quantize_rtn(QuantSpec("int8"), weight))
-    threshold = cpu_kernels.INT8_DEQUANT_GEMM_MIN_ROWS
-    assert threshold == 128
+    assert threshold == (cpu_kernels.INT8_BF16_GEMM_MIN_ROWS if large == "bf16_gemm"
+                         else cpu_kernels.INT8_DEQUANT_GEMM_MIN_ROWS)
     for rows in (1, threshold - 1, threshold, 3 * threshold):
         x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
         _close(layer(x), x.float() @ twin.T, dtype)
-    assert calls == ["int8pack", "int8pack", "tiled", "tiled"]
+    assert calls == ["int8pack", "int8pack", large, large]
+
+
+def test_the_bfloat16_gemm_walks_slabs_of_a_large_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "_BF16_SLAB_VALUES", 16 * 64)  # 16-row slabs: 40 rows are 16 + 16 + 8
+    weight = _weight(40, 64, seed=3)
+    codes, scales, _ = quantize_rtn(QuantSpec("int8"), weight)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    got = cpu_kernels.int8_bf16_gemm(x, codes, scales[:, 0].bfloat16())
+    _close(got, x.float() @ dequantize(QuantSpec("int8"), codes, scales, None).T, torch.bfloat16)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, True)])

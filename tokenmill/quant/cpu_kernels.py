@@ -9,6 +9,9 @@ elsewhere. Each takes or builds its own layout from the canonical tensors (quant
   computes x @ W.T with W = (code - 8) * scale + zero, where scales_and_zeros is [K / group, N, 2] in x's
   dtype. Our W = (code - qzero) * scale, so its `zero` is (8 - qzero) * scale. It takes group sizes 32, 64,
   128 and 256 and N a multiple of 16 (checked by `int4pack_supported`).
+- int8 per output channel with bfloat16 activations on a CPU that multiplies bfloat16 natively, from
+  INT8_BF16_GEMM_MIN_ROWS rows: `int8_bf16_gemm` converts slabs of codes to bfloat16 (exact: |code| <= 128)
+  and runs oneDNN's bfloat16 GEMM, then scales the output columns.
 - everything else (2-bit, grouped int8, fp8, int4 shapes the packed kernel refuses, and int8 per channel from
   INT8_DEQUANT_GEMM_MIN_ROWS rows): `tiled_dequant_matmul` walks the output channels in slabs of whole rows,
   dequantizes one [rows, K] slab in float32 (about 1 MB) and writes x @ slab.T into those output columns, so
@@ -28,7 +31,12 @@ INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 # at 512. int4's packed kernel stayed ahead of its slabs up to 512 rows (unpacking nibbles costs more), so
 # int4 has no such switch.
 INT8_DEQUANT_GEMM_MIN_ROWS = 128
+# Where bfloat16 is native (AVX-512 BF16), aten's int8 kernel falls behind bfloat16's own GEMM from a few rows:
+# with SmolLM2's four projections, 30 layers, 1 thread, it measured 1.79x bfloat16 at 1 row, 0.96x at 8, 0.62x
+# at 16 and 0.41x at 128, while codes converted to bfloat16 and bfloat16's GEMM measured 0.86-0.98x at 8 to 128.
+INT8_BF16_GEMM_MIN_ROWS = 8
 _SLAB_FLOATS = 1 << 18  # a slab of rows x K float32 values: 1 MB, inside a core's L2
+_BF16_SLAB_VALUES = 1 << 22  # bounds int8_bf16_gemm's transient bfloat16 copy: 8 MB (the LM head has 28M values)
 
 
 def int8pack_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -36,9 +44,37 @@ def int8pack_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) 
     return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
 
 
-def int8_uses_dequant_gemm(rows: int) -> bool:
-    """Whether an int8 per-channel matmul of `rows` rows runs as tiled_dequant_matmul instead of aten's kernel."""
-    return rows >= INT8_DEQUANT_GEMM_MIN_ROWS
+def int8_channel_kernel(rows: int, bf16_gemm: bool) -> str:
+    """The CPU kernel of a per-channel int8 matmul of `rows` rows: "int8pack" (aten's int8 kernel), "bf16_gemm"
+    (int8_bf16_gemm; `bf16_gemm` says the activations are bfloat16 on a CPU with native bfloat16) or
+    "f32_slabs" (tiled_dequant_matmul)."""
+    if bf16_gemm:
+        return "bf16_gemm" if rows >= INT8_BF16_GEMM_MIN_ROWS else "int8pack"
+    return "f32_slabs" if rows >= INT8_DEQUANT_GEMM_MIN_ROWS else "int8pack"
+
+
+def int8_bf16_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16 @ (codes [N, K] int8 * scales [N]).T: slabs of codes converted to bfloat16, a bfloat16
+    GEMM, the output columns scaled. One opaque op under torch.compile, for the reason tiled_dequant_matmul is."""
+    return _int8_bf16_gemm_op(x, codes, scales)
+
+
+@torch.library.custom_op("tokenmill::int8_bf16_gemm", mutates_args=())
+def _int8_bf16_gemm_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    rows_total, width = codes.shape
+    rows = max(16, _BF16_SLAB_VALUES // width // 16 * 16)
+    if rows >= rows_total:
+        return torch.nn.functional.linear(x, codes.to(torch.bfloat16)) * scales
+    out_t = torch.empty(rows_total, x.shape[0], dtype=x.dtype, device=x.device)  # row slabs write rows
+    for start in range(0, rows_total, rows):
+        stop = min(start + rows, rows_total)
+        torch.mm(codes[start:stop].to(torch.bfloat16), x.t(), out=out_t[start:stop])
+    return out_t.t() * scales
+
+
+@_int8_bf16_gemm_op.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0])
 
 
 def int4pack_supported(out_features: int, group_size: int | None) -> bool:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from tokenmill.layers.linear import LinearBase
-from tokenmill.quant.cpu_kernels import int8_uses_dequant_gemm, int8pack_matmul, tiled_dequant_matmul
+from tokenmill.platform import cpu_native_bf16
+from tokenmill.quant.cpu_kernels import int8_bf16_gemm, int8_channel_kernel, int8pack_matmul, tiled_dequant_matmul
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
 from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
@@ -20,16 +21,20 @@ class Int8LinearMethod(QuantizedLinearMethod):
         if self.spec.group_size is None:  # aten's int8 kernel takes per-channel scales in the activations' dtype
             set_kernel_tensors(layer, qweight=qweight.contiguous(),
                                scales=scales[:, 0].to(layer.compute_dtype).contiguous())
+            layer.int8_bf16_gemm = layer.compute_dtype == torch.bfloat16 and cpu_native_bf16()
         else:
             set_kernel_tensors(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous())
 
     def matmul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
             return cuda_matmul(layer, x, 8, self.spec.group_size, self.use_triton)
-        # aten's int8 kernel reads the codes directly (a decode step is bound by weight bytes); from
-        # INT8_DEQUANT_GEMM_MIN_ROWS rows a float32 GEMM on dequantized slabs is faster (quant/cpu_kernels.py).
+        # aten's int8 kernel reads the codes directly (a decode step is bound by weight bytes); from a few rows
+        # a bfloat16 or float32 GEMM on converted slabs is faster (quant/cpu_kernels.py: int8_channel_kernel).
         if self.spec.group_size is None:
-            if int8_uses_dequant_gemm(x.shape[0]):
+            kernel = int8_channel_kernel(x.shape[0], layer.int8_bf16_gemm)
+            if kernel == "bf16_gemm":
+                return int8_bf16_gemm(x, layer.qweight, layer.scales)
+            if kernel == "f32_slabs":
                 # the same (model-dtype) scales as aten's kernel, as a column: [N] -> [N, 1] float32, N values
                 return tiled_dequant_matmul(x, layer.qweight, layer.scales.float()[:, None], None, 8)
             return int8pack_matmul(x, layer.qweight, layer.scales)
