@@ -1,0 +1,228 @@
+"""POST /v1/responses, and GET / DELETE / cancel of a stored response: OpenAI's Responses API on the chat path.
+
+The input items (after the stored conversation that previous_response_id names) become chat messages
+(responses_input.py) and go through the chat path's owners: the template rendering off the loop, the tool plan
+(parsing or forcing calls), the output constraint, the reasoning parser and token counter, sampling_params.
+The output is built as items (responses_output.py); a streamed response sends each item's events as OpenAI
+names them, each with a sequence number and its type as the SSE `event:` line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import RequestOutput
+from tokenmill.server.auth import KEY_ID_STATE
+from tokenmill.server.body_checks import check_request_body
+from tokenmill.server.cache_scope import request_cache_salt
+from tokenmill.server.errors import APIError, to_api_error
+from tokenmill.server.metrics import RequestTracker
+from tokenmill.server.protocol import sampling_params
+from tokenmill.server.responses_input import (
+    chat_messages,
+    chat_tool_choice,
+    chat_tools,
+    input_items,
+    responses_field,
+    text_format_constraint,
+)
+from tokenmill.server.responses_output import Event, OutputItems, item_id
+from tokenmill.server.responses_protocol import ResponsesRequest
+from tokenmill.server.responses_store import ResponseStore
+from tokenmill.server.serving_chat import ChatPlan, render_prompt
+from tokenmill.server.serving_common import ServerState, add_all, merge_streams, run_until_done
+from tokenmill.server.serving_tools import ToolPlan
+
+# The engine's finish reasons as a response's status; any other (an abort at shutdown) fails the response.
+_STATUS = {"stop": "completed", "length": "incomplete"}
+
+
+def request_owner(request: Request) -> str | None:
+    """The id of the API key that sent the request (None when the server has no keys)."""
+    return getattr(request.state, KEY_ID_STATE, None)
+
+
+class ResponseTurn:
+    """One response being generated: its output items as the engine's outputs arrive, its usage, its body."""
+
+    def __init__(self, state: ServerState, body: ResponsesRequest, plan: ChatPlan, response_id: str) -> None:
+        self.state = state
+        self.body = body
+        self.plan = plan
+        self.id = response_id
+        self.created_at = int(time.time())
+        self.output = OutputItems()
+        self._parser = plan.parser() if plan.use_parser else None
+        self._tool_stream = plan.tools.streamer()
+        self._reasoning = plan.reasoning_counter()
+        self.prompt_tokens: int | None = None
+        self.output_tokens = self.cached_tokens = 0
+        self.finish_reason: str | None = None
+
+    def feed(self, output: RequestOutput) -> list[Event]:
+        """The events one engine output makes (its text is a delta when streaming, the whole text otherwise)."""
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(output.prompt_token_ids)  # the first output carries the prompt
+        self.cached_tokens = output.num_cached_tokens
+        completion = output.outputs[0]
+        self.output_tokens += len(completion.token_ids)
+        self._reasoning.feed(completion.token_ids)
+        reasoning, content = "", completion.text
+        if self._parser is not None:
+            reasoning, content = self._parser.feed(completion.text)
+            if completion.finished:
+                reasoning_rest, content_rest = self._parser.finish()
+                reasoning, content = reasoning + reasoning_rest, content + content_rest
+        events = self.output.reasoning(reasoning)
+        fragments: list[dict[str, Any]] = [{"content": content}] if content else []
+        if self._tool_stream is not None:
+            fragments = self._tool_stream.feed(content) if content else []
+            if completion.finished:
+                fragments += self._tool_stream.finish(completion.finish_reason)[0]
+        events += self.output.content(fragments)
+        if completion.finished:
+            self.finish_reason = completion.finish_reason or "stop"
+            events += self.output.finish(incomplete=self.finish_reason == "length")
+        return events
+
+    def response(self, status: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The response object: in progress until the output finished, then completed, incomplete or failed."""
+        if status is None:
+            status = "in_progress" if self.finish_reason is None else _STATUS.get(self.finish_reason, "failed")
+        if status == "failed" and error is None:
+            error = {"code": "server_error", "message": "the request was aborted before it finished (the server is "
+                     "shutting down)"}
+        body = self.body
+        text_format = (body.text or {}).get("format") or {"type": "text"}
+        usage = None
+        if self.prompt_tokens is not None:
+            reasoning_tokens = self._reasoning.count if self.plan.use_parser else 0
+            usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                     "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+                     "total_tokens": self.prompt_tokens + self.output_tokens}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "background": False, "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "metadata": body.metadata or {}, "model": self.state.model_name,
+            "output": [dict(item) for item in self.output.items] if status != "in_progress" else [],
+            "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
+            "reasoning": {"effort": None, "summary": None}, "store": body.store,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": text_format}, "tool_choice": "auto" if body.tool_choice is None else body.tool_choice,
+            "tools": body.tools or [], "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled",
+            "usage": usage, "user": body.user,
+        }
+
+
+async def create_response(state: ServerState, store: ResponseStore, body: ResponsesRequest, request: Request) -> Any:
+    check_request_body(body)
+    state.check_model(body.model)
+    body.check_unsupported()
+    owner = request_owner(request)
+    history = None
+    if body.previous_response_id is not None:
+        history = store.get(body.previous_response_id, owner, param="previous_response_id")
+    new_items = input_items(body.input)
+    earlier = history.conversation if history is not None else []
+    messages = chat_messages(body.instructions, earlier + new_items, first_index=len(earlier))
+    cache_salt = request_cache_salt(state.prefix_cache_scope, request, body.cache_salt)
+    tokenizer = state.tokenizer
+    try:  # the chat path's checks, their fields named as this request spells them
+        tools = ToolPlan(chat_tools(body.tools), chat_tool_choice(body.tool_choice), body.parallel_tool_calls,
+                         tokenizer.chat_template, state.tool_call_parser)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(responses_field(exc.field), exc.message) from None
+    structured = text_format_constraint(body.text)
+    forced = tools.structured_outputs()
+    if forced is not None and structured is not None:
+        raise InvalidRequestError("tool_choice", "a forced tool call cannot be combined with a json_object or "
+                                  "json_schema text.format")
+    chat = await render_prompt(state, messages, tools, "input")
+    plan = ChatPlan(state, body, chat.text, tools)
+    params = sampling_params(
+        body, max_tokens=body.max_output_tokens, prompt_len=len(chat.token_ids),
+        max_model_len=state.engine.max_model_len, logprobs=None,
+        skip_special_tokens=False if plan.keep_specials else None,
+        thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
+        structured=forced or structured,
+    )
+    turn = ResponseTurn(state, body, plan, item_id("resp"))
+    streams = await add_all(state, turn.id, [{**chat.prompt(), "cache_salt": cache_salt}], [params])
+    trackers = [state.metrics.tracker()]
+
+    def keep(response: dict[str, Any]) -> None:
+        if body.store:
+            store.put(turn.id, owner, response, history, new_items + [dict(item) for item in turn.output.items])
+
+    if body.stream:
+        return StreamingResponse(_events(turn, streams, trackers, keep), media_type="text/event-stream")
+    finals = await run_until_done(request, streams, trackers)
+    turn.feed(finals[0])
+    response = turn.response()
+    keep(response)
+    return JSONResponse(response)
+
+
+def _sse(event: Event, sequence_number: int) -> str:
+    payload = {**event, "sequence_number": sequence_number}
+    return f"event: {event['type']}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _events(turn: ResponseTurn, streams: list[Any], trackers: list[RequestTracker],
+                  keep: Any) -> AsyncIterator[str]:
+    sequence_number = 0
+
+    def send(event: Event) -> str:
+        nonlocal sequence_number
+        sequence_number += 1
+        return _sse(event, sequence_number - 1)
+
+    try:
+        yield send({"type": "response.created", "response": turn.response("in_progress")})
+        yield send({"type": "response.in_progress", "response": turn.response("in_progress")})
+        async for _, output in merge_streams(streams):
+            trackers[0].observe(output)
+            for event in turn.feed(output):
+                yield send(event)
+        final = turn.response()
+        keep(final)
+        yield send({"type": f"response.{final['status']}", "response": final})
+    except Exception as exc:  # after the 200 went out, an error is an event, then the response fails
+        err = to_api_error(exc)
+        yield send({"type": "error", "code": err.code or err.type, "message": err.message, "param": err.param})
+        code = "server_error" if err.status >= 500 else "invalid_prompt"
+        yield send({"type": "response.failed", "response": turn.response("failed", {"code": code,
+                                                                                    "message": err.message})})
+    finally:
+        for stream in streams:
+            stream.abort()
+        for tracker in trackers:
+            tracker.abandon()
+
+
+def retrieve_response(store: ResponseStore, response_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(store.get(response_id, request_owner(request)).body)
+
+
+def delete_response(store: ResponseStore, response_id: str, request: Request) -> JSONResponse:
+    store.delete(response_id, request_owner(request))
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+def cancel_response(store: ResponseStore, response_id: str, request: Request) -> NoReturn:
+    """Only background responses can be cancelled, and this server runs none: a known id is a 400, an unknown
+    one a 404."""
+    store.get(response_id, request_owner(request))
+    raise APIError(400, f"the response {response_id[:100]!r} was not created with background=true: only background "
+                   "responses can be cancelled (this server runs none; a response finishes within its request)",
+                   param="response_id", code="not_background")
