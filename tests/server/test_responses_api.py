@@ -164,7 +164,30 @@ def test_text_format_json_schema_and_json_object(client):
         assert response.text.format.type == "json_schema"
     loose = client.responses.create(model=MODEL, input="JSON please", max_output_tokens=60, temperature=0,
                                     text={"format": {"type": "json_object"}})
-    assert loose.status != "completed" or isinstance(json.loads(loose.output_text), dict)
+    assert loose.status == "completed" and isinstance(json.loads(loose.output_text), dict)
+
+
+def test_a_thinking_model_gives_a_reasoning_item_then_the_answer(think_servers):
+    """The template opens <think> and the thinking budget (8) closes it: the chat path's split, as items."""
+    plain, _ = think_servers
+    client = openai.OpenAI(base_url=plain.base_url, api_key="x", max_retries=0, timeout=60)
+    extra = {"ignore_eos": True, "thinking_token_budget": 8}
+    response = client.responses.create(input="What is 2 + 2?", extra_body=extra, **{**GREEDY, "max_output_tokens": 20})
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 2?"}],
+                                          temperature=0, max_tokens=20, extra_body=extra)
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and message.type == "message"
+    assert reasoning.content[0].text == chat.choices[0].message.reasoning_content
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.output_tokens_details.reasoning_tokens == \
+        chat.usage.completion_tokens_details.reasoning_tokens > 0
+    events = list(client.responses.create(input="What is 2 + 2?", extra_body=extra, stream=True,
+                                          **{**GREEDY, "max_output_tokens": 20}))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == reasoning.content[0].text
+    assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["reasoning", "message"]
+    # Given back with previous_response_id, the reasoning item goes with its assistant turn: the input is accepted.
+    assert client.responses.create(input="And 3 + 3?", previous_response_id=response.id, extra_body=extra,
+                                   **GREEDY).usage.input_tokens > response.usage.input_tokens
 
 
 @pytest.mark.parametrize(("body", "param", "message"), [

@@ -16,7 +16,7 @@ from tokenmill.engine.chat_template import reserved_template_kwargs
 from tokenmill.server.auth import APIKeyMiddleware, APIKeys, check_api_keys
 from tokenmill.server.cache_scope import DEFAULT_CACHE_SCOPE, check_cache_scope
 from tokenmill.server.json_body import OffLoopJSONRoute
-from tokenmill.server.errors import install_error_handlers, send_error
+from tokenmill.server.errors import error_response, install_error_handlers, send_error
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.openapi_bounds import document_model_bounds
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -197,6 +197,12 @@ def build_app(
     @v1.delete("/responses/{response_id}", responses=STORED_RESPONSE_ERRORS)
     async def remove_response(response_id: str, request: Request) -> Response:
         return delete_response(stored_responses, response_id, request)
+
+    # Starlette's 405 names only the first route's method: this one answers the other methods with both.
+    @v1.api_route("/responses/{response_id}", methods=["POST", "PUT", "PATCH", "OPTIONS", "HEAD", "TRACE"],
+                  include_in_schema=False)
+    async def response_methods(response_id: str) -> Response:
+        return error_response(405, "Method Not Allowed", headers={"Allow": "GET, DELETE"})
 
     @v1.post("/responses/{response_id}/cancel", responses={**STORED_RESPONSE_ERRORS, 400: {
         "description": "the response was not a background one (this server runs none)", **_ERROR}})

@@ -30,7 +30,7 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]], first_index: int = 0) -> list[dict[str, Any]]:
     """Chat messages for the template. Consecutive function calls join one assistant turn (the turn's text, when
     it came just before, included); a function's output is a tool message; a reasoning item's text goes with the
-    assistant turn after it. `developer` is the system role, as most templates know only that one.
+    assistant turn after it (an empty one when no assistant turn follows). `developer` is the system role, as most templates know only that one.
     first_index: the position of items[0] in the request's input (items from a previous response come first)."""
     messages: list[dict[str, Any]] = []
     if instructions is not None:
@@ -64,10 +64,14 @@ def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]], fir
         else:
             raise InvalidRequestError(f"{where}.type", f"unsupported item type {str(kind)[:40]!r}; this server "
                                       f"reads {', '.join(ITEM_TYPES)} items")
-        if message["role"] == "assistant" and pending_reasoning:
+        if pending_reasoning and message["role"] != "assistant":  # reasoning with no answer: an empty one
+            messages.append({"role": "assistant", "content": "", "reasoning_content": "".join(pending_reasoning)})
+        elif pending_reasoning:
             message["reasoning_content"] = "".join(pending_reasoning)
         pending_reasoning = []
         messages.append(message)
+    if pending_reasoning:
+        messages.append({"role": "assistant", "content": "", "reasoning_content": "".join(pending_reasoning)})
     return messages
 
 

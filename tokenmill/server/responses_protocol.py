@@ -43,7 +43,7 @@ INPUT_ITEM_SCHEMAS: list[dict[str, Any]] = [
     {"type": "object", "required": ["type", "call_id", "output"], "properties": {
         "type": {"const": "function_call_output"}, "call_id": {"type": "string", "minLength": 1},
         "output": _TEXT_CONTENT}},
-    {"type": "object", "required": ["type"], "properties": {
+    {"type": "object", "required": ["type", "summary"], "properties": {
         "type": {"const": "reasoning"}, "summary": {"type": "array", "items": _REASONING_PART},
         "content": {"anyOf": [{"type": "null"}, {"type": "array", "items": _REASONING_PART}]},
         "encrypted_content": {"type": "null"}}},
