@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 
 from tests.server.conftest import MODEL, LiveServer, make_engine, start_server, stop_server
@@ -77,6 +78,7 @@ def test_stream_events_parse_in_order_and_end_with_the_greedy_text(client, serve
     assert text == whole.output_text == events[-4].text == events[-1].response.output_text
     assert events[-1].response.usage.output_tokens == whole.usage.output_tokens == 16
     assert {e.item_id for e in deltas} == {events[2].item.id} == {events[-1].response.output[0].id}
+    assert client.responses.retrieve(events[-1].response.id).output_text == text  # stored at the end of the stream
     # Each event's type is also its SSE event line.
     with httpx.stream("POST", server.base_url + "/responses", json={**kwargs["extra_body"], **GREEDY, "stream": True,
                                                                      "input": "Hi"}, timeout=60) as raw:
@@ -127,10 +129,13 @@ def test_a_forced_tool_call_then_its_output_continues_the_turn(client):
     [call] = response.output
     assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
-    events = list(client.responses.create(input="Weather in Paris?", tools=[WEATHER], tool_choice=tool_choice,
-                                          stream=True, **{**GREEDY, "max_output_tokens": 60}))
+    # The client's stream helper rebuilds the response from the events (and checks they fit together).
+    with client.responses.stream(input="Weather in Paris?", tools=[WEATHER], tool_choice=tool_choice,
+                                 **{**GREEDY, "max_output_tokens": 60}) as stream:
+        events = list(stream)
+        rebuilt = stream.get_final_response().output[0]
     streamed = events[-1].response.output[0]
-    assert (streamed.name, streamed.arguments) == (call.name, call.arguments)
+    assert (streamed.name, streamed.arguments) == (rebuilt.name, rebuilt.arguments) == (call.name, call.arguments)
     assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
     assert [e.arguments for e in events if e.type == "response.function_call_arguments.done"] == [call.arguments]
     # The caller runs the tool and sends its result: once by previous_response_id, once with the whole history.
@@ -149,6 +154,11 @@ def test_a_forced_tool_call_then_its_output_continues_the_turn(client):
     assert chained.output_text == explicit.output_text == (chat.choices[0].message.content or "")
 
 
+class Answer(pydantic.BaseModel):
+    ok: bool
+    n: int
+
+
 @needs_llguidance
 def test_text_format_json_schema_and_json_object(client):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
@@ -162,6 +172,9 @@ def test_text_format_json_schema_and_json_object(client):
         assert response.status == "completed", response
         jsonschema.validate(json.loads(response.output_text), schema)
         assert response.text.format.type == "json_schema"
+    parsed = client.responses.parse(model=MODEL, input="Answer in JSON", text_format=Answer, max_output_tokens=40,
+                                    temperature=0)
+    assert isinstance(parsed.output_parsed, Answer)
     loose = client.responses.create(model=MODEL, input="JSON please", max_output_tokens=60, temperature=0,
                                     text={"format": {"type": "json_object"}})
     assert loose.status == "completed" and isinstance(json.loads(loose.output_text), dict)
