@@ -154,6 +154,30 @@ def test_a_forced_tool_call_then_its_output_continues_the_turn(client):
     assert chained.output_text == explicit.output_text == (chat.choices[0].message.content or "")
 
 
+HERMES_CALL = (r'Sure\. <tool_call>\n\{"name": "get_weather", "arguments": '
+               r'\{"city": "[a-z]{1,5}", "unit": "celsius"\}\}\n</tool_call>')
+
+
+@needs_llguidance
+def test_auto_tool_choice_parses_the_models_call_after_its_text(client):
+    """A random model never writes <tool_call>; a guided_regex (the chat route's extension) makes it, and the
+    parser (hermes, the default for a template without tool markers) splits text and call into two items."""
+    kwargs = dict(model=MODEL, input="Weather?", tools=[WEATHER], max_output_tokens=80,
+                  extra_body={"guided_regex": HERMES_CALL, "seed": 1})
+    response = client.responses.create(**kwargs)
+    message, call = response.output
+    assert (message.type, response.output_text, call.type, call.name) == ("message", "Sure.", "function_call",
+                                                                         "get_weather")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert [(o.type, getattr(o, "arguments", None)) for o in events[-1].response.output] == \
+        [("message", None), ("function_call", call.arguments)]
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["message", "function_call"]
+    with pytest.raises(openai.BadRequestError, match="only one output constraint"):
+        client.responses.create(text={"format": {"type": "json_object"}}, **kwargs)
+
+
 class Answer(pydantic.BaseModel):
     ok: bool
     n: int

@@ -39,6 +39,8 @@ from tokenmill.server.responses_store import ResponseStore
 from tokenmill.server.serving_chat import ChatPlan, render_prompt
 from tokenmill.server.serving_common import ServerState, add_all, merge_streams, run_until_done
 from tokenmill.server.serving_tools import ToolPlan
+from tokenmill.server.structured_request import structured_outputs
+from tokenmill.structured.params import StructuredOutputParams
 
 # The engine's finish reasons as a response's status; any other (an abort at shutdown) fails the response.
 _STATUS = {"stop": "completed", "length": "incomplete"}
@@ -142,7 +144,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
                          tokenizer.chat_template, state.tool_call_parser)
     except InvalidRequestError as exc:
         raise InvalidRequestError(responses_field(exc.field), exc.message) from None
-    structured = text_format_constraint(body.text)
+    structured = _output_constraint(body)
     forced = tools.structured_outputs()
     if forced is not None and structured is not None:
         raise InvalidRequestError("tool_choice", "a forced tool call cannot be combined with a json_object or "
@@ -171,6 +173,15 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     response = turn.response()
     keep(response)
     return JSONResponse(response)
+
+
+def _output_constraint(body: ResponsesRequest) -> StructuredOutputParams | None:
+    """text.format, or one of the guided_* extensions (the chat route's, read by their owner); not both."""
+    text_format, guided = text_format_constraint(body.text), structured_outputs(body)
+    if text_format is not None and guided is not None:
+        raise InvalidRequestError("text.format", "only one output constraint per request: a json_object or "
+                                  "json_schema text.format, or a guided_* extension")
+    return text_format or guided
 
 
 def _sse(event: Event, sequence_number: int) -> str:
