@@ -143,9 +143,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from tokenmill.server.auth import check_api_keys, load_api_keys_file
 
-    try:  # every key checked (and the file read) before the model loads
+    from tokenmill.server.responses_store import ResponseStore
+
+    try:  # every key checked (and the file read), and the stored responses' bounds, before the model loads
         api_keys = check_api_keys((args.api_key or []) + (load_api_keys_file(args.api_keys_file)
                                                           if args.api_keys_file is not None else []))
+        ResponseStore(args.responses_max_stored, args.responses_max_bytes, args.responses_ttl)
     except ValueError as e:
         raise SystemExit(f"tokenmill serve: {e}") from None
     served_model_name = args.served_model_name or served_name(args.model)

@@ -67,10 +67,14 @@ def test_another_owner_sees_nothing():
         store.get("a", "key-1")
 
 
-@pytest.mark.parametrize("kwargs", [{"max_responses": -1}, {"max_bytes": -1}, {"ttl_s": 0}])
-def test_bad_bounds_are_refused(kwargs):
-    with pytest.raises(ValueError):
-        ResponseStore(**kwargs)
+@pytest.mark.parametrize(("flag", "value"), [("--responses-max-stored", "-1"), ("--responses-max-bytes", "-1"),
+                                           ("--responses-ttl", "0")])
+def test_bad_bounds_stop_serve_before_the_model_loads(tmp_path, flag, value):
+    from tokenmill.cli import main
+
+    # The model path does not exist: reaching the model would fail differently, so this error comes first.
+    with pytest.raises(SystemExit, match=f"tokenmill serve: {flag} must be"):
+        main(["serve", "--model", str(tmp_path / "no-model"), flag, value])
 
 
 def test_items_become_chat_turns():

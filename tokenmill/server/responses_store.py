@@ -42,11 +42,11 @@ class ResponseStore:
     def __init__(self, max_responses: int = DEFAULT_MAX_STORED, max_bytes: int = DEFAULT_MAX_BYTES,
                  ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
         if max_responses < 0:
-            raise ValueError(f"responses_max_stored must be >= 0, got {max_responses}")
+            raise ValueError(f"--responses-max-stored must be >= 0, got {max_responses}")
         if max_bytes < 0:
-            raise ValueError(f"responses_max_bytes must be >= 0, got {max_bytes}")
+            raise ValueError(f"--responses-max-bytes must be >= 0, got {max_bytes}")
         if not ttl_s > 0:
-            raise ValueError(f"responses_ttl must be > 0 seconds, got {ttl_s}")
+            raise ValueError(f"--responses-ttl must be > 0 seconds, got {ttl_s}")
         self.max_responses = max_responses
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
