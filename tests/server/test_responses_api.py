@@ -17,8 +17,10 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+from openai.types.responses import Response
 
 from tests.server.conftest import MODEL, LiveServer, make_engine, start_server, stop_server
+from tests.server.test_responses_stream import EVENT_CLASSES
 from tokenmill.server.app import build_app
 
 needs_llguidance = pytest.mark.skipif(importlib.util.find_spec("llguidance") is None,
@@ -39,9 +41,14 @@ def chat_of(client: openai.OpenAI, messages: list[dict[str, Any]], **kw: Any) ->
     return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12, **kw)
 
 
+def whole_of_hi(client: openai.OpenAI) -> str:
+    return client.responses.create(input="Hi", **GREEDY).output_text
+
+
 def test_plain_response_equals_the_chat_completion(client):
     response = client.responses.create(input="Hello, how are you?", instructions="Be brief.", **GREEDY)
-    chat = chat_of(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}])
+    chat = chat_of(client, [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Hello, how are you?"}])
     assert response.object == "response" and response.id.startswith("resp_")
     assert response.output_text == chat.choices[0].message.content
     assert response.usage.input_tokens == chat.usage.prompt_tokens
@@ -83,8 +90,12 @@ def test_stream_events_parse_in_order_and_end_with_the_greedy_text(client, serve
     with httpx.stream("POST", server.base_url + "/responses", json={**kwargs["extra_body"], **GREEDY, "stream": True,
                                                                      "input": "Hi"}, timeout=60) as raw:
         lines = [line for line in raw.iter_lines() if line]
-    pairs = list(zip(lines[::2], lines[1::2]))
-    assert pairs and all(e == "event: " + json.loads(d.removeprefix("data: "))["type"] for e, d in pairs)
+    pairs = [(e, json.loads(d.removeprefix("data: "))) for e, d in zip(lines[::2], lines[1::2])]
+    assert pairs and all(e == "event: " + data["type"] for e, data in pairs)
+    for _, data in pairs:  # strictly, as the client's types require (the client itself parses leniently)
+        EVENT_CLASSES[data["type"]].model_validate(data)
+    raw = httpx.post(server.base_url + "/responses", json={**GREEDY, "input": "Hi"}, timeout=60).json()
+    assert Response.model_validate(raw).output_text == whole_of_hi(client)
 
 
 def test_previous_response_id_puts_the_stored_turn_first(client):
@@ -162,8 +173,8 @@ HERMES_CALL = (r'Sure\. <tool_call>\n\{"name": "get_weather", "arguments": '
 def test_auto_tool_choice_parses_the_models_call_after_its_text(client):
     """A random model never writes <tool_call>; a guided_regex (the chat route's extension) makes it, and the
     parser (hermes, the default for a template without tool markers) splits text and call into two items."""
-    kwargs = dict(model=MODEL, input="Weather?", tools=[WEATHER], max_output_tokens=80,
-                  extra_body={"guided_regex": HERMES_CALL, "seed": 1})
+    kwargs = {"model": MODEL, "input": "Weather?", "tools": [WEATHER], "max_output_tokens": 80,
+                  "extra_body": {"guided_regex": HERMES_CALL, "seed": 1}}
     response = client.responses.create(**kwargs)
     message, call = response.output
     assert (message.type, response.output_text, call.type, call.name) == ("message", "Sure.", "function_call",

@@ -105,7 +105,8 @@ def test_output_items_events_for_text_then_calls():
     events = output.content([{"content": "  "}])  # whitespace alone opens no message yet
     assert events == []
     events += output.content([{"content": "Sure."},
-                              {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}}]},
+                              {"tool_calls": [{"index": 0, "id": "call_1",
+                                               "function": {"name": "f", "arguments": ""}}]},
                               {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]},
                               {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
                               {"content": "\n"}])
@@ -117,7 +118,8 @@ def test_output_items_events_for_text_then_calls():
         "response.function_call_arguments.delta", "response.function_call_arguments.done", "response.output_item.done"]
     message, call = output.items
     assert message["content"][0]["text"] == "  Sure." == output.text and message["status"] == "completed"
-    assert (call["call_id"], call["name"], call["arguments"], call["status"]) == ("call_1", "f", '{"a": 1}', "completed")
+    assert (call["call_id"], call["name"], call["arguments"], call["status"]) == \
+        ("call_1", "f", '{"a": 1}', "completed")
     assert [e["output_index"] for e in events if "output_index" in e] == [0] * 6 + [1] * 5
 
 

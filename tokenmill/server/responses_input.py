@@ -27,10 +27,12 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return value
 
 
-def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]], first_index: int = 0) -> list[dict[str, Any]]:
+def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]],
+                  first_index: int = 0) -> list[dict[str, Any]]:
     """Chat messages for the template. Consecutive function calls join one assistant turn (the turn's text, when
     it came just before, included); a function's output is a tool message; a reasoning item's text goes with the
-    assistant turn after it (an empty one when no assistant turn follows). `developer` is the system role, as most templates know only that one.
+    assistant turn after it (an empty one when no assistant turn follows). `developer` is the system role, as
+    most templates know only that one.
     first_index: the position of items[0] in the request's input (items from a previous response come first)."""
     messages: list[dict[str, Any]] = []
     if instructions is not None:
@@ -156,7 +158,8 @@ def chat_tool_choice(tool_choice: Any) -> Any:
     """{"type": "function", "name": N} -> the chat shape; the strings pass as they are."""
     if isinstance(tool_choice, dict):
         if tool_choice.get("type") != "function":
-            raise InvalidRequestError("tool_choice.type", f"must be 'function', got {str(tool_choice.get('type'))[:40]!r}")
+            raise InvalidRequestError("tool_choice.type",
+                                      f"must be 'function', got {str(tool_choice.get('type'))[:40]!r}")
         return {"type": "function", "function": {"name": tool_choice.get("name")}}
     return tool_choice
 

@@ -115,7 +115,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 
 
 async def render_prompt(state: ServerState, messages: list[dict[str, Any]], tools: ToolPlan, field: str,
-                        add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None) -> RenderedChat:
+                        add_generation_prompt: bool = True,
+                        template_kwargs: dict[str, Any] | None = None) -> RenderedChat:
     """The chat template over the messages, its length checked (errors name `field`); control tokens written in
     the messages stay text."""
     tokenizer = state.tokenizer

@@ -106,8 +106,11 @@ class ResponseTurn:
         usage = None
         if self.prompt_tokens is not None:
             reasoning_tokens = self._reasoning.count if self.plan.use_parser else 0
-            usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
-                     "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            # cache_write_tokens counts OpenAI's explicit prompt caching, which this server does not have.
+            cache = {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0}
+            usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": cache,
+                     "output_tokens": self.output_tokens,
+                     "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                      "total_tokens": self.prompt_tokens + self.output_tokens}
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
@@ -208,7 +211,7 @@ async def _events(turn: ResponseTurn, streams: list[Any], trackers: list[Request
         final = turn.response()
         keep(final)
         yield send({"type": f"response.{final['status']}", "response": final})
-    except Exception as exc:  # after the 200 went out, an error is an event, then the response fails
+    except Exception as exc:  # noqa: BLE001 - after the 200 went out, an error is an event, then response.failed
         err = to_api_error(exc)
         yield send({"type": "error", "code": err.code or err.type, "message": err.message, "param": err.param})
         code = "server_error" if err.status >= 500 else "invalid_prompt"
