@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -247,7 +248,8 @@ def test_a_thinking_model_gives_a_reasoning_item_then_the_answer(think_servers):
     ({"input": "x", "tools": [{"type": "function", "name": "a b"}]}, "tools[0].name", "letters, digits"),
     ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name",
      "is not among the tools"),
-    ({"input": "x", "background": True}, "background", "background responses are not supported"),
+    ({"input": "x", "background": True, "stream": True}, "background", "cannot be streamed"),
+    ({"input": "x", "background": True, "store": False}, "background", "must be stored"),
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning", "not configurable"),
     ({"input": "x", "n": 2}, "n", "n must be 1, got 2"),
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type", "must be 'text', 'json_object'"),
@@ -262,6 +264,26 @@ def test_bad_input_is_a_400_naming_the_field(server, body, param, message):
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and message in error["message"], error
+
+
+def test_a_background_response_is_polled_and_can_be_cancelled(client):
+    started = client.responses.create(input="Hello, how are you?", background=True, **GREEDY)
+    assert started.background and started.status == "in_progress" and started.output == []
+    deadline = time.monotonic() + 60
+    polled = started
+    while polled.status == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        polled = client.responses.retrieve(started.id)
+    foreground = client.responses.create(input="Hello, how are you?", **GREEDY)
+    assert polled.status == foreground.status and polled.output_text == foreground.output_text
+    assert polled.usage.output_tokens == foreground.usage.output_tokens
+    assert client.responses.cancel(started.id).status == polled.status  # finished: cancelling changes nothing
+    # A long one (the whole context, EOS ignored) cancelled at once stops early and keeps what it had.
+    long = client.responses.create(input="Hi", background=True, model=MODEL, extra_body={"ignore_eos": True})
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
+    assert cancelled.usage is None or cancelled.usage.total_tokens < 256
+    assert all(item.status == "incomplete" for item in cancelled.output)
 
 
 @pytest.fixture(scope="module")

@@ -205,9 +205,9 @@ def build_app(
         return error_response(405, "Method Not Allowed", headers={"Allow": "GET, DELETE"})
 
     @v1.post("/responses/{response_id}/cancel", responses={**STORED_RESPONSE_ERRORS, 400: {
-        "description": "the response was not a background one (this server runs none)", **_ERROR}})
+        "description": "the response was not created with background=true", **_ERROR}})
     async def cancel(response_id: str, request: Request) -> Response:
-        cancel_response(stored_responses, response_id, request)
+        return await cancel_response(stored_responses, response_id, request)
 
     @v1.get("/models", responses=ACCESS_ERRORS)
     async def models() -> dict[str, Any]:

@@ -7,7 +7,7 @@ document; `responses_input.py` reads them and names the offending field in every
 (tests/server/test_schemathesis.py holds the server to the schema).
 
 Documented Responses parameters this server does not implement are declared with the only value it accepts
-(`background` false, `conversation` null, ...), so sending anything else is a 400 naming the parameter rather
+(`conversation` null, `include` empty, ...), so sending anything else is a 400 naming the parameter rather
 than a silent difference; unknown fields are ignored, as on the other routes (the client's `extra_body`).
 """
 
@@ -84,7 +84,6 @@ def _only(value: Any, description: str) -> Any:
 
 # Which of them hold another value, and what to tell the client.
 _NOT_SUPPORTED = {
-    "background": "background responses are not supported; send background=false (or leave it out)",
     "conversation": "conversation objects are not supported; chain turns with previous_response_id",
     "include": "no extra output data can be included",
     "prompt": "stored prompt templates are not supported; send the input",
@@ -96,12 +95,19 @@ _NOT_SUPPORTED = {
 }
 
 
+_BACKGROUND_IS_STORED_AND_NOT_STREAMED = {
+    "if": {"properties": {"background": {"const": True}}, "required": ["background"]},
+    "then": {"properties": {"stream": {"const": False}, "store": {"const": True}}},
+}
+
+
 class ResponsesRequest(_Common):
     model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"allOf": [
         _STREAM_OPTIONS_NEED_STREAM,
         {"if": {"properties": {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}},
                 "required": ["tool_choice"]},
          "then": {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]}},
+        _BACKGROUND_IS_STORED_AND_NOT_STREAMED,
     ]})
 
     input: str | list[dict[str, Any]] = Field(json_schema_extra={"anyOf": [
@@ -117,7 +123,8 @@ class ResponsesRequest(_Common):
     previous_response_id: Annotated[str, _documented(minLength=1)] | None = None
     store: bool = True
     metadata: dict[str, str] | None = Field(None, json_schema_extra=_METADATA_SCHEMA)
-    background: bool = _only(False, _NOT_SUPPORTED["background"])
+    # Generated after the request returns; GET polls it, cancel stops it (serving_responses.py).
+    background: bool = False
     conversation: Any = _only(None, _NOT_SUPPORTED["conversation"])
     include: Annotated[list[str], _documented(maxItems=0)] | None = Field(None, description="not supported: "
                                                                           + _NOT_SUPPORTED["include"])
@@ -131,7 +138,12 @@ class ResponsesRequest(_Common):
         super().check_unsupported()
         if self.n != 1:
             raise InvalidRequestError("n", f"a response has one output: n must be 1, got {self.n}")
-        unsupported = {"background": self.background is not False, "conversation": self.conversation is not None,
+        if self.background and self.stream:
+            raise InvalidRequestError("background", "a background response cannot be streamed: poll it with "
+                                      "GET /v1/responses/{id}")
+        if self.background and not self.store:
+            raise InvalidRequestError("background", "a background response must be stored (store=true)")
+        unsupported = {"conversation": self.conversation is not None,
                        "include": bool(self.include), "prompt": self.prompt is not None,
                        "reasoning": self.reasoning is not None,
                        "truncation": self.truncation not in (None, "disabled"),

@@ -8,6 +8,7 @@ never did, so ids cannot be probed across keys. Accessed from the event loop onl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -53,6 +54,8 @@ class ResponseStore:
         self._clock = clock
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()  # oldest first: expiry order too
         self.total_bytes = 0
+        # Background responses still generating, by id: cancel and delete stop them.
+        self.running: dict[str, asyncio.Task[None]] = {}
 
     def __len__(self) -> int:
         self._expire()
@@ -86,9 +89,17 @@ class ResponseStore:
                            "are not kept)", type_="not_found_error", param=param, code="response_not_found")
         return entry
 
+    def holds(self, response_id: str) -> bool:
+        """Whether the id is still stored (not deleted, evicted or expired), whoever owns it."""
+        self._expire()
+        return response_id in self._entries
+
     def delete(self, response_id: str, owner: str | None) -> None:
         self.get(response_id, owner)
         self._remove(response_id)
+        task = self.running.pop(response_id, None)
+        if task is not None:
+            task.cancel()
 
     def _remove(self, response_id: str) -> None:
         entry = self._entries.pop(response_id, None)

@@ -9,10 +9,12 @@ names them, each with a sequence number and its type as the SSE `event:` line.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -115,7 +117,7 @@ class ResponseTurn:
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "completed_at": int(time.time()) if status == "completed" else None,
-            "background": False, "error": error,
+            "background": body.background, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "metadata": body.metadata or {}, "model": self.state.model_name,
@@ -161,6 +163,8 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
         thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
         structured=forced or structured,
     )
+    if body.background:  # outputs as they come, so a cancelled response keeps what was generated
+        params = dataclasses.replace(params, output_kind="delta")
     turn = ResponseTurn(state, body, plan, item_id("resp"))
     streams = await add_all(state, turn.id, [{**chat.prompt(), "cache_salt": cache_salt}], [params])
     trackers = [state.metrics.tracker()]
@@ -171,6 +175,10 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
 
     if body.stream:
         return StreamingResponse(_events(turn, streams, trackers, keep), media_type="text/event-stream")
+    if body.background:  # stored at once, so GET sees it in progress; the task stores the result over it
+        store.put(turn.id, owner, turn.response("in_progress"), history, new_items)
+        store.running[turn.id] = asyncio.create_task(_generate_in_background(turn, streams, trackers, keep, store))
+        return JSONResponse(turn.response("in_progress"))
     finals = await run_until_done(request, streams, trackers)
     turn.feed(finals[0])
     response = turn.response()
@@ -224,6 +232,31 @@ async def _events(turn: ResponseTurn, streams: list[Any], trackers: list[Request
             tracker.abandon()
 
 
+async def _generate_in_background(turn: ResponseTurn, streams: list[Any], trackers: list[RequestTracker],
+                                  keep: Callable[[dict[str, Any]], None], store: ResponseStore) -> None:
+    try:
+        async for _, output in merge_streams(streams):
+            trackers[0].observe(output)
+            turn.feed(output)
+        final = turn.response()
+    except asyncio.CancelledError:  # POST .../cancel (or DELETE): what was generated so far, cut off
+        if turn.finish_reason is None:
+            turn.output.finish(incomplete=True)
+        final = turn.response("cancelled")
+    except Exception as exc:  # noqa: BLE001 - the response fails, and GET shows why
+        err = to_api_error(exc)
+        final = turn.response("failed", {"code": "server_error" if err.status >= 500 else "invalid_prompt",
+                                         "message": err.message})
+    finally:
+        store.running.pop(turn.id, None)
+        for stream in streams:
+            stream.abort()
+        for tracker in trackers:
+            tracker.abandon()
+    if store.holds(turn.id):  # not deleted (or evicted) meanwhile
+        keep(final)
+
+
 def retrieve_response(store: ResponseStore, response_id: str, request: Request) -> JSONResponse:
     return JSONResponse(store.get(response_id, request_owner(request)).body)
 
@@ -233,10 +266,17 @@ def delete_response(store: ResponseStore, response_id: str, request: Request) ->
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
-def cancel_response(store: ResponseStore, response_id: str, request: Request) -> NoReturn:
-    """Only background responses can be cancelled, and this server runs none: a known id is a 400, an unknown
-    one a 404."""
-    store.get(response_id, request_owner(request))
-    raise APIError(400, f"the response {response_id[:100]!r} was not created with background=true: only background "
-                   "responses can be cancelled (this server runs none; a response finishes within its request)",
-                   param="response_id", code="not_background")
+async def cancel_response(store: ResponseStore, response_id: str, request: Request) -> JSONResponse:
+    """Stop a background response and answer with it as stored (status cancelled); one that already finished
+    is answered as it is. Any other response finished within its own request: a 400."""
+    owner = request_owner(request)
+    entry = store.get(response_id, owner)
+    task = store.running.get(response_id)
+    if task is not None:
+        task.cancel()
+        await asyncio.wait({task})
+        return JSONResponse(store.get(response_id, owner).body)
+    if not entry.body.get("background"):
+        raise APIError(400, f"the response {response_id[:100]!r} was not created with background=true: only "
+                       "background responses can be cancelled", param="response_id", code="not_background")
+    return JSONResponse(entry.body)
