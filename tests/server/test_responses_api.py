@@ -18,7 +18,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-from openai.types.responses import Response
+from openai.types.responses import Response, ResponseItem
 
 from tests.server.conftest import MODEL, LiveServer, make_engine, start_server, stop_server
 from tests.server.test_responses_stream import EVENT_CLASSES
@@ -30,6 +30,7 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                      "unit": {"enum": ["celsius", "fahrenheit"]}},
     "required": ["city", "unit"], "additionalProperties": False}}
+ITEM = pydantic.TypeAdapter(ResponseItem)
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 12}
 
 
@@ -111,6 +112,16 @@ def test_previous_response_id_puts_the_stored_turn_first(client):
     assert second.output_text == expected.choices[0].message.content
     third = client.responses.create(input="And 4+4?", previous_response_id=second.id, **GREEDY)
     assert third.usage.input_tokens > second.usage.input_tokens + second.usage.output_tokens - 1
+    # Its input items: the whole conversation before its output, oldest first with order=asc.
+    listed = client.responses.input_items.list(third.id, order="asc")
+    assert [(item.role, item.content[0].text) for item in listed.data] == [
+        ("user", "What is 2+2?"), ("assistant", first.output_text), ("user", "And 3+3?"),
+        ("assistant", second.output_text), ("user", "And 4+4?")]
+    assert listed.data[1].id == first.output[0].id and not listed.has_more
+    newest = client.responses.input_items.list(third.id, limit=2)  # desc by default, a page of 2
+    assert [item.id for item in newest.data] == [item.id for item in listed.data[::-1][:2]] and newest.has_more
+    rest = client.responses.input_items.list(third.id, after=newest.last_id)
+    assert [item.id for item in rest.data] == [item.id for item in listed.data[::-1][2:]] and not rest.has_more
 
 
 def test_store_false_get_delete_and_cancel(client):
@@ -118,6 +129,8 @@ def test_store_false_get_delete_and_cancel(client):
     assert client.responses.retrieve(kept.id).model_dump() == kept.model_dump()
     with pytest.raises(openai.BadRequestError, match="not created with background=true"):
         client.responses.cancel(kept.id)
+    with pytest.raises(openai.BadRequestError, match="no input item of this response has the id 'nope'"):
+        client.responses.input_items.list(kept.id, after="nope")
     client.responses.delete(kept.id)
     unkept = client.responses.create(input="Hi", store=False, **GREEDY)
     for gone in (kept.id, unkept.id):
@@ -130,11 +143,13 @@ def test_store_false_get_delete_and_cancel(client):
         with pytest.raises(openai.NotFoundError):
             client.responses.cancel(gone)
         with pytest.raises(openai.NotFoundError):
+            client.responses.input_items.list(gone)
+        with pytest.raises(openai.NotFoundError):
             client.responses.delete(gone)
 
 
 @needs_llguidance
-def test_a_forced_tool_call_then_its_output_continues_the_turn(client):
+def test_a_forced_tool_call_then_its_output_continues_the_turn(client, server):
     tool_choice = {"type": "function", "name": "get_weather"}
     response = client.responses.create(input="Weather in Paris?", tools=[WEATHER], tool_choice=tool_choice,
                                        **{**GREEDY, "max_output_tokens": 60})
@@ -163,6 +178,11 @@ def test_a_forced_tool_call_then_its_output_continues_the_turn(client):
                             {"role": "tool", "tool_call_id": call.call_id, "content": '{"temperature": 21}'}],
                    tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}])
     assert chained.usage.input_tokens == explicit.usage.input_tokens == chat.usage.prompt_tokens
+    # Both list the same input items, valid as the client's item types (strictly).
+    for response in (chained, explicit):
+        raw = httpx.get(f"{server.base_url}/responses/{response.id}/input_items", params={"order": "asc"}).json()
+        assert [ITEM.validate_python(item).type for item in raw["data"]] == ["message", "function_call",
+                                                                             "function_call_output"]
     assert chained.output_text == explicit.output_text == (chat.choices[0].message.content or "")
 
 

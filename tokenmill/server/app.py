@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +26,13 @@ from tokenmill.server.reasoning import tokenizer_has_think_tokens
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_common import ServerState, init_reasoning_tokens
 from tokenmill.server.serving_completions import create_completion
-from tokenmill.server.serving_responses import cancel_response, create_response, delete_response, retrieve_response
+from tokenmill.server.serving_responses import (
+    cancel_response,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 # The statuses the API answers with, in its OpenAPI schema (the body of each is server/errors.py's error_body).
@@ -197,6 +203,14 @@ def build_app(
     @v1.delete("/responses/{response_id}", responses=STORED_RESPONSE_ERRORS)
     async def remove_response(response_id: str, request: Request) -> Response:
         return delete_response(stored_responses, response_id, request)
+
+    @v1.get("/responses/{response_id}/input_items", responses={**STORED_RESPONSE_ERRORS, 400: {
+        "description": "bad paging: limit out of range, or an after/before id not among the items", **_ERROR}})
+    async def response_input_items(response_id: str, request: Request,
+                                   limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                                   order: Literal["asc", "desc"] = "desc", after: str | None = None,
+                                   before: str | None = None) -> Response:
+        return list_input_items(stored_responses, response_id, request, limit, order, after, before)
 
     # Starlette's 405 names only the first route's method: this one answers the other methods with both.
     @v1.api_route("/responses/{response_id}", methods=["POST", "PUT", "PATCH", "OPTIONS", "HEAD", "TRACE"],

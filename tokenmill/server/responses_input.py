@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.responses_output import item_id
 from tokenmill.server.responses_protocol import MESSAGE_ROLES, TEXT_PART_TYPES
 from tokenmill.structured.params import StructuredOutputParams
 
@@ -133,6 +134,28 @@ def _reasoning_text(item: dict[str, Any], where: str) -> str:
             if key == "content":  # the model's own reasoning; a summary is not what it thought
                 texts.append(_text_field(part, "text", f"{where}.{key}[{index}]"))
     return "".join(texts)
+
+
+_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def stored_input_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Already-read input items as GET .../input_items lists them: each with its type, an id and a status, a
+    message's content as text parts (input_text, or output_text with its annotations for the assistant's)."""
+    stored = []
+    for item in items:
+        kind = item.get("type", "message")
+        entry = {**item, "type": kind}
+        entry.setdefault("id", item_id(_ID_PREFIXES[kind]))
+        entry.setdefault("status", "completed")
+        if kind == "message":
+            content = item["content"]
+            if isinstance(content, str):
+                part = "output_text" if item["role"] == "assistant" else "input_text"
+                content = [{"type": part, "text": content}]
+            entry["content"] = [{"annotations": [], **p} if p["type"] == "output_text" else p for p in content]
+        stored.append(entry)
+    return stored
 
 
 # ---- tools and tool_choice --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from tokenmill.server.responses_input import (
     chat_tools,
     input_items,
     responses_field,
+    stored_input_items,
     text_format_constraint,
 )
 from tokenmill.server.responses_output import Event, OutputItems, item_id
@@ -142,6 +143,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     new_items = input_items(body.input)
     earlier = history.conversation if history is not None else []
     messages = chat_messages(body.instructions, earlier + new_items, first_index=len(earlier))
+    new_items = stored_input_items(new_items)  # read: now with ids, as input_items lists them
     cache_salt = request_cache_salt(state.prefix_cache_scope, request, body.cache_salt)
     tokenizer = state.tokenizer
     try:  # the chat path's checks, their fields named as this request spells them
@@ -201,7 +203,7 @@ def _sse(event: Event, sequence_number: int) -> str:
 
 
 async def _events(turn: ResponseTurn, streams: list[Any], trackers: list[RequestTracker],
-                  keep: Any) -> AsyncIterator[str]:
+                  keep: Callable[[dict[str, Any]], None]) -> AsyncIterator[str]:
     sequence_number = 0
 
     def send(event: Event) -> str:
@@ -259,6 +261,25 @@ async def _generate_in_background(turn: ResponseTurn, streams: list[Any], tracke
 
 def retrieve_response(store: ResponseStore, response_id: str, request: Request) -> JSONResponse:
     return JSONResponse(store.get(response_id, request_owner(request)).body)
+
+
+def list_input_items(store: ResponseStore, response_id: str, request: Request, limit: int, order: str,
+                     after: str | None, before: str | None) -> JSONResponse:
+    """The items the response's input was made of (the earlier turns' included), a page at a time as OpenAI
+    pages them: `after` / `before` an item id, in `order`."""
+    entry = store.get(response_id, request_owner(request))
+    items = entry.conversation[:len(entry.conversation) - len(entry.body["output"])]
+    if order == "desc":
+        items = items[::-1]
+    ids = [item["id"] for item in items]
+    for name, cursor in (("after", after), ("before", before)):
+        if cursor is not None and cursor not in ids:
+            raise InvalidRequestError(name, f"no input item of this response has the id {cursor[:100]!r}")
+    start = ids.index(after) + 1 if after is not None else 0
+    end = ids.index(before) if before is not None else len(items)
+    page = items[start:end][:limit]
+    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < end})
 
 
 def delete_response(store: ResponseStore, response_id: str, request: Request) -> JSONResponse:
