@@ -300,10 +300,18 @@ def test_a_background_response_is_polled_and_can_be_cancelled(client):
     assert client.responses.cancel(started.id).status == polled.status  # finished: cancelling changes nothing
     # A long one (the whole context, EOS ignored) cancelled at once stops early and keeps what it had.
     long = client.responses.create(input="Hi", background=True, model=MODEL, extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError, match="still being generated"):
+        client.responses.create(input="next", previous_response_id=long.id, **GREEDY)
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
     assert cancelled.usage is None or cancelled.usage.total_tokens < 256
     assert all(item.status == "incomplete" for item in cancelled.output)
+    # DELETE stops a running one too, and its end does not store it again.
+    deleted = client.responses.create(input="Hi", background=True, model=MODEL, extra_body={"ignore_eos": True})
+    client.responses.delete(deleted.id)
+    time.sleep(0.5)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(deleted.id)
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,9 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     history = None
     if body.previous_response_id is not None:
         history = store.get(body.previous_response_id, owner, param="previous_response_id")
+        if history.body["status"] == "in_progress":  # a background response: its output is not there yet
+            raise InvalidRequestError("previous_response_id", "that response is still being generated; poll it "
+                                      "with GET /v1/responses/{id} until it finishes")
     new_items = input_items(body.input)
     earlier = history.conversation if history is not None else []
     messages = chat_messages(body.instructions, earlier + new_items, first_index=len(earlier))
