@@ -314,6 +314,22 @@ def test_a_background_response_is_polled_and_can_be_cancelled(client):
         client.responses.retrieve(deleted.id)
 
 
+def test_a_server_that_stores_no_responses(model_dir):
+    engine = make_engine(model_dir)
+    live = start_server(build_app(engine, MODEL, responses_max_stored=0), engine)
+    try:
+        client = openai.OpenAI(base_url=live.base_url, api_key="x", max_retries=0, timeout=60)
+        response = client.responses.create(input="Hi", **GREEDY)
+        assert response.store and response.output_text is not None
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(response.id)
+        with pytest.raises(openai.BadRequestError, match="would not fit the stored responses' bounds") as info:
+            client.responses.create(input="Hi", background=True, **GREEDY)
+        assert info.value.body["param"] == "background"
+    finally:
+        stop_server(live)
+
+
 @pytest.fixture(scope="module")
 def keyed_server(model_dir) -> Iterator[LiveServer]:
     engine = make_engine(model_dir)

@@ -181,7 +181,11 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     if body.stream:
         return StreamingResponse(_events(turn, streams, trackers, keep), media_type="text/event-stream")
     if body.background:  # stored at once, so GET sees it in progress; the task stores the result over it
-        store.put(turn.id, owner, turn.response("in_progress"), history, new_items)
+        if not store.put(turn.id, owner, turn.response("in_progress"), history, new_items):
+            for stream in streams:
+                stream.abort()
+            raise InvalidRequestError("background", "the response would not fit the stored responses' bounds "
+                                      "(--responses-max-stored, --responses-max-bytes); send it without background")
         store.running[turn.id] = asyncio.create_task(_generate_in_background(turn, streams, trackers, keep, store))
         return JSONResponse(turn.response("in_progress"))
     finals = await run_until_done(request, streams, trackers)
