@@ -143,9 +143,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from tokenmill.server.auth import check_api_keys, load_api_keys_file
 
-    try:  # every key checked (and the file read) before the model loads
+    from tokenmill.server.responses_store import ResponseStore
+
+    try:  # every key checked (and the file read), and the stored responses' bounds, before the model loads
         api_keys = check_api_keys((args.api_key or []) + (load_api_keys_file(args.api_keys_file)
                                                           if args.api_keys_file is not None else []))
+        ResponseStore(args.responses_max_stored, args.responses_max_bytes, args.responses_ttl)
     except ValueError as e:
         raise SystemExit(f"tokenmill serve: {e}") from None
     served_model_name = args.served_model_name or served_name(args.model)
@@ -164,6 +167,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         trust_request_chat_template=args.trust_request_chat_template,
         metrics_public=args.metrics_public,
         allowed_hosts=args.allowed_hosts,
+        responses_max_stored=args.responses_max_stored,
+        responses_max_bytes=args.responses_max_bytes,
+        responses_ttl_s=args.responses_ttl,
     )
     # uvicorn handles the signals. The engine drains first (up to --drain-timeout, then aborts the rest,
     # whose streams end with a final "abort" event); uvicorn then waits for those responses to complete.
@@ -229,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split <think>...</think> into reasoning_content; auto: when the tokenizer has both tags")
     serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
                        help="format of the model's tool calls (default: guessed from the chat template)")
+    serve.add_argument("--responses-max-stored", type=int, default=1000,
+                       help="stored responses (/v1/responses, for previous_response_id and GET) kept in memory; "
+                       "the oldest go first")
+    serve.add_argument("--responses-max-bytes", type=int, default=64 << 20,
+                       help="bytes of stored responses (their conversations included) kept in memory")
+    serve.add_argument("--responses-ttl", type=float, default=3600.0, help="seconds a stored response is kept")
     serve.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)

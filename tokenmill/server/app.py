@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,14 +16,23 @@ from tokenmill.engine.chat_template import reserved_template_kwargs
 from tokenmill.server.auth import APIKeyMiddleware, APIKeys, check_api_keys
 from tokenmill.server.cache_scope import DEFAULT_CACHE_SCOPE, check_cache_scope
 from tokenmill.server.json_body import OffLoopJSONRoute
-from tokenmill.server.errors import install_error_handlers, send_error
+from tokenmill.server.errors import error_response, install_error_handlers, send_error
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.openapi_bounds import document_model_bounds
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.responses_protocol import ResponsesRequest
+from tokenmill.server.responses_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_STORED, DEFAULT_TTL_S, ResponseStore
 from tokenmill.server.reasoning import tokenizer_has_think_tokens
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_common import ServerState, init_reasoning_tokens
 from tokenmill.server.serving_completions import create_completion
+from tokenmill.server.serving_responses import (
+    cancel_response,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 # The statuses the API answers with, in its OpenAPI schema (the body of each is server/errors.py's error_body).
@@ -45,6 +54,8 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "body larger than --max-body-bytes", **_ERROR},
     503: {"description": "queue full (--max-queue) or shutting down", **_ERROR},
 }
+STORED_RESPONSE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ACCESS_ERRORS, 404: {"description": "no stored response has this id for this API key", **_ERROR}}
 REASONING_PARSERS = ("auto", "think", "none")
 
 
@@ -109,18 +120,22 @@ def build_app(
     allowed_hosts: list[str] | None = None,
     api_keys: Sequence[str] = (),
     prefix_cache_scope: str = DEFAULT_CACHE_SCOPE,
+    responses_max_stored: int = DEFAULT_MAX_STORED,
+    responses_max_bytes: int = DEFAULT_MAX_BYTES,
+    responses_ttl_s: float = DEFAULT_TTL_S,
 ) -> FastAPI:
     """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
     'none' never does, 'auto' does when the tokenizer has both tags as tokens. The tags, the wrap-up text
     and their token ids are the engine's (EngineConfig.thinking), so parsing and the budget agree.
     api_key and api_keys: every key accepted (each a tenant of the prefix cache under prefix_cache_scope
-    per-key, server/cache_scope.py)."""
+    per-key, server/cache_scope.py). responses_*: the bounds of the stored responses (server/responses_store.py)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: pass a non-empty --api-key or none at all")
     if isinstance(api_keys, str):
         raise ValueError("api_keys must be a list of keys, not one string")
     keys = check_api_keys(([] if api_key is None else [api_key]) + list(api_keys))
     check_cache_scope(prefix_cache_scope)
+    stored_responses = ResponseStore(responses_max_stored, responses_max_bytes, responses_ttl_s)
     if reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {reasoning_parser!r}")
     if default_thinking_budget is not None and default_thinking_budget < 0:
@@ -175,6 +190,38 @@ def build_app(
     @v1.post("/chat/completions", responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await create_chat_completion(state, body, request)
+
+    @v1.post("/responses", responses={**GENERATION_ERRORS, 404: {
+        "description": "unknown model, or no stored response has the previous_response_id", **_ERROR}})
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        return await create_response(state, stored_responses, body, request)
+
+    @v1.get("/responses/{response_id}", responses=STORED_RESPONSE_ERRORS)
+    async def get_response(response_id: str, request: Request) -> Response:
+        return retrieve_response(stored_responses, response_id, request)
+
+    @v1.delete("/responses/{response_id}", responses=STORED_RESPONSE_ERRORS)
+    async def remove_response(response_id: str, request: Request) -> Response:
+        return delete_response(stored_responses, response_id, request)
+
+    @v1.get("/responses/{response_id}/input_items", responses={**STORED_RESPONSE_ERRORS, 400: {
+        "description": "bad paging: limit out of range, or an after/before id not among the items", **_ERROR}})
+    async def response_input_items(response_id: str, request: Request,
+                                   limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                                   order: Literal["asc", "desc"] = "desc", after: str | None = None,
+                                   before: str | None = None) -> Response:
+        return list_input_items(stored_responses, response_id, request, limit, order, after, before)
+
+    # Starlette's 405 names only the first route's method: this one answers the other methods with both.
+    @v1.api_route("/responses/{response_id}", methods=["POST", "PUT", "PATCH", "OPTIONS", "HEAD", "TRACE"],
+                  include_in_schema=False)
+    async def response_methods(response_id: str) -> Response:
+        return error_response(405, "Method Not Allowed", headers={"Allow": "GET, DELETE"})
+
+    @v1.post("/responses/{response_id}/cancel", responses={**STORED_RESPONSE_ERRORS, 400: {
+        "description": "the response was not created with background=true", **_ERROR}})
+    async def cancel(response_id: str, request: Request) -> Response:
+        return await cancel_response(stored_responses, response_id, request)
 
     @v1.get("/models", responses=ACCESS_ERRORS)
     async def models() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from tokenmill.engine.async_engine import RequestStream
 from tokenmill.engine.chat_template import check_template_kwargs
 from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import prompt_opens_thinking
+from tokenmill.engine.tokenizer import RenderedChat
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.body_checks import check_request_body
 from tokenmill.server.cache_scope import request_cache_salt
@@ -20,6 +21,7 @@ from tokenmill.server.errors import stream_error_event
 from tokenmill.server.metrics import RequestTracker
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, check_roles, sampling_params
+from tokenmill.server.responses_protocol import ResponsesRequest
 from tokenmill.server.reasoning import ReasoningTokenCounter, StreamingReasoningParser
 from tokenmill.server.serving_tools import ToolPlan, template_messages
 from tokenmill.server.structured_request import structured_outputs
@@ -36,10 +38,11 @@ from tokenmill.server.serving_common import (
 )
 
 
-class _ChatPlan:
+class ChatPlan:
     """Per-request decisions shared by the streaming and non-streaming paths."""
 
-    def __init__(self, state: ServerState, body: ChatCompletionRequest, prompt_text: str, tools: ToolPlan) -> None:
+    def __init__(self, state: ServerState, body: ChatCompletionRequest | ResponsesRequest, prompt_text: str,
+                 tools: ToolPlan) -> None:
         self.state = state
         self.tools = tools
         self.use_parser = state.reasoning_enabled
@@ -91,15 +94,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     check_roles(body.messages)
     template_kwargs = body.chat_template_kwargs or {}
     check_template_kwargs(template_kwargs, tokenizer.special_tokens_map, state.trust_request_chat_template)
-    guard = state.control_tokens
-    messages, sentinels = guard.protect(template_messages([m.model_dump(exclude_none=True) for m in body.messages]))
-    # Rendering runs a template (code) and tokenizing may take megabytes: both off the event loop.
-    chat = guard.restore(await state.engine.run_prepare(functools.partial(
-        tokenizer.render_chat, messages, add_generation_prompt=body.add_generation_prompt, tools=tools.template_tools,
-        check_text=lambda text: state.check_prompt_bytes(text, "messages"),
-        encode=lambda text: guard.encode(text, sentinels), **template_kwargs)), sentinels)
-    check_prompt_length(len(chat.token_ids), state.engine.max_model_len, "messages")
-    plan = _ChatPlan(state, body, chat.text, tools)
+    chat = await render_prompt(state, [m.model_dump(exclude_none=True) for m in body.messages], tools, "messages",
+                               body.add_generation_prompt, template_kwargs)
+    plan = ChatPlan(state, body, chat.text, tools)
     params = sampling_params(
         body, max_tokens=body.requested_max_tokens(), prompt_len=len(chat.token_ids),
         max_model_len=state.engine.max_model_len, logprobs=plan.num_logprobs,
@@ -117,7 +114,24 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     return JSONResponse(_response(state, plan, request_id, finals[0]))
 
 
-def _response(state: ServerState, plan: _ChatPlan, request_id: str, output: RequestOutput) -> dict[str, Any]:
+async def render_prompt(state: ServerState, messages: list[dict[str, Any]], tools: ToolPlan, field: str,
+                        add_generation_prompt: bool = True,
+                        template_kwargs: dict[str, Any] | None = None) -> RenderedChat:
+    """The chat template over the messages, its length checked (errors name `field`); control tokens written in
+    the messages stay text."""
+    tokenizer = state.tokenizer
+    guard = state.control_tokens
+    protected, sentinels = guard.protect(template_messages(messages))
+    # Rendering runs a template (code) and tokenizing may take megabytes: both off the event loop.
+    chat = guard.restore(await state.engine.run_prepare(functools.partial(
+        tokenizer.render_chat, protected, add_generation_prompt=add_generation_prompt, tools=tools.template_tools,
+        check_text=lambda text: state.check_prompt_bytes(text, field),
+        encode=lambda text: guard.encode(text, sentinels), **(template_kwargs or {}))), sentinels)
+    check_prompt_length(len(chat.token_ids), state.engine.max_model_len, field)
+    return chat
+
+
+def _response(state: ServerState, plan: ChatPlan, request_id: str, output: RequestOutput) -> dict[str, Any]:
     choices = []
     completion_tokens = reasoning_tokens = 0
     for completion in output.outputs:
@@ -144,7 +158,7 @@ def _response(state: ServerState, plan: _ChatPlan, request_id: str, output: Requ
     }
 
 
-async def _stream(state: ServerState, body: ChatCompletionRequest, plan: _ChatPlan, request_id: str,
+async def _stream(state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str,
                   streams: list[RequestStream], trackers: list[RequestTracker]) -> AsyncIterator[str]:
     # The outputs are deltas: the parsers consume them as they come; usage needs totals, so keep counters.
     parsers = [plan.parser() for _ in range(body.n)]
