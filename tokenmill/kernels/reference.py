@@ -6,7 +6,7 @@ so float32 logits match transformers to rounding. A fast kernel beside these mus
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -211,3 +211,26 @@ def paged_decode_attention(
     query_start_loc = torch.arange(query.shape[0] + 1, device=query.device)
     return paged_varlen_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
                                   softcap)
+
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       token_slots: torch.Tensor, slices: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """y [T, out] plus every token's own LoRA delta, in place: for output slice i = (offset, size),
+    y[t, offset:offset + size] += lora_b[i, s, :, :size]^T @ (lora_a[i, s] @ x[t]) with s = token_slots[t]
+    (-1: the base model, no delta). lora_a [n_slices, slots, rank, in]; lora_b [n_slices, slots, rank, width]
+    with the scaling folded in; a lower-rank adapter's extra rows are zeros.
+
+    One batched op over the step, not a loop over adapters: x meets every resident slot's A in one matmul, a
+    mask made from the per-token slot indices keeps each token's own slot, and one batched matmul over the
+    slices expands through B. On the CPU the extra slots cost little next to the base matmul; the Triton twin
+    (triton_lora.py) gathers each token's slot instead."""
+    num_slices, num_slots, rank, in_features = lora_a.shape
+    tokens = x.shape[0]
+    mine = (token_slots[:, None] == torch.arange(num_slots, device=x.device)).to(x.dtype)  # [T, slots]
+    shrunk = (x @ lora_a.reshape(-1, in_features).T).view(tokens, num_slices, num_slots, rank)
+    shrunk = shrunk * mine.view(tokens, 1, num_slots, 1)
+    delta = torch.matmul(shrunk.view(tokens, num_slices, num_slots * rank).transpose(0, 1),
+                         lora_b.reshape(num_slices, num_slots * rank, -1))  # [n_slices, T, width]
+    for index, (offset, size) in enumerate(slices):
+        y[:, offset : offset + size] += delta[index, :, :size]
+    return y
