@@ -164,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         trust_request_chat_template=args.trust_request_chat_template,
         metrics_public=args.metrics_public,
         allowed_hosts=args.allowed_hosts,
+        lora_runtime_updating=args.enable_lora_runtime_updating,
     )
     # uvicorn handles the signals. The engine drains first (up to --drain-timeout, then aborts the rest,
     # whose streams end with a final "abort" event); uvicorn then waits for those responses to complete.
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle connection is kept open")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: the --model folder's name)")
+    serve.add_argument("--enable-lora-runtime-updating", action="store_true",
+                       help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --enable-lora; "
+                       "clients then name adapter folders on this machine's disk)")
     serve.add_argument("--max-queue", type=int, default=None, help="waiting requests beyond this get HTTP 503")
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get HTTP 413")
     serve.add_argument("--thinking-token-budget", type=int, default=None,

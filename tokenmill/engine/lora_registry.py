@@ -69,7 +69,8 @@ class LoRARegistry:
 
     def _manager(self, field: str) -> LoRAManager:
         if self.manager is None:
-            raise InvalidRequestError(field, "LoRA adapters are not enabled on this engine (enable_lora / --enable-lora)")
+            raise InvalidRequestError(field, "LoRA adapters are not enabled on this engine (enable_lora, "
+                                             "--enable-lora)")
         return self.manager
 
     def _loaded(self) -> str:
