@@ -21,8 +21,8 @@ def test_twin_applies_each_tokens_own_adapter_and_none_for_the_base() -> None:
     generator = torch.Generator().manual_seed(0)
     slices = [(0, 12), (12, 4), (16, 4)]
     x = torch.randn(7, 10, generator=generator, dtype=torch.float64)
-    lora_a = torch.randn(3, 4, 6, 10, generator=generator, dtype=torch.float64)
-    lora_b = torch.randn(3, 4, 6, 12, generator=generator, dtype=torch.float64)
+    lora_a = torch.randn(4, 3, 6, 10, generator=generator, dtype=torch.float64)
+    lora_b = torch.randn(4, 3, 6, 12, generator=generator, dtype=torch.float64)
     slots = torch.tensor([2, -1, 0, 3, 2, 1, -1])
     y = torch.randn(7, 20, generator=generator, dtype=torch.float64)
     want = y.clone()
@@ -30,7 +30,7 @@ def test_twin_applies_each_tokens_own_adapter_and_none_for_the_base() -> None:
         if slot < 0:
             continue
         for piece, (offset, size) in enumerate(slices):
-            want[token, offset : offset + size] += lora_b[piece, slot, :, :size].T @ (lora_a[piece, slot] @ x[token])
+            want[token, offset : offset + size] += lora_b[slot, piece, :, :size].T @ (lora_a[slot, piece] @ x[token])
     got = reference.lora_shrink_expand(y.clone(), x, lora_a, lora_b, slots, slices)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(got[1], y[1]) and torch.equal(got[6], y[6])  # base-model tokens untouched

@@ -20,16 +20,15 @@ def _lora_case(tokens: int, in_features: int, slice_sizes: list[int], slots: int
         from tokenmill.kernels.triton_lora import lora_shrink_expand
 
         generator = torch.Generator().manual_seed(seed)
-        width = max(slice_sizes)
+        offsets = [sum(slice_sizes[:i]) for i in range(len(slice_sizes))]
         x = torch.randn(tokens, in_features, generator=generator).to(dtype)
-        lora_a = (torch.randn(len(slice_sizes), slots, rank, in_features, generator=generator)
+        lora_a = (torch.randn(slots, len(slice_sizes), rank, in_features, generator=generator)
                   / in_features ** 0.5).to(dtype)
-        lora_b = torch.randn(len(slice_sizes), slots, rank, width, generator=generator).to(dtype)
+        lora_b = torch.randn(slots, len(slice_sizes), rank, max(slice_sizes), generator=generator).to(dtype)
         y = torch.randn(tokens, sum(slice_sizes), generator=generator).to(dtype)
         token_slots = torch.randint(-1, slots, (tokens,), generator=generator)
         token_slots[: slots + 1] = torch.arange(-1, slots)[: tokens]  # every slot and the base model appear
         token_slots = token_slots[torch.randperm(tokens, generator=generator)]
-        offsets = [sum(slice_sizes[:i]) for i in range(len(slice_sizes))]
         slices = list(zip(offsets, slice_sizes))
         x, lora_a, lora_b, y, token_slots = (t.to(device) for t in (x, lora_a, lora_b, y, token_slots))
         got = lora_shrink_expand(y.clone(), x, lora_a, lora_b, token_slots, slices)

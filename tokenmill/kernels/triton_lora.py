@@ -1,9 +1,9 @@
 """Batched LoRA for a step of mixed adapters (bgmv style): every token gathers its own adapter slot.
 
-Twin: `reference.lora_shrink_expand`. Shrink: one program per (token, output slice) computes
-h = A[slice, slot] @ x[t] (rank values, float32 accumulation, rounded to the model dtype as the twin's matmul
-output is). Expand: one program per (token, slice, block of output columns) adds B[slice, slot]^T h to y.
-A token whose slot is -1 (the base model) returns at once in both.
+Twin: `reference.lora_shrink_expand` (the layout of lora_a / lora_b is documented there). Shrink: one program per
+(token, output slice) computes h = A[slot, slice] @ x[t] (rank values, float32 accumulation, rounded to the
+model dtype as the twin's matmul output is). Expand: one program per (token, slice, block of the slice's
+columns) adds B[slot, slice]^T h to y. A token whose slot is -1 (the base model) returns at once in both.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _slice_table(slices: tuple[tuple[int, int], ...], device: torch.device) -> t
 
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        token_slots: torch.Tensor, slices: Sequence[tuple[int, int]]) -> torch.Tensor:
-    num_slices, _, rank, in_features = lora_a.shape
+    _, num_slices, rank, in_features = lora_a.shape
     tokens = x.shape[0]
     if tokens == 0:
         return y
@@ -93,7 +93,7 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, l
     shrunk = torch.empty((tokens, num_slices * rank), dtype=x.dtype, device=x.device)
     config = shrink_config(rank, in_features)
     lora_shrink_kernel[(tokens, num_slices)](
-        x, lora_a, token_slots, shrunk, in_features, rank, x.stride(0), lora_a.stride(0), lora_a.stride(1),
+        x, lora_a, token_slots, shrunk, in_features, rank, x.stride(0), lora_a.stride(1), lora_a.stride(0),
         lora_a.stride(2), shrunk.stride(0), BLOCK_R=config["BLOCK_R"], BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"])
     width = max(size for _, size in slices)
@@ -101,6 +101,6 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, l
     grid = (tokens, num_slices, triton.cdiv(width, config["BLOCK_N"]))
     lora_expand_kernel[grid](
         shrunk, lora_b, token_slots, _slice_table(tuple(slices), x.device), y, rank, shrunk.stride(0),
-        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), BLOCK_R=config["BLOCK_R"],
+        lora_b.stride(1), lora_b.stride(0), lora_b.stride(2), y.stride(0), BLOCK_R=config["BLOCK_R"],
         BLOCK_N=config["BLOCK_N"], num_warps=config["num_warps"])
     return y
