@@ -81,6 +81,28 @@ def test_fewer_slots_than_adapters_swaps_lru_and_stays_exact(lora_setup: dict) -
     assert llm.engine.scheduler.lora_slots.num_loads > len(lora_setup["adapters"])
 
 
+def test_asynchronous_scheduling_places_slots_ahead_and_stays_exact(lora_setup: dict) -> None:
+    """Step n+1 is planned (its slots placed, an adapter evicted) while step n runs: each step still runs its own
+    adapters, since the worker fills a planned step's slots only when it executes it."""
+    llm = _llm(lora_setup, max_loras=2, async_scheduling=True)
+    assert llm.engine.async_scheduling
+    prompts, names = _mixed_batch(lora_setup)
+    _check_outputs(lora_setup, llm.generate(prompts, GREEDY, lora_name=names), names)
+
+
+def test_adapters_apply_over_a_quantized_base(lora_setup: dict) -> None:
+    """The delta is added after the base layer's quant method: an int8 base keeps its own outputs for base-model
+    requests, and the adapter's delta still lands (over int8 weights there is no exact reference to equal)."""
+    prompts = [{"prompt_token_ids": p} for p in lora_setup["prompts"]]
+    plain = LLM(model=str(lora_setup["base"]), dtype="float32", max_model_len=256, quantization="int8")
+    with_lora = _llm(lora_setup, max_loras=2, quantization="int8")
+    base_outputs = plain.generate(prompts, GREEDY)
+    mixed = with_lora.generate(prompts + prompts, GREEDY, lora_name=[None] * 3 + ["r4-all"] * 3)
+    assert [o.outputs[0].token_ids for o in mixed[:3]] == [o.outputs[0].token_ids for o in base_outputs]
+    adapted = [o.outputs[0].token_ids for o in mixed[3:]]
+    assert all(a != o.outputs[0].token_ids for a, o in zip(adapted, base_outputs))
+
+
 def test_prefix_cache_never_crosses_adapters(lora_setup: dict) -> None:
     llm = _llm(lora_setup, max_loras=2, block_size=16)
     prompt = {"prompt_token_ids": make_prompts(lengths=[70], seed=9)[0]}
