@@ -129,7 +129,8 @@ def test_adapters_load_and_unload_at_run_time(lora_setup: dict) -> None:
         llm.generate(prompt, GREEDY, lora_name="r4-all")
     assert unknown.value.field == "lora_name" and "no adapter named 'r4-all'" in str(unknown.value)
     llm.load_lora("r4-all", str(lora_setup["adapters"]["r4-all"]))
-    assert llm.generate(prompt, GREEDY, lora_name="r4-all")[0].outputs[0].token_ids == lora_setup["expected"]["r4-all"][1]
+    output = llm.generate(prompt, GREEDY, lora_name="r4-all")[0]
+    assert output.outputs[0].token_ids == lora_setup["expected"]["r4-all"][1]
     with pytest.raises(InvalidRequestError, match="already loaded"):
         llm.load_lora("r4-all", str(lora_setup["adapters"]["r8-mix"]))
     stream = llm.stream(prompt, GREEDY, lora_name="r4-all")

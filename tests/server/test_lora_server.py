@@ -121,6 +121,15 @@ def test_missing_fields_are_400(lora_server: LiveServer) -> None:
     assert response.status_code == 400 and response.json()["error"]["param"] == "lora_path"
 
 
+def test_an_adapter_named_as_the_served_model_is_refused_at_start(model_dir: Path, adapters: dict) -> None:
+    config = EngineConfig(model=str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, compile=False,
+                          cache=CacheConfig(num_kv_blocks=64),
+                          lora=LoRAConfig(max_loras=1, max_lora_rank=8,
+                                          modules=((MODEL, str(adapters["paths"]["alpha"])),)))
+    with pytest.raises(ValueError, match="is the served model's name"):
+        build_app(AsyncLLMEngine(LLMEngine(config)), MODEL)
+
+
 def test_runtime_updating_is_off_unless_enabled(model_dir: Path, adapters: dict) -> None:
     live = _serve(model_dir, adapters, runtime_updating=False)
     try:

@@ -3,9 +3,10 @@
 A block's hash covers its tokens and, through the parent hash, every token before it, so equal hashes
 mean equal prefixes. blake2b keeps the hash stable across processes (a later disk tier relies on that).
 
-A cache salt (one tenant, or one narrower scope) and a LoRA adapter change the root the chain starts from: only the first
-block's parent is derived from it, so every later block is salted through the chain and equal prompts under
-different salts (or adapters) never share a hash, in this cache or in any tier keyed by the same hashes.
+A cache salt (one tenant, or one narrower scope) and a LoRA adapter change the root the chain starts from:
+only the first block's parent is derived from them, so every later block is salted through the chain and
+equal prompts under different salts (or adapters) never share a hash, in this cache or in any tier keyed by
+the same hashes.
 """
 
 from __future__ import annotations

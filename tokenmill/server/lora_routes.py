@@ -39,6 +39,8 @@ def add_lora_routes(router: APIRouter, state: ServerState, runtime_updating: boo
     registry = state.engine.engine.lora
     if runtime_updating and not registry.enabled:
         raise ValueError("--enable-lora-runtime-updating needs --enable-lora")
+    if state.model_name in registry.names():  # requests naming it would get the base model, never the adapter
+        raise ValueError(f"--lora-modules: the adapter name {state.model_name!r} is the served model's name")
 
     def check_enabled() -> None:
         if not runtime_updating:
