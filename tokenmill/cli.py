@@ -170,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         responses_max_stored=args.responses_max_stored,
         responses_max_bytes=args.responses_max_bytes,
         responses_ttl_s=args.responses_ttl,
+        lora_runtime_updating=args.enable_lora_runtime_updating,
     )
     # uvicorn handles the signals. The engine drains first (up to --drain-timeout, then aborts the rest,
     # whose streams end with a final "abort" event); uvicorn then waits for those responses to complete.
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle connection is kept open")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: the --model folder's name)")
+    serve.add_argument("--enable-lora-runtime-updating", action="store_true",
+                       help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --enable-lora; "
+                       "clients then name adapter folders on this machine's disk)")
     serve.add_argument("--max-queue", type=int, default=None, help="waiting requests beyond this get HTTP 503")
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get HTTP 413")
     serve.add_argument("--thinking-token-budget", type=int, default=None,

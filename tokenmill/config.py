@@ -110,6 +110,26 @@ class ThinkingConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (docs/lora.md): adapters resident at once, the largest rank, and those loaded at start."""
+
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    modules: tuple[tuple[str, str], ...] = ()  # (name, adapter folder)
+
+    def validate(self) -> None:
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        names = [name for name, _ in self.modules]
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ConfigError("lora_modules", f"each adapter needs a non-empty name, got {name!r}")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError("lora_modules", f"adapter names must be unique; repeated: {', '.join(duplicates)}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     dtype: str = "auto"
@@ -131,9 +151,13 @@ class EngineConfig:
     enforce_eager: bool = False
     # Plan step n+1 while step n runs (engine/async_loop.py); None: the platform's default (platform.py).
     async_scheduling: bool | None = None
+    # Multi-LoRA serving; None: off (no LoRA layers, every request runs the base model).
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         self.spec.validate()
+        if self.lora is not None:
+            self.lora.validate()
         if self.quantization is not None:
             from tokenmill.quant.settings import parse_quantization  # imports torch: only when asked for
 

@@ -20,6 +20,7 @@ from tokenmill.config import (
     SPEC_METHODS,
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     SchedulerConfig,
     SpecConfig,
     ThinkingConfig,
@@ -52,6 +53,7 @@ def _knob(default: Any, help: str, group: str, *, choices: tuple[str, ...] | Non
 
 
 _MODEL, _KV, _SCHED, _SPEC, _THINK = "model", "KV cache", "scheduler", "speculative decoding", "reasoning"
+_LORA = "LoRA adapters"
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,14 @@ class EngineArgs:
     thinking_wrap_up: str = _knob(ThinkingConfig.wrap_up, "text forced before the end tag when the thinking budget "
                                   "runs out (pass real newlines, e.g. $'\\nTime is up.\\n')", _THINK)
 
+    enable_lora: bool = _knob(False, "serve LoRA adapters on the base model: each request picks one by name "
+                              "(docs/lora.md); the forward runs eagerly", _LORA)
+    lora_modules: tuple[str, ...] = _knob((), "adapters to load at start, each NAME=PATH (a PEFT adapter folder); "
+                                          "needs --enable-lora", _LORA)
+    max_loras: int = _knob(LoRAConfig.max_loras, "adapters resident at once (one batch mixes at most this many); "
+                           "the others wait in host memory and are swapped in least-recently-used first", _LORA)
+    max_lora_rank: int = _knob(LoRAConfig.max_lora_rank, "the largest adapter rank accepted", _LORA)
+
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         """Add every engine flag to `parser`, grouped; each flag's dest is its field name."""
@@ -212,7 +222,21 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
+            lora=self._lora_config(),
         )
+
+    def _lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            if self.lora_modules:
+                raise ConfigError("lora_modules", "needs enable_lora (--enable-lora)")
+            return None
+        modules = []
+        for spec in self.lora_modules:
+            name, sep, path = spec.partition("=") if isinstance(spec, str) else ("", "", "")
+            if not sep or not name or not path:
+                raise ConfigError("lora_modules", f"each adapter is NAME=PATH, got {spec!r}")
+            modules.append((name, path))
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, modules=tuple(modules))
 
 
 def _add_flag(group: Any, name: str, hint: Any, default: Any, flag: Flag) -> None:
@@ -220,7 +244,10 @@ def _add_flag(group: Any, name: str, hint: Any, default: Any, flag: Flag) -> Non
     members = typing.get_args(hint)
     optional = type(None) in members
     kind = next((m for m in members if m is not type(None)), hint)
-    if kind is bool and optional:
+    if typing.get_origin(hint) is tuple:  # a list of values: --flag A B C
+        group.add_argument(flag.spelling or _spelling(name), dest=name, nargs="+", type=members[0], default=default,
+                           help=flag.help)
+    elif kind is bool and optional:
         # None leaves the choice to the engine; --x / --no-x decide it.
         group.add_argument(flag.spelling or _spelling(name), dest=name, default=default, help=flag.help,
                            action=argparse.BooleanOptionalAction)

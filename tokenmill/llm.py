@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from tokenmill.engine.engine import LLMEngine, PromptInput
+from tokenmill.engine.lora_registry import LORA_NAME_KEY
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.engine_args import EngineArgs
 from tokenmill.errors import InvalidRequestError
@@ -33,13 +34,18 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         cache_salt: str | None = None,
+        lora_name: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for all prompts together; outputs come back in prompt order, each the whole result.
 
         Requests run as output_kind "final_only" (whatever the params say): the engine builds each
         output once, when its request finishes. `cache_salt` (or a dict prompt's "cache_salt"): prefix-cache
-        hits only come from requests with the same salt."""
+        hits only come from requests with the same salt. `lora_name` (or a dict prompt's "lora_name"): the
+        LoRA adapter (`load_lora`, or enable_lora with lora_modules) each prompt runs through, one for all or
+        one per prompt (None: the base model)."""
         prompt_list = [with_cache_salt(p, cache_salt) for p in _as_prompt_list(prompts)]
+        prompt_list = [with_prompt_key(p, LORA_NAME_KEY, name)
+                       for p, name in zip(prompt_list, _per_prompt(lora_name, len(prompt_list), LORA_NAME_KEY))]
         params_list = _as_params_list(sampling_params, len(prompt_list))
         # Validate everything before queueing anything, so one bad prompt leaves no orphans behind.
         for prompt, params in zip(prompt_list, params_list):
@@ -62,7 +68,7 @@ class LLM:
         return [finished[r] for r in request_ids]
 
     def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
-               cache_salt: str | None = None) -> Iterator[RequestOutput]:
+               cache_salt: str | None = None, lora_name: str | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output as deltas, after every step that produced something new.
 
         Each output carries only what is new since the previous one (output_kind "delta", whatever the
@@ -73,7 +79,8 @@ class LLM:
         """
         request_id = str(next(self._ids))
         params = replace(sampling_params or SamplingParams(), output_kind="delta")
-        yield from stream_request(self.engine, request_id, with_cache_salt(prompt, cache_salt), params)
+        prompt = with_prompt_key(with_cache_salt(prompt, cache_salt), LORA_NAME_KEY, lora_name)
+        yield from stream_request(self.engine, request_id, prompt, params)
 
     def chat(
         self,
@@ -82,6 +89,7 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         cache_salt: str | None = None,
+        lora_name: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the checkpoint's chat template, then generate."""
         tokenizer = self.engine.tokenizer
@@ -93,7 +101,14 @@ class LLM:
             tokenizer.render_chat(c, add_generation_prompt=add_generation_prompt, **kwargs).prompt()
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params, cache_salt=cache_salt)
+        return self.generate(prompts, sampling_params, cache_salt=cache_salt, lora_name=lora_name)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Register a PEFT adapter folder under `name` (needs enable_lora); requests then pick it by name."""
+        self.engine.lora.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.lora.remove(name)
 
     def _add(self, prompt: PromptInput, params: SamplingParams) -> str:
         request_id = str(next(self._ids))
@@ -128,15 +143,30 @@ def _raise_own_failure(engine: LLMEngine, wanted: set[str]) -> None:
 
 def with_cache_salt(prompt: PromptInput, cache_salt: str | None) -> PromptInput:
     """The prompt as a dict carrying cache_salt (the engine checks the value); unchanged without one."""
-    if cache_salt is None:
+    return with_prompt_key(prompt, "cache_salt", cache_salt)
+
+
+def with_prompt_key(prompt: PromptInput, key: str, value: str | None) -> PromptInput:
+    """The prompt as a dict carrying `key` (cache_salt, lora_name; the engine checks the value); unchanged
+    when value is None."""
+    if value is None:
         return prompt
     if isinstance(prompt, dict):
-        if prompt.get("cache_salt", cache_salt) != cache_salt:
-            raise InvalidRequestError("cache_salt", "given both as an argument and, different, in a prompt dict")
-        return {**prompt, "cache_salt": cache_salt}
+        if prompt.get(key, value) != value:
+            raise InvalidRequestError(key, "given both as an argument and, different, in a prompt dict")
+        return {**prompt, key: value}
     if isinstance(prompt, str):
-        return {"prompt": prompt, "cache_salt": cache_salt}
-    return {"prompt_token_ids": prompt, "cache_salt": cache_salt}
+        return {"prompt": prompt, key: value}
+    return {"prompt_token_ids": prompt, key: value}
+
+
+def _per_prompt(value: str | Sequence[str | None] | None, count: int, name: str) -> list[str | None]:
+    if value is None or isinstance(value, str):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise InvalidRequestError(name, f"got {len(values)} for {count} prompts; give one or one each")
+    return values
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:

@@ -72,6 +72,11 @@ CASES: dict[str, Case] = {
     "reasoning_end": _case(["--reasoning-end", "[/T]"], "[/T]", lambda c: c.thinking.end),
     "thinking_wrap_up": _case(["--thinking-wrap-up", "\nTime is up.\n"], "\nTime is up.\n",
                               lambda c: c.thinking.wrap_up),
+    "enable_lora": _case(["--enable-lora"], True, lambda c: c.lora is not None),
+    "lora_modules": _case(["--enable-lora", "--lora-modules", "a=/ad/a", "b=/ad/b"], ["a=/ad/a", "b=/ad/b"],
+                          lambda c: c.lora.modules, (("a", "/ad/a"), ("b", "/ad/b"))),
+    "max_loras": _case(["--enable-lora", "--max-loras", "3"], 3, lambda c: c.lora.max_loras),
+    "max_lora_rank": _case(["--enable-lora", "--max-lora-rank", "64"], 64, lambda c: c.lora.max_lora_rank),
 }
 
 # The arguments each command needs besides the engine flags.

@@ -78,9 +78,14 @@ def test_core_loads_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
 
 
-@pytest.mark.parametrize("package", ["models", "layers", "attention", "kernels"])
+@pytest.mark.parametrize("package", ["models", "layers", "attention", "kernels", "lora"])
 def test_model_code_knows_nothing_of_worker_engine_or_server(package: str) -> None:
     assert _violations(_files(package), ABOVE_MODEL_CODE) == []
+
+
+def test_lora_sits_above_the_model_code_it_hooks_into() -> None:
+    """Layers hold a LoRA only through LinearBase.lora (a protocol); the lora package imports them, not back."""
+    assert _violations(_files("models", "layers", "attention", "kernels"), ("tokenmill.lora",)) == []
 
 
 def test_sample_sits_below_worker_and_spec_decode() -> None:

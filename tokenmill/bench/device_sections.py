@@ -69,12 +69,14 @@ class Context:
 def kernels(ctx: Context) -> dict[str, Any]:
     """Every Triton kernel against its torch twin at full shapes, bf16 and fp32 (tokenmill.kernels.checks)."""
     from tokenmill.kernels.checks import kernel_cases
+    from tokenmill.kernels.lora_checks import lora_kernel_cases
     from tokenmill.kernels.quant_checks import quant_kernel_cases
 
     results = []
     for dtype in (torch.bfloat16, torch.float32):
         cases = kernel_cases(full=ctx.plan.full, device=ctx.device, dtype=dtype)
         cases += quant_kernel_cases(full=ctx.plan.full, device=ctx.device, dtype=dtype)  # the quantized matmuls
+        cases += lora_kernel_cases(full=ctx.plan.full, device=ctx.device, dtype=dtype)  # the batched LoRA matmul
         for case in cases:
             started = time.perf_counter()
             try:

@@ -44,7 +44,7 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         if len(hashes) < request.num_tokens // self.block_size:
             # The salt's root only matters for the first block; derive it when a new block is full.
-            root = salt_root(request.cache_salt) if not hashes else None
+            root = salt_root(request.cache_salt, request.lora_id) if not hashes else None
             extend_block_hashes(hashes, request.all_token_ids, self.block_size, root)
         return hashes
 

@@ -3,9 +3,10 @@
 A block's hash covers its tokens and, through the parent hash, every token before it, so equal hashes
 mean equal prefixes. blake2b keeps the hash stable across processes (a later disk tier relies on that).
 
-A cache salt (one tenant, or one narrower scope) changes the root the chain starts from: only the first
-block's parent is derived from it, so every later block is salted through the chain and equal prompts under
-different salts never share a hash, in this cache or in any tier keyed by the same hashes.
+A cache salt (one tenant, or one narrower scope) and a LoRA adapter change the root the chain starts from:
+only the first block's parent is derived from them, so every later block is salted through the chain and
+equal prompts under different salts (or adapters) never share a hash, in this cache or in any tier keyed by
+the same hashes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from tokenmill.core.block_pool import KVBlock
 _SALT_PERSON = b"tokenmill-salt"
 
 
-def salt_root(cache_salt: str | None) -> bytes | None:
-    """The parent hash of a request's first block: None (the unsalted root) without a salt."""
+def salt_root(cache_salt: str | None, lora_id: str | None = None) -> bytes | None:
+    """The parent hash of a request's first block: None (the unsalted root) without a salt or LoRA adapter.
+    The adapter's identity joins the salt: KV computed through one adapter never serves another (or the base)."""
+    if lora_id is not None:
+        scope = f"{len(cache_salt) if cache_salt is not None else -1}:{cache_salt or ''}|lora:{lora_id}"
+        return hashlib.blake2b(scope.encode("utf-8"), digest_size=16, person=_SALT_PERSON).digest()
     if cache_salt is None:
         return None
     return hashlib.blake2b(cache_salt.encode("utf-8"), digest_size=16, person=_SALT_PERSON).digest()

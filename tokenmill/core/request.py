@@ -39,6 +39,7 @@ class Request:
         arrival_index: int = 0,
         wait_for: str | None = None,
         cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -56,6 +57,8 @@ class Request:
         self.wait_for = wait_for
         # Prefix-cache isolation: hits only come from requests with the same salt (core/prefix_cache.py).
         self.cache_salt = cache_salt
+        # The LoRA adapter's identity (a hash of its files; None: the base model): its KV is its own.
+        self.lora_id = lora_id
         # Draft tokens proposed for the next step; the target verifies them as ordinary tokens of it.
         self.spec_token_ids: list[int] = []
         self.spec_stats = SpecDecodeStats()

@@ -46,6 +46,8 @@ class ScheduledChunk:
     # The last of token_ids is PLACEHOLDER_TOKEN_ID: the token the worker sampled for this request in its
     # previous step, which the worker fills in itself (asynchronous scheduling; the chunk is one decode token).
     placeholder: bool = False
+    # The worker slot of the request's LoRA adapter (core/lora_slots.py); -1: the base model.
+    lora_slot: int = -1
 
 
 @dataclass
@@ -60,6 +62,8 @@ class SchedulerOutput:
     # Wall time of the engine's previous step, scheduling to outputs (set by the engine, not the scheduler):
     # what the worker's measured-speed decisions (speculation on or off) judge that step by.
     prev_step_seconds: float | None = None
+    # LoRA slots the worker fills before this step runs: slot -> adapter identity (core/lora_slots.py).
+    lora_loads: dict[int, str] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenmill.core.kv_manager import KVCacheManager
+from tokenmill.core.lora_slots import LoRASlots
 from tokenmill.core.request import Request, RequestStatus, draft_room
 from tokenmill.core.sched_io import (PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, NewRequestData, ScheduledChunk,
                                      SchedulerOutput)
@@ -34,6 +35,8 @@ class SchedulerLimits:
     max_model_len: int
     # KV slots reserved past a decoding request's tokens, for a draft model writing its drafts' KV.
     num_lookahead_tokens: int = 0
+    # LoRA slots in the worker (0: LoRA off); running requests use at most this many distinct adapters.
+    max_loras: int = 0
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self._resumed: list[str] = []
         self.spec_stats = SpecDecodeStats()
+        self.lora_slots = LoRASlots(limits.max_loras) if limits.max_loras else None
 
     # ---- queue management -------------------------------------------------------------------
 
@@ -156,18 +160,22 @@ class Scheduler:
                 )
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         resumed, self._resumed = self._resumed, []
+        lora_loads = self.lora_slots.place(chunks, self.requests) if self.lora_slots is not None else {}
         return SchedulerOutput(
             chunks=chunks, new_requests=new_requests, finished_req_ids=finished, resumed_req_ids=resumed,
-            num_waiting=len(self.waiting),
+            num_waiting=len(self.waiting), lora_loads=lora_loads,
         )
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         held_back: list[Request] = []
+        adapters = {r.lora_id for r in self.running if r.lora_id is not None}  # LoRA slots the running use
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting[0]
-            # A request preempted while a step of it ran waits for that step's token before it resumes.
+            # A request preempted while a step of it ran waits for that step's token before it resumes; one
+            # whose adapter would need a LoRA slot more than there are waits for a running adapter to finish.
             if request.num_output_placeholders or (
-                    request.wait_for is not None and not self._sibling_prompt_done(request.wait_for)):
+                    request.wait_for is not None and not self._sibling_prompt_done(request.wait_for)) or (
+                    self.lora_slots is not None and not self.lora_slots.fits(request.lora_id, adapters)):
                 held_back.append(self.waiting.popleft())
                 continue
             if request.prefix_loaded:  # a tier load wrote its prefix into blocks it already holds
@@ -192,6 +200,8 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if request.lora_id is not None:
+                adapters.add(request.lora_id)
             chunks.append(self._chunk(request, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(held_back))

@@ -196,6 +196,15 @@ class AsyncLLMEngine:
         preparation pool, off the event loop and off the step loop."""
         return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, functools.partial(fn, *args))
 
+    async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the engine's loop thread between two steps: changes to the engine's own state (its LoRA
+        adapters) never race a step or a request being added."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._send("call", (functools.partial(fn, *args), loop, done))
+        return await done
+
     async def generate(
         self, request_id: str, prompt: PromptInput, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
@@ -278,6 +287,8 @@ class AsyncLLMEngine:
                 self._add(*payload)
             elif kind == "abort":
                 self._abort_one(payload, notify=False)
+            elif kind == "call":
+                _call(*payload)
             elif kind == "stop":
                 self._stop = True
         if changed:
@@ -344,6 +355,20 @@ class AsyncLLMEngine:
         stats = dict(self.engine.stats())
         stats["num_in_flight"] = len(self._streams)
         self._stats = stats  # one assignment: readers on other threads see the old or the new dict
+
+
+def _call(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any]) -> None:
+    """A run_in_engine call, its result or error handed back to the caller's loop."""
+    try:
+        result, error = fn(), None
+    except Exception as exc:  # noqa: BLE001 - the caller's error (a bad adapter), raised there
+        result, error = None, exc
+
+    def settle() -> None:
+        if not done.done():  # the caller was cancelled meanwhile
+            done.set_result(result) if error is None else done.set_exception(error)
+
+    loop.call_soon_threadsafe(settle)
 
 
 def _aborted(stream: _Stream) -> RequestOutput | BaseException:

@@ -19,11 +19,12 @@ from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.sched_io import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerLimits
 from tokenmill.engine.async_loop import PlannedSteps, plan_ahead_blocker, run_blocker
+from tokenmill.engine.lora_registry import LoRARegistry
 from tokenmill.engine.output_builder import RequestGroup
 from tokenmill.engine.prompt_checks import check_prompt_length
 from tokenmill.engine.thinking import ThinkingTokens, thinking_tokens, with_thinking_ids
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.errors import InvalidRequestError, RequestFailedError, TokenmillError
+from tokenmill.errors import ConfigError, InvalidRequestError, RequestFailedError, TokenmillError
 from tokenmill.input_checks import check_cache_salt, check_text
 from tokenmill.kv_tiers.events import KVEvent
 from tokenmill.kv_tiers.setup import build_kv_tiers
@@ -67,6 +68,7 @@ class LLMEngine:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             num_lookahead_tokens=self.worker.num_lookahead_tokens,
+            max_loras=config.lora.max_loras if config.lora is not None else 0,
         )
         self.async_scheduling = self._resolve_async_scheduling()
         self.scheduler = Scheduler(limits, self.kv_manager, async_scheduling=self.async_scheduling)
@@ -80,6 +82,13 @@ class LLMEngine:
         self._last_step_seconds: float | None = None
         self.num_steps = 0
         self.failures: dict[str, RequestFailedError] = {}  # request id -> its own error, until taken
+        self.lora = LoRARegistry(self.worker.lora, lambda identity: any(
+            r.lora_id == identity for r in self.scheduler.requests.values()))
+        for name, path in config.lora.modules if config.lora is not None else ():
+            try:
+                self.lora.load(name, path)
+            except InvalidRequestError as exc:
+                raise ConfigError("lora_modules", f"{name}={path}: {exc.message}") from None
 
     def _resolve_async_scheduling(self) -> bool:
         wanted = self.config.async_scheduling
@@ -137,6 +146,7 @@ class LLMEngine:
         Changes no engine state (the grammar cache aside), so any thread may call it while the engine steps."""
         params.validate(self.arch.vocab_size)
         prompt_cache_salt(prompt)
+        self.lora.identity_for(prompt)
         text, token_ids = self.tokenize_prompt(prompt)
         self._with_thinking_ids(params, text, token_ids)
         if params.structured_outputs is not None:
@@ -149,6 +159,7 @@ class LLMEngine:
         if request_id in self._groups:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         cache_salt = prompt_cache_salt(prompt)
+        lora_id = self.lora.identity_for(prompt)
         text, token_ids = self.tokenize_prompt(prompt)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this checkpoint has none")
@@ -164,7 +175,7 @@ class LLMEngine:
             if params.n > 1 and params.seed is not None:
                 child_params = replace(params, seed=params.seed + index)
             child = Request(child_id, token_ids, child_params, next(self._arrivals), wait_for=first_child,
-                            cache_salt=cache_salt)
+                            cache_salt=cache_salt, lora_id=lora_id)
             first_child = first_child or child_id
             group.add_child(index, child)
             self._child_to_group[child_id] = request_id

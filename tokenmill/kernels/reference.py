@@ -6,7 +6,9 @@ so float32 logits match transformers to rounding. A fast kernel beside these mus
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -211,3 +213,70 @@ def paged_decode_attention(
     query_start_loc = torch.arange(query.shape[0] + 1, device=query.device)
     return paged_varlen_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
                                   softcap)
+
+
+class LoRATokenGroups(NamedTuple):
+    """A step's adapted tokens grouped by LoRA slot, padded to the largest group (what lora_shrink_expand runs on).
+
+    table[s, j] is the j-th token of slot s (token 0, whose result is dropped, past the group's end); `rows` are
+    the positions of the flattened table that hold a token of the group, `token_ids` those tokens."""
+
+    table: torch.Tensor  # [slots, longest group]
+    rows: torch.Tensor
+    token_ids: torch.Tensor
+
+
+def lora_token_groups(token_slots: torch.Tensor, num_slots: int) -> LoRATokenGroups | None:
+    """The grouping of lora_shrink_expand for these per-token slots (-1: the base model); None when no token has
+    an adapter. Depends only on the step, so a forward computes it once for all its layers."""
+    adapted = torch.nonzero(token_slots >= 0).squeeze(1)
+    if adapted.numel() == 0:
+        return None
+    slots = token_slots[adapted]
+    order = torch.argsort(slots, stable=True)
+    tokens, slots = adapted[order], slots[order]
+    counts = torch.bincount(slots, minlength=num_slots)
+    position = torch.arange(tokens.numel(), device=tokens.device) - (torch.cumsum(counts, 0) - counts)[slots]
+    longest = int(counts.max())
+    table = torch.zeros((num_slots, longest), dtype=torch.int64, device=tokens.device)
+    table[slots, position] = tokens
+    rows = slots * longest + position
+    return LoRATokenGroups(table, rows, tokens)
+
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       token_slots: torch.Tensor, slices: Sequence[tuple[int, int]],
+                       groups: LoRATokenGroups | None = None) -> torch.Tensor:
+    """y [T, out] plus every token's own LoRA delta, in place: with s = token_slots[t] (-1: the base model, no
+    delta), for output slice i = (offset, size) of y,
+        y[t, offset:offset + size] += lora_b[s, i, :, :size]^T (lora_a[s, i] x[t]).
+    lora_a [slots, n_slices, rank, in]; lora_b [slots, n_slices, rank, widest slice], the scaling folded in; a
+    lower-rank adapter's extra rows are zeros. `groups`: lora_token_groups of token_slots, when the caller has
+    it already.
+
+    One batched op over the step, not a loop over adapters (SGMV-style): the adapted tokens, grouped by slot and
+    padded to the largest group, meet their own slot's A in one batched matmul over the slots and its B in one
+    more (each weight read once per step); base-model tokens cost nothing. The Triton twin (triton_lora.py)
+    gathers each token's slot instead."""
+    num_slots, num_slices, rank, in_features = lora_a.shape
+    width = lora_b.shape[-1]
+    if sum(size for _, size in slices) != y.shape[1] or any(size > width for _, size in slices):
+        raise ValueError(f"slices {list(slices)} must tile y's {y.shape[1]} columns, each at most {width} wide")
+    groups = groups if groups is not None else lora_token_groups(token_slots, num_slots)
+    if groups is None:
+        return y
+    padded = x.index_select(0, groups.table.reshape(-1)).view(num_slots, -1, in_features)
+    shrunk = torch.bmm(padded, lora_a.view(num_slots, num_slices * rank, in_features).transpose(1, 2))
+    shrunk = shrunk.view(num_slots, -1, num_slices, rank).transpose(1, 2)  # [slots, slices, longest, rank]
+    delta = torch.matmul(shrunk, lora_b).transpose(1, 2).reshape(-1, num_slices * width)  # rows: (slot, position)
+    delta = delta.index_select(0, groups.rows)
+    if any(size != width for _, size in slices) or [offset for offset, _ in slices] != \
+            [index * width for index in range(num_slices)]:
+        delta = delta.index_select(1, _slice_columns(tuple(slices), width, delta.device))
+    return y.index_add_(0, groups.token_ids, delta)
+
+
+@functools.cache
+def _slice_columns(slices: tuple[tuple[int, int], ...], width: int, device: torch.device) -> torch.Tensor:
+    """Columns of the per-slice [n_slices x width] delta that land in y's [out] columns, in y's order."""
+    return torch.cat([index * width + torch.arange(size) for index, (_, size) in enumerate(slices)]).to(device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,12 @@ class UnquantizedLinearMethod(QuantMethod):
         return F.linear(x, layer.weight, layer.bias)
 
 
+class OutputDelta(Protocol):
+    """Something added to a layer's output after its quant method ran (a LoRA: tokenmill/lora/layer.py)."""
+
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor: ...
+
+
 class LinearBase(nn.Module):
     """y = x W^T + b, with W made of row shards (one per checkpoint tensor fused into this layer)."""
 
@@ -102,9 +109,11 @@ class LinearBase(nn.Module):
         self.packed_weight: torch.Tensor | None = None  # the weight in the kernel's layout, when prepacked
         self.quant_method = (quant_method or UnquantizedLinearMethod()).for_layer(self)
         self.quant_method.create_weights(self, dtype, device)
+        self.lora: OutputDelta | None = None  # set on the layers adapters may target when LoRA is enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x)
+        out = self.quant_method.apply(self, x)
+        return out if self.lora is None else self.lora.add_to(x, out)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
         """Copy a checkpoint tensor into `param`, into its rows for `shard` when the layer is fused."""

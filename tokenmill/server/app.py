@@ -18,6 +18,7 @@ from tokenmill.server.cache_scope import DEFAULT_CACHE_SCOPE, check_cache_scope
 from tokenmill.server.json_body import OffLoopJSONRoute
 from tokenmill.server.errors import error_response, install_error_handlers, send_error
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
+from tokenmill.server.lora_routes import adapter_cards, add_lora_routes
 from tokenmill.server.openapi_bounds import document_model_bounds
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.responses_protocol import ResponsesRequest
@@ -56,6 +57,12 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 STORED_RESPONSE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ACCESS_ERRORS, 404: {"description": "no stored response has this id for this API key", **_ERROR}}
+LORA_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ACCESS_ERRORS,
+    400: {"description": "bad input: an adapter that cannot load here (the error names the field)", **_ERROR},
+    404: {"description": "runtime updating is off (--enable-lora-runtime-updating), or no such adapter", **_ERROR},
+    413: {"description": "body larger than --max-body-bytes", **_ERROR},
+}
 REASONING_PARSERS = ("auto", "think", "none")
 
 
@@ -123,12 +130,14 @@ def build_app(
     responses_max_stored: int = DEFAULT_MAX_STORED,
     responses_max_bytes: int = DEFAULT_MAX_BYTES,
     responses_ttl_s: float = DEFAULT_TTL_S,
+    lora_runtime_updating: bool = False,
 ) -> FastAPI:
     """The app serving one engine. reasoning_parser: 'think' splits <think>…</think> into reasoning_content,
     'none' never does, 'auto' does when the tokenizer has both tags as tokens. The tags, the wrap-up text
     and their token ids are the engine's (EngineConfig.thinking), so parsing and the budget agree.
     api_key and api_keys: every key accepted (each a tenant of the prefix cache under prefix_cache_scope
-    per-key, server/cache_scope.py). responses_*: the bounds of the stored responses (server/responses_store.py)."""
+    per-key, server/cache_scope.py). responses_*: the bounds of the stored responses (server/responses_store.py).
+    lora_runtime_updating: POST /v1/load_lora_adapter and unload_lora_adapter answer (server/lora_routes.py)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: pass a non-empty --api-key or none at all")
     if isinstance(api_keys, str):
@@ -228,7 +237,9 @@ def build_app(
         return {"object": "list", "data": [{
             "id": served_model_name, "object": "model", "created": state.created, "owned_by": "tokenmill",
             "max_model_len": async_engine.max_model_len,
-        }]}
+        }, *adapter_cards(state)]}
+
+    add_lora_routes(v1, state, lora_runtime_updating, LORA_ERRORS)
 
     app.include_router(v1)
 

@@ -78,7 +78,7 @@ class ChatPlan:
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
     check_request_body(body)
-    state.check_model(body.model)
+    lora_name = state.check_model(body.model)
     body.check_unsupported()
     cache_salt = request_cache_salt(state.prefix_cache_scope, request, body.cache_salt)
     tokenizer = state.tokenizer
@@ -105,7 +105,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         structured=structured,
     )
     request_id = new_id("chatcmpl")
-    streams = await add_all(state, request_id, [{**chat.prompt(), "cache_salt": cache_salt}], [params])
+    prompt = {**chat.prompt(), "cache_salt": cache_salt, "lora_name": lora_name}
+    streams = await add_all(state, request_id, [prompt], [params])
     trackers = [state.metrics.tracker()]
     if body.stream:
         return StreamingResponse(_stream(state, body, plan, request_id, streams, trackers),

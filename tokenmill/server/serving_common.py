@@ -53,10 +53,16 @@ class ServerState:
             raise APIError(400, "this checkpoint has no tokenizer; send prompts as token ids", param="prompt")
         return tokenizer
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           type_="not_found_error", param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter the request's model names (None: the base model); an unknown model is a 404."""
+        if model is None or model == self.model_name:
+            return None
+        adapters = self.engine.engine.lora.names()
+        if model in adapters:
+            return model
+        served = ", ".join(repr(name) for name in [self.model_name, *adapters])
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}",
+                       type_="not_found_error", param="model", code="model_not_found")
 
     @property
     def control_tokens(self) -> ControlTokenGuard:

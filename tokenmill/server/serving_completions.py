@@ -34,7 +34,7 @@ from tokenmill.server.serving_common import (
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Any:
     check_request_body(body)
-    state.check_model(body.model)
+    lora_name = state.check_model(body.model)
     body.check_unsupported()
     cache_salt = request_cache_salt(state.prefix_cache_scope, request, body.cache_salt)
     engine = state.engine
@@ -58,7 +58,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             thinking_token_budget=state.thinking_budget(body.thinking_token_budget),
             structured=structured,
         ))
-        prompts.append({"prompt": text, "prompt_token_ids": ids, "cache_salt": cache_salt})
+        prompts.append({"prompt": text, "prompt_token_ids": ids, "cache_salt": cache_salt, "lora_name": lora_name})
     request_id = new_id("cmpl")
     streams = await add_all(state, request_id, prompts, params)
     trackers = [state.metrics.tracker() for _ in streams]

@@ -134,7 +134,7 @@ class ResponseTurn:
 
 async def create_response(state: ServerState, store: ResponseStore, body: ResponsesRequest, request: Request) -> Any:
     check_request_body(body)
-    state.check_model(body.model)
+    lora_name = state.check_model(body.model)  # the adapter the model field names, None: the base model
     body.check_unsupported()
     owner = request_owner(request)
     history = None
@@ -171,7 +171,8 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     if body.background:  # outputs as they come, so a cancelled response keeps what was generated
         params = dataclasses.replace(params, output_kind="delta")
     turn = ResponseTurn(state, body, plan, item_id("resp"))
-    streams = await add_all(state, turn.id, [{**chat.prompt(), "cache_salt": cache_salt}], [params])
+    prompt = {**chat.prompt(), "cache_salt": cache_salt, "lora_name": lora_name}
+    streams = await add_all(state, turn.id, [prompt], [params])
     trackers = [state.metrics.tracker()]
 
     def keep(response: dict[str, Any]) -> None:

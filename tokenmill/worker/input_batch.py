@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tokenmill.attention.metadata import AttentionMetadata
-from tokenmill.core.sched_io import SchedulerOutput
+from tokenmill.core.sched_io import ScheduledChunk, SchedulerOutput
 
 
 @dataclass
@@ -43,6 +43,8 @@ class StepInputs:
     # The same step padded to a CUDA-graph batch size (None: not a graph step); its leading rows are the
     # tensors above (the same memory), the rest harmless padding rows (worker/cuda_graphs.py).
     padded: PaddedStep | None = None
+    # Per token: the LoRA slot of its request's adapter, -1 for the base model; None when no chunk has one.
+    lora_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -171,7 +173,14 @@ class InputBatch:
             logits_indices=None if every_row else torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
             logits_row_starts=row_starts,
             padded=padded,
+            lora_slots=self._lora_slots(chunks, query_lens),
         )
+
+    def _lora_slots(self, chunks: list[ScheduledChunk], query_lens: np.ndarray) -> torch.Tensor | None:
+        adapter_slots = np.fromiter((c.lora_slot for c in chunks), np.int64, len(chunks))
+        if not (adapter_slots >= 0).any():
+            return None
+        return torch.from_numpy(np.repeat(adapter_slots, query_lens)).to(self.device, non_blocking=True)
 
     def _write_padding(self, count: int, pad_to: int, pad_block: int, tables: np.ndarray, owned: np.ndarray,
                        seq_lens: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from tokenmill.attention.metadata import forward_context
 from tokenmill.core.sched_io import ScheduledChunk, SchedulerOutput
+from tokenmill.lora.layer import step_token_slots
 from tokenmill.worker.cuda_graphs import Capture, DecodeGraphs
 from tokenmill.worker.input_batch import InputBatch, PaddedStep, StepInputs
 
@@ -70,7 +71,7 @@ class ModelRunner:
         """Hidden states [num_tokens, hidden] of the step's tokens."""
         if inputs.padded is not None and self.graphs is not None:
             return self.graphs.replay(inputs.padded)
-        with forward_context(inputs.attention):
+        with forward_context(inputs.attention), step_token_slots(inputs.lora_slots):
             return self._forward(inputs.input_ids, inputs.positions)
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ from tokenmill.sample.sampler import Sampler, compute_logprobs
 from tokenmill.sample.shaping import has_penalties, shape_logits
 from tokenmill.sample.state import SamplingState
 from tokenmill.worker.drafter import Drafter
+from tokenmill.worker.request_failures import RequestFailures
 
 
 def is_plain_greedy(state: SamplingState) -> bool:
@@ -99,3 +100,19 @@ def prompt_logprobs(
                 entries = compute_logprobs(logits, targets, state.params.prompt_logprobs or 0)
                 output.prompt_logprobs.setdefault(chunk.req_id, []).extend(entries)
         offset += length
+
+
+def forced_tokens(chunks: list[ScheduledChunk], plain: list[tuple[int, int]], states: dict[str, SamplingState],
+                  failures: RequestFailures) -> dict[str, int]:
+    """Tokens the thinking budget forces this step, per request (each request's tracker guarded alone)."""
+    forced: dict[str, int] = {}
+    for chunk_index, _ in plain:
+        req_id = chunks[chunk_index].req_id
+        thinking = states[req_id].thinking
+        if thinking is None or req_id in failures:
+            continue
+        with failures.guard(req_id):
+            token = thinking.forced_token()
+            if token is not None:
+                forced[req_id] = token
+    return forced

@@ -24,6 +24,7 @@ from tokenmill.core.request import draft_room
 from tokenmill.core.sched_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
 from tokenmill.errors import ConfigError
 from tokenmill.layers.linear import UnquantizedLinearMethod
+from tokenmill.lora.manager import LoRAManager
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.models.arch_config import parameter_count
 from tokenmill.models.loader import checkpoint_config_dict, load_model, read_checkpoint_arch
@@ -60,7 +61,9 @@ class Worker:
                                                    quantized_kv=config.cache.kv_cache_dtype != "auto")
         num_params = parameter_count(read_checkpoint_arch(config.model))  # compile is decided before loading
         self.compile = default_compile(self.device, num_params) if config.compile is None else config.compile
-        self.compile = self.compile and not config.enforce_eager
+        # LoRA slots are refilled between steps: a compiled forward (frozen weights) or a graph would keep stale ones.
+        self.eager = config.enforce_eager or config.lora is not None
+        self.compile = self.compile and not self.eager
         # Eager CPU runs its bf16 matmuls on prepacked weights; a compiled forward lets inductor pack its own.
         float_method = UnquantizedLinearMethod(prepack_cpu=not self.compile and cpu_bf16_prepack_available())
         quant = linear_method_for(config.quantization, checkpoint_config_dict(config.model), config.load_format,
@@ -70,6 +73,8 @@ class Worker:
         self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
                                            load_format=config.load_format, progress=show_progress, quant=quant)
         self.dtype: torch.dtype = self.model.model.embed_tokens.weight.dtype
+        self.lora = None if config.lora is None else LoRAManager(self.model, config.lora.max_loras,
+                                                                 config.lora.max_lora_rank, self.dtype, self.device)
         # What the target's KV pages are stored as: the model's dtype, or int8 / fp8 codes with scales.
         self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
@@ -121,7 +126,7 @@ class Worker:
         backend = self.attention_backend
         scheduler = self.config.scheduler
         graph_sizes = capture_sizes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens) \
-            if graphs_usable(self.device, self.config.enforce_eager, backend, self.model) else []
+            if graphs_usable(self.device, self.eager, backend, self.model) else []
         # With graphs the pool has one block more than the scheduler hands out: the padding rows' scratch block.
         allocate_kv_caches(self.model.attention_layers(), num_blocks + bool(graph_sizes), block_size, self.kv_dtype,
                            self.device, backend)
@@ -245,6 +250,8 @@ class Worker:
         for new in scheduler_output.new_requests:
             with failures.guard(new.req_id):
                 self.states[new.req_id] = self._new_state(new)
+        if self.lora is not None:
+            self.lora.load_slots(scheduler_output.lora_loads)
         for req_id in scheduler_output.resumed_req_ids:
             input_batch.reset_blocks(req_id)
             if self.drafter is not None:
@@ -279,7 +286,7 @@ class Worker:
                 failures: RequestFailures) -> None:
         chunks = scheduler_output.chunks
         mask = self._resolve_grammar_masks(chunks, plain, grammar, failures)
-        forced = self._forced_tokens(chunks, plain, failures)
+        forced = sampling.forced_tokens(chunks, plain, self.states, failures)
         plain, mask = without_failed_rows(chunks, plain, mask, failures)
         if plain:
             rows = logits if len(plain) == logits.shape[0] else logits[[r for _, r in plain]]
@@ -323,21 +330,6 @@ class Worker:
         for mask_row, error in result.failed.items():
             failures.record(chunks[plain[rows[mask_row]][0]].req_id, error)
         return result.bitmask, rows
-
-    def _forced_tokens(self, chunks: list[ScheduledChunk], plain: list[tuple[int, int]],
-                       failures: RequestFailures) -> dict[str, int]:
-        """Tokens the thinking budget forces this step, per request (each request's tracker guarded alone)."""
-        forced: dict[str, int] = {}
-        for chunk_index, _ in plain:
-            req_id = chunks[chunk_index].req_id
-            thinking = self.states[req_id].thinking
-            if thinking is None or req_id in failures:
-                continue
-            with failures.guard(req_id):
-                token = thinking.forced_token()
-                if token is not None:
-                    forced[req_id] = token
-        return forced
 
     def _propose_drafts(self, scheduler_output: SchedulerOutput, inputs: StepInputs, output: ModelRunnerOutput,
                         failures: RequestFailures) -> None:
