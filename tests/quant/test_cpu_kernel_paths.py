@@ -40,34 +40,46 @@ def test_tiled_slabs_match_the_dequantized_twin(spec: QuantSpec, dtype: torch.dt
     _close(got, x.float() @ dequantize(spec, qweight, scales, qzeros).T, dtype)
 
 
-def _int8_layer(weight: torch.Tensor, dtype: torch.dtype) -> ReplicatedLinear:
+def _int8_layer(weight: torch.Tensor, dtype: torch.dtype, native_bf16: bool = False) -> ReplicatedLinear:
     layer = ReplicatedLinear(weight.shape[1], weight.shape[0], False, dtype, CPU,
-                             make_quant_method(QuantSpec("int8"), quantize_on_load=True))
+                             make_quant_method(QuantSpec("int8"), quantize_on_load=True, native_bf16=native_bf16))
     layer.weight.weight_loader(layer.weight, weight)
     layer.quant_method.process_weights_after_loading(layer)
     return layer
 
 
-@pytest.mark.parametrize(("dtype", "native_bf16", "threshold", "large"), [
-    (torch.float32, False, 128, "tiled"), (torch.bfloat16, False, 128, "tiled"),
-    (torch.float32, True, 128, "tiled"), (torch.bfloat16, True, 8, "bf16_gemm")])
+@pytest.mark.parametrize(("dtype", "native_bf16", "threshold", "kernels"), [
+    (torch.float32, False, 128, ["tiled"] * 4), (torch.float32, True, 128, ["tiled"] * 4),
+    (torch.bfloat16, False, 128, ["int8pack", "int8pack", "tiled", "tiled"]),
+    (torch.bfloat16, True, 8, ["int8pack", "int8pack", "bf16_gemm", "bf16_gemm"])])
 def test_int8_switches_kernels_at_the_documented_row_count(dtype: torch.dtype, native_bf16: bool, threshold: int,
-                                                          large: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          kernels: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     packed, tiled, bf16_gemm = int8.int8pack_matmul, int8.tiled_dequant_matmul, int8.int8_bf16_gemm
-    monkeypatch.setattr(int8, "cpu_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(int8, "int8pack_matmul", lambda *a: calls.append("int8pack") or packed(*a))
     monkeypatch.setattr(int8, "tiled_dequant_matmul", lambda *a: calls.append("tiled") or tiled(*a))
     monkeypatch.setattr(int8, "int8_bf16_gemm", lambda *a: calls.append("bf16_gemm") or bf16_gemm(*a))
     weight = _weight(48, 64)
-    layer = _int8_layer(weight, dtype)
+    layer = _int8_layer(weight, dtype, native_bf16)
     twin = dequantize(QuantSpec("int8"), *quantize_rtn(QuantSpec("int8"), weight))
-    assert threshold == (cpu_kernels.INT8_BF16_GEMM_MIN_ROWS if large == "bf16_gemm"
+    assert threshold == (cpu_kernels.INT8_BF16_GEMM_MIN_ROWS if native_bf16 and dtype == torch.bfloat16
                          else cpu_kernels.INT8_DEQUANT_GEMM_MIN_ROWS)
     for rows in (1, threshold - 1, threshold, 3 * threshold):
         x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
         _close(layer(x), x.float() @ twin.T, dtype)
-    assert calls == ["int8pack", "int8pack", large, large]
+    assert calls == kernels
+
+
+@pytest.mark.parametrize(("dtype", "packed"), [(torch.bfloat16, True), (torch.float32, False)])
+def test_int4_uses_the_packed_kernel_with_bfloat16_activations_only(dtype: torch.dtype, packed: bool) -> None:
+    weight = _weight(48, 64, seed=5)
+    spec = QuantSpec("int4", 32, True)
+    layer = ReplicatedLinear(64, 48, False, dtype, CPU, make_quant_method(spec, quantize_on_load=True))
+    layer.weight.weight_loader(layer.weight, weight)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.int4pack is packed
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    _close(layer(x), x.float() @ dequantize(spec, *quantize_rtn(spec, weight)).T, dtype)
 
 
 def test_the_bfloat16_gemm_walks_slabs_of_a_large_weight(monkeypatch: pytest.MonkeyPatch) -> None:

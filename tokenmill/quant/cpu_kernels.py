@@ -44,13 +44,24 @@ def int8pack_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) 
     return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
 
 
-def int8_channel_kernel(rows: int, bf16_gemm: bool) -> str:
+def int8_channel_kernel(rows: int, mode: str) -> str:
     """The CPU kernel of a per-channel int8 matmul of `rows` rows: "int8pack" (aten's int8 kernel), "bf16_gemm"
-    (int8_bf16_gemm; `bf16_gemm` says the activations are bfloat16 on a CPU with native bfloat16) or
-    "f32_slabs" (tiled_dequant_matmul)."""
-    if bf16_gemm:
+    (int8_bf16_gemm) or "f32_slabs" (tiled_dequant_matmul). `mode` (int8_activation_mode): "bf16_native",
+    "bf16" or "float"."""
+    if mode == "float":
+        return "f32_slabs"
+    if mode == "bf16_native":
         return "bf16_gemm" if rows >= INT8_BF16_GEMM_MIN_ROWS else "int8pack"
     return "f32_slabs" if rows >= INT8_DEQUANT_GEMM_MIN_ROWS else "int8pack"
+
+
+def int8_activation_mode(dtype: torch.dtype, native_bf16: bool) -> str:
+    """aten's packed int8 and int4 kernels are fast with bfloat16 activations only: with float32 ones (3072 x 576,
+    1 thread, AVX-512) the int8 kernel took 1.3x the float32 slabs' time at 1 row, 7x at 8 and 30x at 64, the
+    int4 kernel 50-70x float32's GEMM from 64 rows. Float activations always take the slabs."""
+    if dtype != torch.bfloat16:
+        return "float"
+    return "bf16_native" if native_bf16 else "bf16"
 
 
 def int8_bf16_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ class Int4LinearMethod(QuantizedLinearMethod):
         if qweight.device.type == "cuda":
             prepare_cuda(layer, qweight, scales, qzeros)
             return
-        layer.int4pack = int4pack_supported(layer.output_size, self.spec.group_size)
+        # aten's packed kernel with bfloat16 activations only (cpu_kernels.int8_activation_mode says why)
+        layer.int4pack = (int4pack_supported(layer.output_size, self.spec.group_size)
+                          and layer.compute_dtype == torch.bfloat16)
         if layer.int4pack:
             packed, scales_and_zeros = int4pack_weight(qweight, scales, qzeros, layer.compute_dtype)
             set_kernel_tensors(layer, qweight=packed, scales_and_zeros=scales_and_zeros)  # aten's int4 layout

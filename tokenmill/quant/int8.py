@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from tokenmill.layers.linear import LinearBase
-from tokenmill.platform import cpu_native_bf16
-from tokenmill.quant.cpu_kernels import int8_bf16_gemm, int8_channel_kernel, int8pack_matmul, tiled_dequant_matmul
+from tokenmill.quant.cpu_kernels import (int8_activation_mode, int8_bf16_gemm, int8_channel_kernel, int8pack_matmul,
+                                         tiled_dequant_matmul)
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
 from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
@@ -21,7 +21,7 @@ class Int8LinearMethod(QuantizedLinearMethod):
         if self.spec.group_size is None:  # aten's int8 kernel takes per-channel scales in the activations' dtype
             set_kernel_tensors(layer, qweight=qweight.contiguous(),
                                scales=scales[:, 0].to(layer.compute_dtype).contiguous())
-            layer.int8_bf16_gemm = layer.compute_dtype == torch.bfloat16 and cpu_native_bf16()
+            layer.int8_mode = int8_activation_mode(layer.compute_dtype, self.native_bf16)
         else:
             set_kernel_tensors(layer, qweight=qweight.contiguous(), scales=scales.float().contiguous())
 
@@ -31,7 +31,7 @@ class Int8LinearMethod(QuantizedLinearMethod):
         # aten's int8 kernel reads the codes directly (a decode step is bound by weight bytes); from a few rows
         # a bfloat16 or float32 GEMM on converted slabs is faster (quant/cpu_kernels.py: int8_channel_kernel).
         if self.spec.group_size is None:
-            kernel = int8_channel_kernel(x.shape[0], layer.int8_bf16_gemm)
+            kernel = int8_channel_kernel(x.shape[0], layer.int8_mode)
             if kernel == "bf16_gemm":
                 return int8_bf16_gemm(x, layer.qweight, layer.scales)
             if kernel == "f32_slabs":

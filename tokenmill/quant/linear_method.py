@@ -38,6 +38,7 @@ class QuantizedLinearMethod(QuantMethod):
         self.quantize_lm_head = quantize_lm_head  # the `:head` option: the LM head too (quant/lm_head.py)
         self.quantize_on_load = quantize_on_load
         self.use_triton = use_triton  # on CUDA: the Triton kernels (else their torch twins); platform decides
+        self.native_bf16 = False  # the CPU multiplies bfloat16 in hardware (set by make_quant_method)
         # The LM head's method: the float one the model would have used without quantization.
         self.float_method = float_method or UnquantizedLinearMethod()
 

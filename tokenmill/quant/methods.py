@@ -25,9 +25,9 @@ METHOD_CLASSES: dict[str, type[QuantizedLinearMethod]] = {
 
 def make_quant_method(spec: QuantSpec, *, quantize_on_load: bool, float_method: QuantMethod | None = None,
                       use_triton: bool = False, fp8_scaled_mm: bool = False,
-                      quantize_lm_head: bool = False) -> QuantizedLinearMethod:
+                      quantize_lm_head: bool = False, native_bf16: bool = False) -> QuantizedLinearMethod:
     """The method for `spec`; `float_method` serves the layers that stay in float (the LM head, unless
-    `quantize_lm_head`)."""
+    `quantize_lm_head`). `native_bf16`: the CPU multiplies bfloat16 in hardware (platform.cpu_native_bf16)."""
     method: QuantizedLinearMethod
     if spec.method == "fp8":
         method = Fp8LinearMethod(spec, quantize_on_load=quantize_on_load, float_method=float_method,
@@ -36,12 +36,13 @@ def make_quant_method(spec: QuantSpec, *, quantize_on_load: bool, float_method: 
         method = METHOD_CLASSES[spec.method](spec, quantize_on_load=quantize_on_load, float_method=float_method,
                                              use_triton=use_triton)
     method.quantize_lm_head = quantize_lm_head
+    method.native_bf16 = native_bf16
     return method
 
 
 def linear_method_for(requested: str | None, checkpoint_config: dict[str, Any], load_format: str,
                       float_method: QuantMethod, *, loader_quantizes: bool = False, use_triton: bool = False,
-                      fp8_scaled_mm: bool = False) -> QuantMethod:
+                      fp8_scaled_mm: bool = False, native_bf16: bool = False) -> QuantMethod:
     """The linear method a model loads with: `float_method` for a float model without a `quantization`
     setting (or with "none"); else the checkpoint's scheme, or `requested` for a float checkpoint.
 
@@ -54,4 +55,5 @@ def linear_method_for(requested: str | None, checkpoint_config: dict[str, Any], 
         return float_method
     on_load = load_format == "random" or (from_float and not loader_quantizes)
     return make_quant_method(spec, quantize_on_load=on_load, float_method=float_method, use_triton=use_triton,
-                             fp8_scaled_mm=fp8_scaled_mm, quantize_lm_head=quantizes_lm_head(requested))
+                             fp8_scaled_mm=fp8_scaled_mm, quantize_lm_head=quantizes_lm_head(requested),
+                             native_bf16=native_bf16)

@@ -28,8 +28,8 @@ from tokenmill.lora.manager import LoRAManager
 from tokenmill.models.gguf import is_gguf_path
 from tokenmill.models.arch_config import parameter_count
 from tokenmill.models.loader import checkpoint_config_dict, load_model, read_checkpoint_arch
-from tokenmill.platform import (attention_backend, cpu_bf16_prepack_available, default_compile, fp8_matmul_available,
-                                resolve_device, triton_available)
+from tokenmill.platform import (attention_backend, cpu_bf16_prepack_available, cpu_native_bf16, default_compile,
+                                fp8_matmul_available, resolve_device, triton_available)
 from tokenmill.quant.methods import linear_method_for
 from tokenmill.sample.sampler import Sampler
 from tokenmill.sample.state import SamplingState, make_generator
@@ -69,7 +69,8 @@ class Worker:
         quant = linear_method_for(config.quantization, checkpoint_config_dict(config.model), config.load_format,
                                   float_method, loader_quantizes=is_gguf_path(config.model),
                                   use_triton=self.device.type == "cuda" and triton_available(),
-                                  fp8_scaled_mm=fp8_matmul_available(self.device))
+                                  fp8_scaled_mm=fp8_matmul_available(self.device),
+                                  native_bf16=self.device.type == "cpu" and cpu_native_bf16())
         self.model, self.arch = load_model(config.model, dtype=config.dtype, device=self.device,
                                            load_format=config.load_format, progress=show_progress, quant=quant)
         self.dtype: torch.dtype = self.model.model.embed_tokens.weight.dtype
