@@ -1,4 +1,4 @@
-"""`tokenmill generate | chat | serve | models | make-tiny | bench | train | distill` — the command line."""
+"""`tokenmill generate | chat | serve | models | make-tiny | bench | train | distill | research` — the command line."""
 
 from __future__ import annotations
 
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     _add_training_parsers(sub)
+    _add_research_parser(sub)
     return parser
 
 
@@ -292,6 +293,30 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
 def _training_missing(command: str) -> None:
     raise TokenmillError(f"`tokenmill {command}` needs the training package tokenmill_train, which is not "
                          f"importable here; {TRAINING_INSTALL_HINT}")
+
+
+RESEARCH_INSTALL_HINT = "install it with pip install 'tokenmill[research]'"
+
+
+def _add_research_parser(sub: argparse._SubParsersAction) -> None:
+    """`research` comes from the separate tokenmill_research package, like `train` from tokenmill_train: when
+    it is absent every other command still works and `research` says what to install."""
+    try:
+        from tokenmill_research import add_research_parser
+    except ModuleNotFoundError as exc:
+        if exc.name != "tokenmill_research":
+            raise
+        stub = sub.add_parser("research", help=f"(needs the tokenmill_research package: {RESEARCH_INSTALL_HINT})",
+                              prefix_chars="\0", add_help=False)
+        stub.add_argument("args", nargs="*")
+        stub.set_defaults(func=lambda args: _research_missing())
+        return
+    add_research_parser(sub)
+
+
+def _research_missing() -> None:
+    raise TokenmillError("`tokenmill research` needs the package tokenmill_research, which is not importable here; "
+                         f"{RESEARCH_INSTALL_HINT}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,60 @@
+"""The handlers of `tokenmill research ...` (argparse namespaces in, files and terminal lines out)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tokenmill_research.errors import ResearchError
+from tokenmill_research.session import open_corpus, open_endpoint, say
+
+
+def _settings(args: argparse.Namespace):
+    from tokenmill_research.research_loop import ResearchSettings
+
+    return ResearchSettings(reflections=args.reflections, judge=args.judge)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from tokenmill_research.progress import TerminalProgress
+    from tokenmill_research.research_loop import ResearchRun, check_question
+    from tokenmill_research.search_tools import CorpusSearch
+
+    question = check_question(args.question)  # before anything slow is loaded
+    settings = _settings(args)
+    retriever = open_corpus(args.docs, args.index, args.max_file_mb)
+    with open_endpoint(args.base_url, args.model, args.api_key) as client:
+        report = ResearchRun(client, CorpusSearch(retriever), settings, TerminalProgress()).run(question)
+    markdown = report.to_markdown()
+    if args.out:
+        Path(args.out).write_text(markdown, encoding="utf-8")
+        say(f"wrote {args.out} ({len(report.cited_chunk_ids())} sources cited)")
+    else:
+        sys.stdout.write(markdown)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from tokenmill_research.python_docs import export_python_docs
+
+    count = export_python_docs(Path(args.out))
+    say(f"wrote {count} Markdown files of Python's own documentation to {args.out}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    open_corpus(args.docs, args.index, args.max_file_mb)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tokenmill_research.evaluation import evaluate, format_results, load_questions
+
+    if not 1 <= args.k <= 100:
+        raise ResearchError(f"--k must be in [1, 100], got {args.k}")
+    questions = load_questions(Path(args.questions))
+    retriever = open_corpus(args.docs, args.index, args.max_file_mb)
+    if args.retrieval_only:
+        results = evaluate(retriever, questions, args.k, client=None)
+    else:
+        with open_endpoint(args.base_url, args.model, args.api_key) as client:
+            results = evaluate(retriever, questions, args.k, client=client)
+    print(format_results(results, args.k))
