@@ -58,3 +58,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
         with open_endpoint(args.base_url, args.model, args.api_key) as client:
             results = evaluate(retriever, questions, args.k, client=client)
     print(format_results(results, args.k))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from tokenmill_research.research_loop import ResearchRun
+    from tokenmill_research.search_tools import CorpusSearch
+    from tokenmill_research.web.app import build_research_app
+
+    settings = _settings(args)
+    retriever = open_corpus(args.docs, args.index, args.max_file_mb)
+    with open_endpoint(args.base_url, args.model, args.api_key) as client:
+        app = build_research_app(lambda on_event: ResearchRun(client, CorpusSearch(retriever), settings, on_event),
+                                 retriever.store.chunks)
+        say(f"open http://{args.host}:{args.port}/ (Ctrl-C stops)")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
