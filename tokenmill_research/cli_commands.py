@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-SUBCOMMANDS = ("serve", "eval", "index", "export-python-docs")
+SUBCOMMANDS = ("serve", "eval", "index", "bench", "export-python-docs")
 
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ def run_research_command(argv: list[str]) -> None:
     from tokenmill_research import commands
 
     handler = {None: commands.cmd_ask, "export-python-docs": commands.cmd_export, "index": commands.cmd_index,
-               "eval": commands.cmd_eval, "serve": commands.cmd_serve}[command]
+               "eval": commands.cmd_eval, "serve": commands.cmd_serve, "bench": commands.cmd_bench}[command]
     handler(args)
 
 

@@ -74,3 +74,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                  retriever.store.chunks)
         say(f"open http://{args.host}:{args.port}/ (Ctrl-C stops)")
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """The same report written twice by fresh local engines: prefix caching + n-gram drafting on, then off.
+    The time is the report's (plan to last section); the engine's start is left out of both."""
+    import time
+
+    from tokenmill_research.llm_client import LLMClient
+    from tokenmill_research.local_server import start_local_server
+    from tokenmill_research.research_loop import ResearchRun, check_question
+    from tokenmill_research.search_tools import CorpusSearch
+
+    question = check_question(args.question)
+    settings = _settings(args)
+    retriever = open_corpus(args.docs, args.index, args.max_file_mb)
+    seconds = {}
+    for fast_paths in (True, False):
+        label = "on" if fast_paths else "off"
+        server = start_local_server(args.model, fast_paths=fast_paths)
+        try:
+            start = time.perf_counter()
+            report = ResearchRun(LLMClient(server.base_url, server.model_name), CorpusSearch(retriever), settings,
+                                 lambda kind, data: None).run(question)
+            seconds[label] = time.perf_counter() - start
+        finally:
+            server.stop()
+        say(f"prefix caching + lookup drafting {label}: {seconds[label]:.1f} s "
+            f"({len(report.sections)} sections, {len(report.cited_chunk_ids())} sources)")
+    print(f"research report end to end: on {seconds['on']:.1f} s, off {seconds['off']:.1f} s, "
+          f"speed-up {seconds['off'] / seconds['on']:.2f}x")

@@ -16,8 +16,8 @@ PLAN_SCHEMA = {
             "type": "array", "minItems": 1, "maxItems": MAX_SECTIONS,
             "items": {
                 "type": "object",
-                "properties": {"title": {"type": "string", "minLength": 3, "maxLength": 60},
-                               "query": {"type": "string", "minLength": 3, "maxLength": 100}},
+                "properties": {"title": {"type": "string", "minLength": 3, "maxLength": 40},
+                               "query": {"type": "string", "minLength": 3, "maxLength": 60}},
                 "required": ["title", "query"], "additionalProperties": False,
             },
         },
@@ -27,11 +27,13 @@ PLAN_SCHEMA = {
 FOLLOW_UP_SCHEMA = {
     "type": "object",
     "properties": {"queries": {"type": "array", "minItems": 1, "maxItems": 2,
-                               "items": {"type": "string", "minLength": 3, "maxLength": 100}}},
+                               "items": {"type": "string", "minLength": 3, "maxLength": 60}}},
     "required": ["queries"], "additionalProperties": False,
 }
-PLAN_MAX_TOKENS = 120
-FOLLOW_UP_MAX_TOKENS = 60
+# Room for the longest reply the schema allows (3 x (40 + 60) characters of text plus the JSON around it),
+# so the grammar, not the token limit, ends it: a reply cut short is not JSON.
+PLAN_MAX_TOKENS = 200
+FOLLOW_UP_MAX_TOKENS = 80
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,17 @@ def topics_markdown() -> dict[str, str]:
 
 _INHERITED = re.compile(r"^\s*\|\s+\S.* inherited from ")
 _CLASS_RULE = re.compile(r"^\s*\|\s+-{20,}\s*$")
+# A class or function entry of a module page: indented exactly four spaces, as pydoc writes them.
+_ENTRY = re.compile(r"^    (?:(class \w+)|(\w+)\()")
 _CLASS_BAR = re.compile(r"^(\s*)\|\s?")  # the bar pydoc draws down a class body
 _SKIPPED_SECTIONS = ("DATA", "FILE", "VERSION", "AUTHOR", "CREDITS", "MODULE REFERENCE")
 
 
 def _pydoc_markdown(title: str, text: str) -> str:
-    """pydoc's text as Markdown: its upper-case section names become ## headings; what a class inherits (the
-    same text repeated under every subclass) and the constants and file-path sections are left out."""
+    """pydoc's text as Markdown: its upper-case section names become ## headings and each class or function
+    entry a ### heading under them (so chunks split at entries and name them in their context line); what a
+    class inherits (the same text repeated under every subclass) and the constants and file-path sections
+    are left out."""
     lines = [f"# {title}", ""]
     skipping_inherited = skipping_section = False
     for line in pydoc.plain(text).split("\n"):
@@ -63,8 +67,12 @@ def _pydoc_markdown(title: str, text: str) -> str:
             skipping_inherited = True
         elif _CLASS_RULE.match(line) or not line.lstrip().startswith("|"):
             skipping_inherited = False
-        if not (skipping_inherited or skipping_section):
-            lines.append(_CLASS_BAR.sub("", line))
+        if skipping_inherited or skipping_section:
+            continue
+        entry = _ENTRY.match(line)
+        if entry:
+            lines.append(f"### {entry.group(1) or entry.group(2) + '()'}")
+        lines.append(_CLASS_BAR.sub("", line))
     return "\n".join(lines).strip() + "\n"
 
 

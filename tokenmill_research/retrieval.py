@@ -35,19 +35,23 @@ class Retriever:
     def __init__(self, store: CorpusStore) -> None:
         import bm25s
 
+        import Stemmer
+
         self.store = store
         self._ids = sorted(store.chunks)
+        self._stemmer = Stemmer.Stemmer("english")  # "prints" finds "print", "files" finds "file"
         # BM25 is rebuilt from the stored chunks on open: a few hundred ms for thousands of chunks, and it
         # then always agrees with the chunk table.
         self._bm25 = bm25s.BM25()
         self._bm25.index(bm25s.tokenize([store.chunks[i].indexed_text for i in self._ids], stopwords="en",
-                                        show_progress=False), show_progress=False)
+                                        stemmer=self._stemmer, show_progress=False), show_progress=False)
 
     def bm25_rankings(self, queries: list[str], k: int) -> list[list[int]]:
         import bm25s
 
         k = min(k, len(self._ids))
-        tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+        tokens = bm25s.tokenize(queries, stopwords="en", stemmer=self._stemmer, return_ids=False,
+                                show_progress=False)
         rankings = []
         for query_tokens in tokens:
             if not query_tokens:  # a query of only stopwords: no lexical evidence at all

@@ -44,11 +44,20 @@ def evidence_block(evidence: list[Chunk]) -> str:
     return "\n\n".join(f"[{n}] ({c.context}) {c.text[:EVIDENCE_CHARS]}" for n, c in enumerate(evidence, 1))
 
 
+def _complete_sentences(reply: str) -> list[str]:
+    """The reply's sentences without a last one cut off by the token limit, and without repeats (a small
+    model loops)."""
+    parts = [p for p in _SENTENCE.split(reply.strip()) if p.strip()]
+    if len(parts) > 1 and not re.search(r"[.!?`)\]]\s*$", parts[-1]):
+        parts.pop()
+    return list(dict.fromkeys(parts))
+
+
 def attribute(reply: str, evidence: list[Chunk]) -> list[CitedSentence]:
     """The reply's sentences, each with the chunk ids it cites (see the module's docstring)."""
     words = [_content_words(c.indexed_text) for c in evidence]
     sentences = []
-    for raw in _SENTENCE.split(reply.strip()):
+    for raw in _complete_sentences(reply):
         markers = [int(m) for m in _MARKER.findall(raw)]
         text = " ".join(_MARKER_WITH_SPACE.sub("", raw).split())
         if not text:

@@ -107,6 +107,12 @@ def test_attribution_keeps_valid_markers_drops_invalid_ones_and_cites_by_shared_
                          CitedSentence("Bananas are yellow.", [])]
 
 
+def test_a_cut_off_last_sentence_and_repeats_are_dropped() -> None:
+    evidence = [_chunk(10, "The readline method returns the next line of the file.")]
+    sentences = attribute("Use readline [1]. Use readline [1]. The function also", evidence)
+    assert sentences == [CitedSentence("Use readline.", [10])]
+
+
 def test_a_report_refuses_a_citation_of_a_chunk_it_did_not_retrieve() -> None:
     report = Report("q", retrieved={10: _chunk(10, "text")})
     report.add_section(ReportSection("A", "q", [CitedSentence("ok.", [10])]))
