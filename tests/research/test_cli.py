@@ -85,3 +85,12 @@ def test_the_shipped_question_set_quotes_the_exported_docs(tmp_path: Path) -> No
         for source, quote in question.gold:
             text = " ".join((tmp_path / source).read_text().split()).lower()
             assert " ".join(quote.split()).lower() in text, (source, quote)
+
+
+def test_without_the_package_research_says_what_to_install(monkeypatch, capsys) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tokenmill_research", None)  # import fails as if not installed
+    assert main(["research", "q", "--docs", "d"]) == 2
+    assert ("`tokenmill research` needs the package tokenmill_research, which is not importable here; install it "
+            "with pip install 'tokenmill[research]'") in capsys.readouterr().err
