@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-LOCAL_MAX_MODEL_LEN = 8192  # the evidence pack of 5 reflection rounds: about 6k tokens
+LOCAL_MAX_MODEL_LEN = 4096
 LOCAL_MAX_NUM_SEQS = 16  # a report runs a handful of requests at once (sections; the judge's prompts)
 LOCAL_MAX_BATCHED_TOKENS = 1024
 START_TIMEOUT_S = 60.0

@@ -19,7 +19,7 @@ from tokenmill_research.llm_client import LLMClient
 from tokenmill_research.planner import PlannedSection, follow_up_queries, make_plan
 from tokenmill_research.report import Report, ReportSection
 from tokenmill_research.search_tools import SearchTool
-from tokenmill_research.writer import EvidencePack, summarize
+from tokenmill_research.writer import summarize
 
 MAX_QUESTION_CHARS = 2000
 OnEvent = Callable[[str, dict[str, Any]], None]
@@ -51,7 +51,6 @@ def check_question(question: str) -> str:
 class ResearchRun:
     def __init__(self, client: LLMClient, search: SearchTool, settings: ResearchSettings, on_event: OnEvent) -> None:
         self.client, self.search, self.settings, self.on_event = client, search, settings, on_event
-        self.pack = EvidencePack()  # renewed by each run()
 
     def _research(self, report: Report, planned: list[PlannedSection]) -> None:
         queries = [s.query for s in planned]
@@ -66,16 +65,10 @@ class ResearchRun:
                 [{"chunk": j.hit.chunk.label, "relevance": round(j.relevance, 3)} for j in rows] for rows in judged]})
         else:
             evidence = [[h.chunk for h in hits[:self.settings.evidence]] for hits in hit_lists]
-        focus = [self.pack.add(chunks) for chunks in evidence]
-        # Every section's prompt opens with the whole pack: the first section goes alone so its prefill is
-        # cached, then the rest go together (the server batches them) and reuse it.
-        def write(index: int):
-            return summarize(self.client, planned[index].query, list(self.pack.chunks), focus[index])
-
-        summaries = [write(0)]
-        if len(planned) > 1:
-            with ThreadPoolExecutor(max_workers=len(planned) - 1) as pool:
-                summaries += list(pool.map(write, range(1, len(planned))))
+        # The sections' summaries go to the endpoint together: the server batches them.
+        with ThreadPoolExecutor(max_workers=len(planned)) as pool:
+            summaries = list(pool.map(lambda pair: summarize(self.client, pair[0].query, pair[1]),
+                                      zip(planned, evidence)))
         for section, sentences in zip(planned, summaries):
             report.add_section(ReportSection(section.title, section.query, sentences))
             self.on_event("section", {"title": section.title, "sentences": len(sentences),
@@ -83,7 +76,6 @@ class ResearchRun:
 
     def run(self, question: str) -> Report:
         question = check_question(question)
-        self.pack = EvidencePack()
         start = time.perf_counter()
         report = Report(question)
         self.on_event("status", {"message": "planning"})

@@ -53,11 +53,9 @@ def _complete_sentences(reply: str) -> list[str]:
     return list(dict.fromkeys(parts))
 
 
-def attribute(reply: str, evidence: list[Chunk], focus: list[int] | None = None) -> list[CitedSentence]:
-    """The reply's sentences, each with the chunk ids it cites (see the module's docstring). focus: the
-    0-based positions of the passages this question is about; word-overlap attribution picks among them."""
-    focus = list(range(len(evidence))) if focus is None else focus
-    words = {i: _content_words(evidence[i].indexed_text) for i in focus}
+def attribute(reply: str, evidence: list[Chunk]) -> list[CitedSentence]:
+    """The reply's sentences, each with the chunk ids it cites (see the module's docstring)."""
+    words = [_content_words(c.indexed_text) for c in evidence]
     sentences = []
     for raw in _complete_sentences(reply):
         markers = [int(m) for m in _MARKER.findall(raw)]
@@ -65,41 +63,20 @@ def attribute(reply: str, evidence: list[Chunk], focus: list[int] | None = None)
         if not text:
             continue
         cited = list(dict.fromkeys(evidence[m - 1].chunk_id for m in markers if 1 <= m <= len(evidence)))
-        if not cited and words:
+        if not cited and evidence:
             mine = _content_words(text)
-            best = max(focus, key=lambda i: len(mine & words[i]))
-            if len(mine & words[best]) >= MIN_SHARED_WORDS:
+            shared = [len(mine & w) for w in words]
+            best = max(range(len(evidence)), key=lambda i: shared[i])
+            if shared[best] >= MIN_SHARED_WORDS:
                 cited = [evidence[best].chunk_id]
         sentences.append(CitedSentence(text, cited))
     return sentences
 
 
-def summarize(client: LLMClient, question: str, evidence: list[Chunk], focus: list[int] | None = None) -> list[CitedSentence]:
-    """A few cited sentences answering the question from the evidence (no evidence: no model call).
-
-    evidence may be the run's whole EvidencePack, the same numbered block in every section's prompt so the
-    server's prefix cache computes it once; focus then names this question's own passages."""
-    if not evidence or focus == []:
+def summarize(client: LLMClient, question: str, evidence: list[Chunk]) -> list[CitedSentence]:
+    """A few cited sentences answering the question from the evidence (no evidence: no model call)."""
+    if not evidence:
         return []
-    hint = "" if focus is None else "\nMost relevant: " + ", ".join(f"[{i + 1}]" for i in focus) + "."
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": f"Passages:\n{evidence_block(evidence)}\n\nQuestion: {question}{hint}"}]
-    return attribute(client.chat(messages, SUMMARY_MAX_TOKENS), evidence, focus)
-
-
-class EvidencePack:
-    """The passages of a run, numbered in the order they were first used and only ever appended to: every
-    section's prompt starts with the same block, and a later round's block extends the earlier one, so the
-    prompts share a long cached prefix."""
-
-    def __init__(self) -> None:
-        self.chunks: list[Chunk] = []
-        self._position: dict[int, int] = {}
-
-    def add(self, chunks: list[Chunk]) -> list[int]:
-        """The 0-based positions of these chunks, appending the new ones."""
-        for chunk in chunks:
-            if chunk.chunk_id not in self._position:
-                self._position[chunk.chunk_id] = len(self.chunks)
-                self.chunks.append(chunk)
-        return [self._position[c.chunk_id] for c in chunks]
+                {"role": "user", "content": f"Passages:\n{evidence_block(evidence)}\n\nQuestion: {question}"}]
+    return attribute(client.chat(messages, SUMMARY_MAX_TOKENS), evidence)

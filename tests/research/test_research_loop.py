@@ -52,19 +52,6 @@ def test_a_report_cites_only_retrieved_chunks_and_numbers_its_sources(retriever,
         assert f"{number}. {chunk.context} ({chunk.source}, chunk {chunk.label})" in sources
 
 
-def test_section_prompts_share_one_growing_evidence_block(retriever, fake_endpoint) -> None:
-    """The prefix cache's opportunity: every section's prompt opens with the same numbered passages, and
-    the reflection round's block extends the first round's."""
-    report, _ = _run(retriever, fake_endpoint, reflections=1)
-    prompts = [body["messages"][-1]["content"] for body in fake_endpoint.calls("chat")
-               if "response_format" not in body]
-    blocks = [p.split("\n\nQuestion: ")[0] for p in prompts]
-    assert len(blocks) == 4  # Answer + the 2 planned sections, then the one follow-up
-    assert blocks[0] == blocks[1] == blocks[2]
-    assert blocks[3].startswith(blocks[0])
-    assert all("\nMost relevant: [" in p for p in prompts)
-
-
 def test_without_reflection_or_judge_there_is_no_judge_call(retriever, fake_endpoint) -> None:
     report, events = _run(retriever, fake_endpoint, reflections=0, judge=False)
     assert fake_endpoint.calls("completions") == []
