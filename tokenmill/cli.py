@@ -1,4 +1,4 @@
-"""`tokenmill generate | chat | serve | models | make-tiny | bench | train | distill` — the command line."""
+"""`tokenmill generate | chat | serve | models | make-tiny | bench | train | distill | research` — the command line."""
 
 from __future__ import annotations
 
@@ -278,36 +278,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     _add_training_parsers(sub)
+    _add_research_parser(sub)
     return parser
 
 
 TRAINING_INSTALL_HINT = "install it with pip install 'tokenmill[train]'"
+RESEARCH_INSTALL_HINT = "install it with pip install 'tokenmill[research]'"
+
+
+def _add_missing_package_stub(sub: argparse._SubParsersAction, command: str, package: str, hint: str) -> None:
+    """A command whose package is not importable: it explains what to install instead of a traceback."""
+    # No option prefix: every argument (--data, --help, ...) is swallowed, so the hint is what prints.
+    stub = sub.add_parser(command, help=f"(needs the {package} package: {hint})", prefix_chars="\0", add_help=False)
+    stub.add_argument("args", nargs="*")
+
+    def missing(args: argparse.Namespace) -> None:
+        raise TokenmillError(f"`tokenmill {command}` needs the package {package}, which is not importable here; "
+                             f"{hint}")
+
+    stub.set_defaults(func=missing)
 
 
 def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     """`train` and `distill` come from the separate tokenmill_train package (it imports only argparse here).
 
-    The engine never needs it, so a missing package leaves every other command working; the two commands
-    then explain what to install instead of failing with a traceback."""
+    The engine never needs it, so a missing package leaves every other command working."""
     try:
         from tokenmill_train import add_distill_parser, add_train_parser
     except ModuleNotFoundError as exc:
         if exc.name != "tokenmill_train":
             raise  # the package is there but broken: that traceback is the useful message
         for name in ("train", "distill"):
-            # No option prefix: every argument (--data, --help, ...) is swallowed, so the hint is what prints.
-            stub = sub.add_parser(name, help=f"(needs the tokenmill_train package: {TRAINING_INSTALL_HINT})",
-                                  prefix_chars="\0", add_help=False)
-            stub.add_argument("args", nargs="*")
-            stub.set_defaults(func=lambda args, name=name: _training_missing(name))
+            _add_missing_package_stub(sub, name, "tokenmill_train", TRAINING_INSTALL_HINT)
         return
     add_train_parser(sub)
     add_distill_parser(sub)
 
 
-def _training_missing(command: str) -> None:
-    raise TokenmillError(f"`tokenmill {command}` needs the training package tokenmill_train, which is not "
-                         f"importable here; {TRAINING_INSTALL_HINT}")
+def _add_research_parser(sub: argparse._SubParsersAction) -> None:
+    """`research` comes from the separate tokenmill_research package, like `train` from tokenmill_train."""
+    try:
+        from tokenmill_research import add_research_parser
+    except ModuleNotFoundError as exc:
+        if exc.name != "tokenmill_research":
+            raise
+        _add_missing_package_stub(sub, "research", "tokenmill_research", RESEARCH_INSTALL_HINT)
+        return
+    add_research_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, root: Path = PACKAGE.parent) -> set[str]:
-    """Absolute names of the tokenmill modules a file imports (relative imports resolved)."""
+def _imports(path: Path, root: Path = PACKAGE.parent, packages: tuple[str, ...] = ("tokenmill",)) -> set[str]:
+    """Absolute names of the modules of `packages` (and torch, numpy) a file imports (relative imports resolved)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -36,7 +36,7 @@ def _imports(path: Path, root: Path = PACKAGE.parent) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
-    return {n for n in names if n == "tokenmill" or n.startswith("tokenmill.") or n.split(".")[0] in ("torch", "numpy")}
+    return {n for n in names if n.split(".")[0] in packages + ("torch", "numpy")}
 
 
 def _files(*packages: str) -> list[Path]:
@@ -116,3 +116,31 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
                      "tokenmill/worker/_layering_probe.py imports tokenmill.server.app",
                      "tokenmill/worker/_layering_probe.py imports tokenmill.spec_decode",
                      "tokenmill/worker/_layering_probe.py imports tokenmill.spec_decode.speculator"]
+
+
+RESEARCH = PACKAGE.parent / "tokenmill_research"
+# What starting a local server takes; the rest of the package talks HTTP to an OpenAI-compatible endpoint
+# (the web page's server also answers errors in the server's shape, from tokenmill.server.errors).
+RESEARCH_LOCAL_SERVER_IMPORTS = ("tokenmill.engine.async_engine", "tokenmill.llm", "tokenmill.model_catalog",
+                                 "tokenmill.server.app", "tokenmill.server.http_protocol")
+
+
+def test_the_research_package_uses_the_engine_only_to_start_a_local_server() -> None:
+    found = []
+    for path in sorted(RESEARCH.rglob("*.py")):
+        allowed = ("tokenmill.errors",) + (RESEARCH_LOCAL_SERVER_IMPORTS if path.name == "local_server.py" else ()) \
+            + (("tokenmill.server.errors",) if path.relative_to(RESEARCH).as_posix() == "web/app.py" else ())
+        for name in sorted(_imports(path)):
+            if name.startswith("tokenmill") and name not in allowed and not any(
+                    name.startswith(a + ".") for a in allowed) and name != "tokenmill.errors.TokenmillError":
+                found.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    assert found == []
+
+
+def test_only_the_command_line_knows_the_research_package() -> None:
+    found = [f"{p.relative_to(PACKAGE.parent)} imports {name}" for p in sorted(PACKAGE.rglob("*.py"))
+             for name in sorted(_imports(p, packages=("tokenmill_research",)))
+             if name.startswith("tokenmill_research") and p.name != "cli.py"]
+    assert found == []
+    cli_imports = _imports(PACKAGE / "cli.py", packages=("tokenmill_research",))
+    assert "tokenmill_research" in cli_imports  # the check above sees the research package's imports

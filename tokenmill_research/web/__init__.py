@@ -1,0 +1,1 @@
+"""`tokenmill research serve`: the web page and its JSON + server-sent-events API."""
