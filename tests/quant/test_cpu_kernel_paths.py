@@ -89,6 +89,8 @@ def test_the_bfloat16_gemm_walks_slabs_of_a_large_weight(monkeypatch: pytest.Mon
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
     got = cpu_kernels.int8_bf16_gemm(x, codes, scales[:, 0].bfloat16())
     _close(got, x.float() @ dequantize(QuantSpec("int8"), codes, scales, None).T, torch.bfloat16)
+    assert got.is_contiguous()  # as the fake kernel promises torch.compile
+    torch.library.opcheck(cpu_kernels._int8_bf16_gemm_op, (x, codes, scales[:, 0].bfloat16()))
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, True)])

@@ -80,7 +80,7 @@ def _int8_bf16_gemm_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     for start in range(0, rows_total, rows):
         stop = min(start + rows, rows_total)
         torch.mm(codes[start:stop].to(torch.bfloat16), x.t(), out=out_t[start:stop])
-    return out_t.t() * scales
+    return (out_t * scales[:, None]).t().contiguous()  # contiguous, as its fake kernel says
 
 
 @_int8_bf16_gemm_op.register_fake
