@@ -133,3 +133,16 @@ def make_perturbed_copy(src: str | Path, out_dir: str | Path, *, relative_noise:
         tensors[name] = tensor + relative_noise * tensor.std().clamp_min(1e-3) * noise
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def greedy_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """A loaded transformers model's greedy generate, one prompt at a time (no padding), EOS suppressed for
+    the length: the reference token lists the engine's outputs are compared with."""
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False)
+            results.append(out[0, len(prompt):].tolist())
+    return results

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from tests.checkpoints import greedy_tokens
+
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -41,12 +43,4 @@ def merged_greedy(base: str | Path, adapter: str | Path | None, prompts: list[li
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    model.eval()
-    results = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 min_new_tokens=max_new_tokens, do_sample=False)
-            results.append(out[0, len(prompt):].tolist())
-    return results
+    return greedy_tokens(model.eval(), prompts, max_new_tokens)

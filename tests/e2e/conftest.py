@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import greedy_tokens, make_checkpoint
 
 NUM_NEW_TOKENS = 64
 PROMPT_LENGTHS = [1, 7, 16, 33, 64, 129, 200, 300]
@@ -38,19 +38,7 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int = NUM_NE
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    results = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-            )
-            results.append(out[0, len(prompt) :].tolist())
-    return results
+    return greedy_tokens(model, prompts, max_new_tokens)
 
 
 def hf_last_logits(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.checkpoints import greedy_tokens
 from tests.e2e.conftest import make_prompts
 from tests.unit.test_tokenizer import CONVERSATIONS, TEXTS
 from tokenmill import LLM, SamplingParams
@@ -46,15 +47,10 @@ def _hf_greedy(path: Path, prompts: list[list[int]]) -> tuple[list[list[int]], l
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    tokens, logprobs = [], []
     with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False)
-            tokens.append(out[0, len(prompt):].tolist())
-            logprobs.append(torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1))
-    return tokens, logprobs
+        logprobs = [torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+                    for prompt in prompts]
+    return greedy_tokens(model, prompts, NEW_TOKENS), logprobs
 
 
 @pytest.mark.parametrize("family", list(CASES))

@@ -1,5 +1,6 @@
-"""Run every small kernel case (tokenmill.kernels.checks) on the CPU and print the results as JSON: run under
-TRITON_INTERPRET=1 by test_kernels_interpreted.py. argv: dtype names (float32, bfloat16)."""
+"""Run the small cases of one kernel set on the CPU and print the results as JSON, under TRITON_INTERPRET=1:
+"layers" (tokenmill.kernels.checks) for test_kernels_interpreted.py, "lora" (tokenmill.kernels.lora_checks) for
+test_lora_kernel.py. argv: the set, then dtype names (float32, bfloat16)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import sys
 import torch
 
 from tokenmill.kernels.checks import kernel_cases
+from tokenmill.kernels.lora_checks import lora_kernel_cases
+
+CASE_SETS = {"layers": kernel_cases, "lora": lora_kernel_cases}
 
 
 def main() -> None:
     torch.set_num_threads(1)
     results = {}
-    for dtype_name in sys.argv[1:]:
-        for case in kernel_cases(full=False, device=torch.device("cpu"), dtype=getattr(torch, dtype_name)):
+    cases = CASE_SETS[sys.argv[1]]
+    for dtype_name in sys.argv[2:]:
+        for case in cases(full=False, device=torch.device("cpu"), dtype=getattr(torch, dtype_name)):
             try:
                 results[case.name] = case.run()
             except Exception as error:  # one broken kernel must not hide the others' results

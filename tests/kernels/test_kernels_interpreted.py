@@ -20,7 +20,7 @@ CASES = [case.name for name in DTYPES for case in kernel_cases(False, torch.devi
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
-    return run_interpreted(Path(__file__).with_name("kernel_cases_script.py"), *DTYPES)
+    return run_interpreted(Path(__file__).with_name("kernel_cases_script.py"), "layers", *DTYPES)
 
 
 @pytest.mark.parametrize("name", CASES)

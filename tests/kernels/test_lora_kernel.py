@@ -39,7 +39,7 @@ def test_twin_applies_each_tokens_own_adapter_and_none_for_the_base() -> None:
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
     pytest.importorskip("triton")
-    return run_interpreted(Path(__file__).with_name("lora_cases_script.py"), *DTYPES)
+    return run_interpreted(Path(__file__).with_name("kernel_cases_script.py"), "lora", *DTYPES)
 
 
 @pytest.mark.parametrize("name", CASES)
