@@ -180,3 +180,22 @@ def test_lora_settings_are_checked_at_start(lora_setup: dict) -> None:
     with pytest.raises(InvalidRequestError, match="not enabled") as error:
         llm.generate({"prompt_token_ids": [9, 10]}, GREEDY, lora_name="x")
     assert error.value.field == "lora_name"
+
+
+def test_a_batch_of_32_over_8_adapters_and_the_base_gives_each_its_own_output(lora_setup: dict,
+                                                                               tmp_path: Path) -> None:
+    """The issue's acceptance batch: 32 requests over 8 adapters and the base model, one generate call."""
+    base = lora_setup["base"]
+    adapters = {f"a{i}": make_peft_adapter(base, tmp_path / f"a{i}", rank=1 + 2 * i, seed=100 + i) for i in range(8)}
+    prompts = make_prompts(lengths=[5, 9, 14, 22], seed=7)
+    names: list[str | None] = [*adapters, None]
+    expected = {name: merged_greedy(base, adapters.get(name) if name else None, prompts, NUM_TOKENS)
+                for name in names}
+    requests = [(names[i % len(names)], i % len(prompts)) for i in range(32)]
+    llm = LLM(model=str(base), dtype="float32", max_model_len=256, enable_lora=True, max_loras=8, max_lora_rank=16,
+              lora_modules=[f"{name}={path}" for name, path in adapters.items()])
+    outputs = llm.generate([{"prompt_token_ids": prompts[p]} for _, p in requests], GREEDY,
+                           lora_name=[name for name, _ in requests])
+    for (name, p), output in zip(requests, outputs):
+        assert output.outputs[0].token_ids == expected[name][p], f"adapter {name}, prompt {p}"
+    assert len({tuple(expected[name][0]) for name in names}) == len(names)  # every adapter changes the output
