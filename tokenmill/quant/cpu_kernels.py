@@ -55,11 +55,16 @@ def int8_channel_kernel(rows: int, mode: str) -> str:
     return "f32_slabs" if rows >= INT8_DEQUANT_GEMM_MIN_ROWS else "int8pack"
 
 
+def packed_kernels_fit(dtype: torch.dtype) -> bool:
+    """Whether aten's packed int8 / int4 kernels suit activations of `dtype`: bfloat16 only. With float32 ones
+    (3072 x 576, 1 thread, AVX-512) the int8 kernel took 1.3x the float32 slabs' time at 1 row, 7x at 8 and 30x
+    at 64, the int4 kernel 50-70x float32's GEMM from 64 rows; float activations take the slabs instead."""
+    return dtype == torch.bfloat16
+
+
 def int8_activation_mode(dtype: torch.dtype, native_bf16: bool) -> str:
-    """aten's packed int8 and int4 kernels are fast with bfloat16 activations only: with float32 ones (3072 x 576,
-    1 thread, AVX-512) the int8 kernel took 1.3x the float32 slabs' time at 1 row, 7x at 8 and 30x at 64, the
-    int4 kernel 50-70x float32's GEMM from 64 rows. Float activations always take the slabs."""
-    if dtype != torch.bfloat16:
+    """int8_channel_kernel's mode for a layer computing in `dtype` on a CPU with or without native bfloat16."""
+    if not packed_kernels_fit(dtype):
         return "float"
     return "bf16_native" if native_bf16 else "bf16"
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from tokenmill.layers.linear import LinearBase
-from tokenmill.quant.cpu_kernels import int4pack_matmul, int4pack_supported, int4pack_weight, tiled_dequant_matmul
+from tokenmill.quant.cpu_kernels import (int4pack_matmul, int4pack_supported, int4pack_weight, packed_kernels_fit,
+                                         tiled_dequant_matmul)
 from tokenmill.quant.gpu_matmul import cuda_matmul, prepare_cuda
 from tokenmill.quant.linear_method import QuantizedLinearMethod, set_kernel_tensors
 
@@ -18,9 +19,8 @@ class Int4LinearMethod(QuantizedLinearMethod):
         if qweight.device.type == "cuda":
             prepare_cuda(layer, qweight, scales, qzeros)
             return
-        # aten's packed kernel with bfloat16 activations only (cpu_kernels.int8_activation_mode says why)
         layer.int4pack = (int4pack_supported(layer.output_size, self.spec.group_size)
-                          and layer.compute_dtype == torch.bfloat16)
+                          and packed_kernels_fit(layer.compute_dtype))
         if layer.int4pack:
             packed, scales_and_zeros = int4pack_weight(qweight, scales, qzeros, layer.compute_dtype)
             set_kernel_tensors(layer, qweight=packed, scales_and_zeros=scales_and_zeros)  # aten's int4 layout
