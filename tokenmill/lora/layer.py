@@ -3,8 +3,9 @@
 A fused layer (q/k/v, gate/up) has one output slice per projection it fuses; each slice has its own A and B
 (PEFT adapts q_proj, k_proj and v_proj separately), so the buffers are A [slots, slices, rank, in] and
 B [slots, slices, rank, widest slice] (the layout of reference.lora_shrink_expand). The layer's quant method is
-untouched: the delta is added to whatever it computed. Which slot each token of the step uses comes from the step's context (`step_token_slots`), set by
-the model runner around the forward; outside it (profiling, warm-up) no adapter applies.
+untouched: the delta is added to whatever it computed. Which slot each token of the step uses comes from the
+step's context (`step_token_slots`), set by the model runner around the forward; outside it (profiling,
+warm-up) no adapter applies.
 """
 
 from __future__ import annotations
